@@ -1,0 +1,34 @@
+"""The errors a channel raises, each with a message that says what to do about it.
+
+Shared by the channel modules; it knows nothing of pages or migrations.
+"""
+
+from __future__ import annotations
+
+
+class ChannelError(Exception):
+    """A channel operation failed; the channel is no longer usable."""
+
+
+class ChannelClosed(ChannelError):
+    """The channel was shut down locally, or the peer closed the connection."""
+
+
+class ZeroCopyUnsupported(ChannelError):
+    """Zero copy was asked for on a channel that does not have the feature."""
+
+
+class ZeroCopyLimitError(ChannelError):
+    """MSG_ZEROCOPY kept failing with ENOBUFS: the locked-memory or optmem budget is spent."""
+
+
+class FlushTimeout(ChannelError):
+    """flush() gave up waiting for zero-copy completions."""
+
+
+ENOBUFS_REMEDY = (
+    "zero-copy send failed with ENOBUFS twice (after draining the error queue): "
+    "the kernel could not pin more pages for this user. Raise the locked-memory limit "
+    "(LimitMEMLOCK= in the unit, or `ulimit -l`), grant CAP_IPC_LOCK, set an in-flight cap "
+    "below the limit, or set multifd-zerocopy off"
+)

@@ -1,0 +1,447 @@
+"""The zero-copy socket channel: writev with optional MSG_ZEROCOPY, flush, readv, shutdown.
+
+QEMU's QIOChannelSocket is the model (seeds 000, 002, 003): zero copy is a feature
+decided when the channel is set up, `flush()` waits for every zero-copy send and says
+whether any was copied, ENOBUFS gets one drain-and-retry. It knows bytes, not pages.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import select
+import socket
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from channel.errors import (
+    ENOBUFS_REMEDY,
+    ChannelClosed,
+    ChannelError,
+    FlushTimeout,
+    ZeroCopyLimitError,
+    ZeroCopyUnsupported,
+)
+from channel.errqueue import CompletionError, CompletionLedger
+from channel.iovec import IoVec
+from native import ZC_EOF, ffi, lib
+
+SO_ZEROCOPY = getattr(socket, "SO_ZEROCOPY", 60)
+SO_EE_ORIGIN_ZEROCOPY = 5
+_DRAIN_BATCH = 64
+# How long a blocked flush or in-flight wait sleeps in poll before it looks at the
+# shutdown flag again: the bound on how late shutdown() wakes it.
+_WAIT_SLICE_MS = 100
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelStats:
+    """A snapshot of one channel's counters (trio's statistics() style)."""
+
+    bytes_sent: int
+    bytes_received: int
+    send_calls: int
+    zero_copy_queued: int
+    zero_copy_completed: int
+    zero_copy_copied: int
+    flushes: int
+    flushes_copied: int
+    enobufs_retries: int
+    in_flight_bytes: int
+    in_flight_peak: int
+    in_flight_waits: int
+
+
+class Channel:
+    """One connected stream socket (TCP or Unix) with zero copy as a set-up feature.
+
+    One thread writes (writev, flush) and one reads (readv_into) at a time; shutdown()
+    may come from any thread and wakes both.
+    """
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        *,
+        zero_copy: bool = False,
+        in_flight_cap: int | None = None,
+        name: str = "",
+    ) -> None:
+        self._sock = sock
+        self._fd = sock.fileno()
+        self.name = name or f"fd{self._fd}"
+        self._closed = False
+        self._shut = threading.Event()
+        self._ledger = CompletionLedger()
+        self._ledger_lock = threading.Lock()
+        self._completions: Any = ffi.new("struct zc_completion[]", _DRAIN_BATCH)
+        self._send_result: Any = ffi.new("struct zc_send_result *")
+        self._nread: Any = ffi.new("uint64_t *")
+        self._bytes_sent = 0
+        self._bytes_received = 0
+        self._send_calls = 0
+        self._flushes = 0
+        self._flushes_copied = 0
+        self._enobufs_retries = 0
+        self._in_flight_peak = 0
+        self._in_flight_waits = 0
+        if in_flight_cap is not None and in_flight_cap <= 0:
+            raise ValueError("in_flight_cap must be a positive number of bytes")
+        self.in_flight_cap = in_flight_cap
+        self.supports_zero_copy = False
+        self.zero_copy_refusal = "zero copy was not asked for when the channel was set up"
+        if sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM:
+            with contextlib.suppress(OSError):
+                # Headers and sync packets are small: send them at once (QEMU does too).
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if zero_copy:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, SO_ZEROCOPY, 1)
+            except OSError as e:
+                self.zero_copy_refusal = (
+                    f"the kernel refused SO_ZEROCOPY on this {_describe(sock)} socket "
+                    f"({os.strerror(e.errno or 0)}); MSG_ZEROCOPY needs TCP on Linux 4.14 or "
+                    "later: set multifd-zerocopy off"
+                )
+            else:
+                self.supports_zero_copy = True
+                self.zero_copy_refusal = ""
+
+    # ------------------------------------------------------------------ basics
+
+    def fileno(self) -> int:
+        return self._fd
+
+    @property
+    def socket(self) -> socket.socket:
+        return self._sock
+
+    @property
+    def is_shut_down(self) -> bool:
+        return self._shut.is_set()
+
+    def _check_open(self) -> None:
+        if self._shut.is_set():
+            raise ChannelClosed(f"channel {self.name} was shut down")
+
+    def shutdown(self) -> None:
+        """Wake every thread blocked on this channel; later operations raise ChannelClosed."""
+        self._shut.set()
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self.shutdown()
+        self._closed = True
+        self._sock.close()
+
+    def __enter__(self) -> Channel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------- write
+
+    def write_all(self, data: Any) -> None:
+        """Send small control data normally (never zero copy)."""
+        self.writev(IoVec(0), header=data)
+
+    def writev(self, buffers: IoVec | Iterable[Any], *, header: Any = None,
+               zero_copy: bool = False) -> int:
+        """Send `header` normally, then `buffers` (with MSG_ZEROCOPY if `zero_copy`).
+
+        Returns the bytes written (all of them; partial sends are looped in C). With
+        zero copy the buffers must stay unchanged until flush(), or a newer version
+        of them may leave (seed 000).
+        """
+        self._check_open()
+        if zero_copy and not self.supports_zero_copy:
+            raise ZeroCopyUnsupported(f"channel {self.name}: {self.zero_copy_refusal}")
+        iov = buffers if isinstance(buffers, IoVec) else IoVec.from_buffers(buffers)
+        ptr, cnt, nplain, hbuf = iov.with_header(header)
+        total = nplain + iov.nbytes
+        sent = 0
+        try:
+            if zero_copy and self.in_flight_cap is not None:
+                cap = self.in_flight_cap
+                # Send the plain part and then cap-sized pieces, each only once enough
+                # of the previous ones has completed: the locked-memory budget holds.
+                if nplain:
+                    sent += self._send(ptr, cnt, nplain, zero_copy, sent, nplain)
+                while sent < total:
+                    piece = min(cap, total - sent)
+                    self._wait_in_flight(cap - piece)
+                    sent += self._send(ptr, cnt, nplain, zero_copy, sent, piece)
+            else:
+                sent = self._send(ptr, cnt, nplain, zero_copy, 0, 0)
+        finally:
+            del hbuf
+        if zero_copy:
+            # Opportunistic: notifications never pile up against optmem_max (seed 003).
+            self._drain()
+        return sent
+
+    def _send(self, ptr: Any, cnt: int, nplain: int, zero_copy: bool, skip: int,
+              limit: int) -> int:
+        """Send bytes [skip, skip+limit) (limit 0: to the end); ENOBUFS: drain, retry once.
+
+        `nplain` is the header's length in bytes; the header is the first iovec.
+        """
+        res = self._send_result
+        done = 0
+        retried = False
+        while True:
+            rc = lib.zc_sendv(self._fd, ptr, cnt, 1 if nplain else 0, int(zero_copy), skip + done,
+                              (limit - done) if limit else 0, res)
+            start = skip + done
+            done += int(res.bytes)
+            self._bytes_sent += res.bytes
+            self._send_calls += res.calls
+            if res.zc_calls:
+                zc_bytes = (start + res.bytes) - max(start, nplain)
+                with self._ledger_lock:
+                    self._ledger.queue(res.zc_calls, max(zc_bytes, 0))
+                    self._in_flight_peak = max(self._in_flight_peak, self._ledger.in_flight_bytes)
+            if rc == 0:
+                return done
+            err = res.err
+            if err == errno.ENOBUFS and zero_copy:
+                if res.bytes > 0:
+                    retried = False  # progress since the last failure: a new failure
+                if not retried:
+                    retried = True
+                    self._enobufs_retries += 1
+                    self._drain()
+                    continue
+                raise ZeroCopyLimitError(f"channel {self.name}: {ENOBUFS_REMEDY}")
+            if self._shut.is_set():
+                raise ChannelClosed(f"channel {self.name} was shut down during a send")
+            if err in (errno.EPIPE, errno.ECONNRESET):
+                raise ChannelClosed(f"channel {self.name}: peer closed the connection "
+                                    f"({os.strerror(err)})")
+            raise ChannelError(f"channel {self.name}: send failed: {os.strerror(err)}")
+
+    # --------------------------------------------------------- error queue
+
+    def _drain(self) -> int:
+        """Read every notification waiting on the error queue; return calls completed."""
+        total = 0
+        while True:
+            n = lib.zc_drain_errqueue(self._fd, self._completions, _DRAIN_BATCH)
+            if n < 0:
+                if -n in (errno.EBADF, errno.ENOTSOCK) and self._shut.is_set():
+                    raise ChannelClosed(f"channel {self.name} was shut down")
+                raise ChannelError(f"channel {self.name}: reading the error queue failed: "
+                                   f"{os.strerror(-n)}")
+            with self._ledger_lock:
+                for i in range(n):
+                    c = self._completions[i]
+                    if c.err or c.origin != SO_EE_ORIGIN_ZEROCOPY:
+                        raise ChannelError(
+                            f"channel {self.name}: socket error on the error queue: "
+                            f"{os.strerror(c.err)} (origin {c.origin})"
+                        )
+                    try:
+                        total += self._ledger.complete(c.lo, c.hi, bool(c.copied))
+                    except CompletionError as e:
+                        raise ChannelError(f"channel {self.name}: {e}") from e
+            if n < _DRAIN_BATCH:
+                return total
+
+    def _wait_in_flight(self, at_most: int, deadline: float | None = None) -> None:
+        """Wait until no more than `at_most` bytes of zero-copy sends are in flight."""
+        waited = False
+        while True:
+            self._drain()
+            if self._ledger.in_flight_bytes <= at_most or self._ledger.in_flight_calls == 0:
+                return
+            if not waited:
+                self._in_flight_waits += 1
+                waited = True
+            self._wait_errqueue(deadline)
+
+    def _wait_errqueue(self, deadline: float | None) -> None:
+        self._check_open()
+        timeout_ms = _WAIT_SLICE_MS
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise FlushTimeout(
+                    f"channel {self.name}: {self._ledger.in_flight_calls} zero-copy sends "
+                    "still not completed; is the destination reading?"
+                )
+            timeout_ms = min(timeout_ms, max(1, int(left * 1000)))
+        # POLLERR is reported whatever `events` asks for (seed 004).
+        revents = lib.zc_poll(self._fd, 0, timeout_ms)
+        if revents < 0:
+            raise ChannelError(f"channel {self.name}: poll failed: {os.strerror(-revents)}")
+        if revents & (select.POLLHUP | select.POLLNVAL) and not revents & select.POLLERR:
+            self._check_open()
+            # The peer hung up: completions still come as the kernel frees the
+            # buffers, but poll no longer blocks; do not spin on it.
+            time.sleep(0.001)
+
+    def flush(self, timeout: float | None = None) -> int:
+        """Wait until every zero-copy send has completed.
+
+        Returns 0 if none came back COPIED since the last flush, 1 if any did (the
+        kernel copied after all: loopback, veth, no scatter-gather). Raises FlushTimeout
+        after `timeout` seconds, ChannelClosed on shutdown, ChannelError on errors.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self._wait_in_flight(0, deadline)
+        self._flushes += 1
+        with self._ledger_lock:
+            copied = self._ledger.take_copied()
+        if copied:
+            self._flushes_copied += 1
+        return 1 if copied else 0
+
+    # -------------------------------------------------------------------- read
+
+    def readv_into(self, buffers: IoVec | Iterable[Any]) -> int:
+        """Fill `buffers` exactly, in order; ChannelClosed if the peer closes first."""
+        self._check_open()
+        iov = buffers if isinstance(buffers, IoVec) else IoVec.from_buffers(buffers, writable=True)
+        if iov.nbytes == 0:
+            return 0
+        rc = int(lib.zc_readv_full(self._fd, iov.entries, iov.count, self._nread))
+        got = int(self._nread[0])
+        self._bytes_received += got
+        if rc == 0:
+            return got
+        if self._shut.is_set():
+            raise ChannelClosed(f"channel {self.name} was shut down during a read")
+        if rc == ZC_EOF:
+            raise ChannelClosed(
+                f"channel {self.name}: peer closed the connection after {got} of "
+                f"{iov.nbytes} bytes"
+            )
+        raise ChannelError(f"channel {self.name}: read failed: {os.strerror(rc)}")
+
+    def read_exact(self, n: int) -> bytearray:
+        buf = bytearray(n)
+        if n:
+            self.readv_into([buf])
+        return buf
+
+    # ---------------------------------------------------------------- numbers
+
+    def statistics(self) -> ChannelStats:
+        with self._ledger_lock:
+            snap = self._ledger.snapshot()
+        return ChannelStats(
+            bytes_sent=self._bytes_sent,
+            bytes_received=self._bytes_received,
+            send_calls=self._send_calls,
+            zero_copy_queued=snap.queued,
+            zero_copy_completed=snap.completed,
+            zero_copy_copied=snap.copied,
+            flushes=self._flushes,
+            flushes_copied=self._flushes_copied,
+            enobufs_retries=self._enobufs_retries,
+            in_flight_bytes=snap.in_flight_bytes,
+            in_flight_peak=self._in_flight_peak,
+            in_flight_waits=self._in_flight_waits,
+        )
+
+
+def _describe(sock: socket.socket) -> str:
+    fam = {socket.AF_INET: "IPv4", socket.AF_INET6: "IPv6", socket.AF_UNIX: "Unix"}
+    kind = {socket.SOCK_STREAM: "stream", socket.SOCK_DGRAM: "datagram"}
+    return f"{fam.get(sock.family, str(sock.family))} {kind.get(sock.type, str(sock.type))}"
+
+
+# ------------------------------------------------------------------ TCP set-up
+
+
+def connect(host: str, port: int, *, zero_copy: bool = False, timeout: float = 10.0,
+            in_flight_cap: int | None = None, name: str = "") -> Channel:
+    """Connect over TCP (IPv4 or IPv6, whichever the name resolves to first)."""
+    try:
+        sock = socket.create_connection((host, port), timeout=timeout)
+    except OSError as e:
+        raise ChannelError(f"cannot connect to {_hostport(host, port)}: {e.strerror or e}") from e
+    sock.settimeout(None)  # blocking from here on: shutdown() is what wakes a waiter
+    return Channel(sock, zero_copy=zero_copy, in_flight_cap=in_flight_cap, name=name)
+
+
+class Listener:
+    """A listening TCP socket; accept() returns channels."""
+
+    def __init__(self, host: str, port: int, backlog: int = 64) -> None:
+        try:
+            infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                       flags=socket.AI_PASSIVE)
+            family, _, _, _, addr = infos[0]
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(addr)
+            sock.listen(backlog)
+        except OSError as e:
+            raise ChannelError(f"cannot listen on {_hostport(host, port)}: "
+                               f"{e.strerror or e}") from e
+        self._sock = sock
+        self._shut = threading.Event()
+
+    @classmethod
+    def from_socket(cls, sock: socket.socket) -> Listener:
+        """Wrap an already listening socket (systemd socket activation)."""
+        self = cls.__new__(cls)
+        self._sock = sock
+        self._shut = threading.Event()
+        return self
+
+    @property
+    def address(self) -> tuple[str, int]:
+        addr = self._sock.getsockname()
+        return str(addr[0]), int(addr[1])
+
+    @property
+    def port(self) -> int:
+        return self.address[1]
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def accept(self, timeout: float | None = None, *, zero_copy: bool = False,
+               name: str = "") -> Channel:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if self._shut.is_set():
+                raise ChannelClosed("listener was shut down")
+            wait = 0.1 if deadline is None else min(0.1, deadline - time.monotonic())
+            if wait <= 0:
+                raise ChannelError(f"no connection within {timeout:g} s on port {self.port}")
+            r, _, _ = select.select([self._sock], [], [], wait)
+            if r:
+                try:
+                    sock, _ = self._sock.accept()
+                except BlockingIOError:
+                    continue
+                sock.settimeout(None)
+                return Channel(sock, zero_copy=zero_copy, name=name)
+
+    def shutdown(self) -> None:
+        self._shut.set()
+
+    def close(self) -> None:
+        self._shut.set()
+        self._sock.close()
+
+    def __enter__(self) -> Listener:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -1,0 +1,1 @@
+"""One migration job: parameters, state machine, precopy, guest stand-in, CLI, daemon."""

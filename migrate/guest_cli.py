@@ -1,0 +1,200 @@
+"""The `zcmigrate guest` command: run the guest stand-in on an image, or check an image
+against its committed device state. Options, output and exit codes only; the guest is
+migrate.guest, and this module knows nothing of migrations, channels or sockets.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import click
+from click.core import ParameterSource
+
+from migrate.guest import (
+    FILLS,
+    DeviceState,
+    GuestError,
+    check_oracle,
+    read_device_state,
+    run_guest,
+)
+from migrate.units import format_rate, parse_bandwidth, parse_size
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_ORACLE_FAILED = 3
+
+if TYPE_CHECKING:
+    _IntParamType = click.ParamType[int]
+else:
+    # click made ParamType generic only in 8.2; the project still accepts 8.1.
+    _IntParamType = click.ParamType
+
+
+class SizeType(_IntParamType):
+    """A size in bytes with an optional binary unit: 4096, 256M, 64MiB."""
+
+    name = "size"
+
+    def convert(
+        self, value: object, param: click.Parameter | None, ctx: click.Context | None
+    ) -> int:
+        if isinstance(value, int):
+            return value
+        try:
+            return parse_size(str(value))
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+class BandwidthType(_IntParamType):
+    """Bytes per second with an optional binary unit; 0 means unlimited."""
+
+    name = "rate"
+
+    def convert(
+        self, value: object, param: click.Parameter | None, ctx: click.Context | None
+    ) -> int:
+        if isinstance(value, int):
+            return value
+        try:
+            return parse_bandwidth(str(value))
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+class OracleFailed(click.ClickException):
+    exit_code = EXIT_ORACLE_FAILED
+
+
+def _rate_label(rate: int) -> str:
+    # No space inside the value, so that the line splits into key=value words.
+    return format_rate(rate).replace(" ", "") if rate else "unlimited"
+
+
+def _verdict(image: Path) -> tuple[DeviceState, bool]:
+    state = read_device_state(image)
+    verdict = check_oracle(image, state)
+    click.echo(f"oracle: {verdict.message}")
+    return state, verdict.ok
+
+
+@click.command(
+    "guest",
+    epilog=(
+        "\b\nExit codes:\n"
+        "  0  the guest exited on request (exit request, SIGTERM, SIGINT), or --check passed\n"
+        "  1  the image, its control file or its device state is not usable (see stderr)\n"
+        "  2  bad command line\n"
+        "  3  the oracle failed: the image does not match <IMAGE>.state"
+    ),
+)
+@click.argument("image", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--size",
+    type=SizeType(),
+    default=None,
+    envvar="ZCMIGRATE_GUEST_SIZE",
+    show_envvar=True,
+    help="Create IMAGE with this size if it does not exist (an existing one must match).",
+)
+@click.option(
+    "--page-size",
+    type=SizeType(),
+    default="4096",
+    show_default=True,
+    envvar="ZCMIGRATE_GUEST_PAGE_SIZE",
+    show_envvar=True,
+    help="Page size; with --resume the device state's page size unless given.",
+)
+@click.option(
+    "--dirty-rate",
+    type=BandwidthType(),
+    default="64M",
+    show_default=True,
+    envvar="ZCMIGRATE_DIRTY_RATE",
+    show_envvar=True,
+    help="Bytes of pages dirtied per second; 0 for as fast as possible.",
+)
+@click.option(
+    "--fill",
+    type=click.Choice(FILLS),
+    default="random",
+    show_default=True,
+    envvar="ZCMIGRATE_GUEST_FILL",
+    show_envvar=True,
+    help="Content of a new image: random pages, zero pages, or half of each.",
+)
+@click.option(
+    "--resume",
+    is_flag=True,
+    envvar="ZCMIGRATE_GUEST_RESUME",
+    show_envvar=True,
+    help="Continue from <IMAGE>.state after checking the oracle (on a migration's destination).",
+)
+@click.option(
+    "--check",
+    is_flag=True,
+    envvar="ZCMIGRATE_GUEST_CHECK",
+    show_envvar=True,
+    help="Only check IMAGE against <IMAGE>.state and print the verdict.",
+)
+@click.pass_context
+def guest_command(
+    ctx: click.Context,
+    image: Path,
+    size: int | None,
+    page_size: int,
+    dirty_rate: int,
+    fill: str,
+    resume: bool,
+    check: bool,
+) -> None:
+    """Run the guest stand-in on IMAGE: increment byte 0 of every page, page after page,
+    at the dirty rate, marking each page in the dirty bitmap of IMAGE.guest.
+
+    Prints "guest running: pid=... image=... pages=... dirty-rate=..." once running.
+    """
+    if resume and check:
+        raise click.UsageError("--resume and --check exclude each other")
+    try:
+        state: DeviceState | None = None
+        if check or resume:
+            state, ok = _verdict(image)
+            if check:
+                ctx.exit(EXIT_OK if ok else EXIT_ORACLE_FAILED)
+            if not ok:
+                raise OracleFailed(f"refusing to resume: {image} does not match {image}.state")
+            if ctx.get_parameter_source("page_size") in (
+                ParameterSource.DEFAULT,
+                ParameterSource.DEFAULT_MAP,
+            ):
+                page_size = state.page_size
+
+        def announce() -> None:
+            npages = os.stat(image).st_size // page_size
+            click.echo(
+                f"guest running: pid={os.getpid()} image={image} pages={npages} "
+                f"dirty-rate={_rate_label(dirty_rate)}"
+            )
+            sys.stdout.flush()
+
+        run_guest(
+            image,
+            dirty_rate=dirty_rate,
+            page_size=page_size,
+            size=size,
+            fill=fill,
+            resume=state,
+            ready=announce,
+        )
+    except GuestError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+if __name__ == "__main__":
+    guest_command(prog_name="zcmigrate guest")

@@ -1,0 +1,381 @@
+/*
+ * zcnative: the per-page hot loops of zcmigrate, called from Python through cffi.
+ *
+ * Only what Python cannot do per page at line rate: batched sendmsg (optionally
+ * MSG_ZEROCOPY) of iovecs taken straight from an mmap, error-queue draining, readv
+ * straight into the destination mapping, zero-page scanning, atomic dirty-bitmap
+ * operations and the reference guest workload. It decides no policy: every function
+ * returns counts and errno values, and Python decides what they mean. cffi releases
+ * the GIL around every call, so N workers really run in parallel.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <limits.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <unistd.h>
+#include <linux/errqueue.h>
+
+#include "zcnative.h"
+
+#ifndef MSG_ZEROCOPY
+#define MSG_ZEROCOPY 0x4000000
+#endif
+#ifndef SO_EE_ORIGIN_ZEROCOPY
+#define SO_EE_ORIGIN_ZEROCOPY 5
+#endif
+#ifndef SO_EE_CODE_ZEROCOPY_COPIED
+#define SO_EE_CODE_ZEROCOPY_COPIED 1
+#endif
+
+#define ZC_IOV_MAX 1024 /* Linux UIO_MAXIOV: sendmsg/readv refuse more */
+
+/* ------------------------------------------------------------------------ send */
+
+int zc_sendv(int fd, const struct iovec *iov, int iovcnt, int nplain, int zero_copy,
+             uint64_t skip, uint64_t limit, struct zc_send_result *res)
+{
+    struct iovec win[ZC_IOV_MAX];
+    uint64_t plain_bytes = 0, total = 0, pos, end;
+    int i;
+
+    res->bytes = 0;
+    res->calls = 0;
+    res->zc_calls = 0;
+    res->err = 0;
+    for (i = 0; i < iovcnt; i++) {
+        if (i < nplain)
+            plain_bytes += iov[i].iov_len;
+        total += iov[i].iov_len;
+    }
+    pos = skip;
+    end = (limit == 0 || skip + limit > total) ? total : skip + limit;
+
+    /* idx/intra: where pos falls inside iov[], found once and then advanced. */
+    int idx = 0;
+    uint64_t intra = pos;
+    while (idx < iovcnt && intra >= iov[idx].iov_len) {
+        intra -= iov[idx].iov_len;
+        idx++;
+    }
+
+    while (pos < end) {
+        /* With zero copy, the plain part (headers, whose buffers are reused) and the
+         * page part go in separate calls: MSG_ZEROCOPY is per call (seed 004). */
+        int in_plain = zero_copy && pos < plain_bytes;
+        uint64_t seg_end = zero_copy ? (in_plain ? plain_bytes : end) : end;
+        if (seg_end > end)
+            seg_end = end;
+        int n = 0, j = idx;
+        uint64_t want = 0, off = intra;
+        while (j < iovcnt && n < ZC_IOV_MAX && pos + want < seg_end) {
+            uint64_t len = iov[j].iov_len - off;
+            if (len > seg_end - (pos + want))
+                len = seg_end - (pos + want);
+            if (len > 0) {
+                win[n].iov_base = (char *)iov[j].iov_base + off;
+                win[n].iov_len = len;
+                n++;
+                want += len;
+            }
+            off = 0;
+            j++;
+        }
+        struct msghdr msg;
+        memset(&msg, 0, sizeof(msg));
+        msg.msg_iov = win;
+        msg.msg_iovlen = n;
+        int flags = MSG_NOSIGNAL;
+        if (zero_copy && !in_plain)
+            flags |= MSG_ZEROCOPY;
+        if (in_plain && end > plain_bytes)
+            flags |= MSG_MORE; /* the pages follow at once: no tiny segment for the header */
+        ssize_t r = sendmsg(fd, &msg, flags);
+        if (r < 0) {
+            if (errno == EINTR)
+                continue;
+            res->err = errno;
+            return -1;
+        }
+        res->bytes += (uint64_t)r;
+        res->calls++;
+        if (flags & MSG_ZEROCOPY)
+            res->zc_calls++; /* the kernel's counter moves once per successful call */
+        pos += (uint64_t)r;
+        intra += (uint64_t)r;
+        while (idx < iovcnt && intra >= iov[idx].iov_len) {
+            intra -= iov[idx].iov_len;
+            idx++;
+        }
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------------ error queue */
+
+int zc_drain_errqueue(int fd, struct zc_completion *out, int max)
+{
+    int count = 0;
+    while (count < max) {
+        char control[128];
+        struct msghdr msg;
+        memset(&msg, 0, sizeof(msg));
+        msg.msg_control = control;
+        msg.msg_controllen = sizeof(control);
+        ssize_t r = recvmsg(fd, &msg, MSG_ERRQUEUE | MSG_DONTWAIT);
+        if (r < 0) {
+            if (errno == EINTR)
+                continue;
+            if (errno == EAGAIN || errno == EWOULDBLOCK)
+                break;
+            return -errno;
+        }
+        struct cmsghdr *cm;
+        for (cm = CMSG_FIRSTHDR(&msg); cm && count < max; cm = CMSG_NXTHDR(&msg, cm)) {
+            if (!((cm->cmsg_level == SOL_IP && cm->cmsg_type == IP_RECVERR) ||
+                  (cm->cmsg_level == SOL_IPV6 && cm->cmsg_type == IPV6_RECVERR)))
+                continue;
+            struct sock_extended_err serr;
+            memcpy(&serr, CMSG_DATA(cm), sizeof(serr));
+            struct zc_completion *c = &out[count++];
+            /* The range is inclusive, [ee_info, ee_data] (seed 004). */
+            c->lo = serr.ee_info;
+            c->hi = serr.ee_data;
+            c->copied = (serr.ee_code & SO_EE_CODE_ZEROCOPY_COPIED) ? 1 : 0;
+            c->origin = serr.ee_origin;
+            c->err = (int)serr.ee_errno;
+        }
+    }
+    return count;
+}
+
+int zc_poll(int fd, int events, int timeout_ms)
+{
+    struct pollfd pfd = {.fd = fd, .events = (short)events, .revents = 0};
+    int r = poll(&pfd, 1, timeout_ms);
+    if (r < 0)
+        return errno == EINTR ? 0 : -errno;
+    return r == 0 ? 0 : pfd.revents;
+}
+
+/* ------------------------------------------------------------------------ read */
+
+static int readv_all(int fd, struct iovec *iov, int iovcnt, uint64_t *nread)
+{
+    int idx = 0;
+    while (idx < iovcnt) {
+        int n = iovcnt - idx;
+        if (n > ZC_IOV_MAX)
+            n = ZC_IOV_MAX;
+        ssize_t r = readv(fd, iov + idx, n);
+        if (r < 0) {
+            if (errno == EINTR)
+                continue;
+            return errno;
+        }
+        if (r == 0)
+            return ZC_EOF;
+        *nread += (uint64_t)r;
+        uint64_t left = (uint64_t)r;
+        while (idx < iovcnt && left >= iov[idx].iov_len) {
+            left -= iov[idx].iov_len;
+            idx++;
+        }
+        if (left) {
+            iov[idx].iov_base = (char *)iov[idx].iov_base + left;
+            iov[idx].iov_len -= left;
+        }
+    }
+    return 0;
+}
+
+int zc_readv_full(int fd, const struct iovec *iov, int iovcnt, uint64_t *nread)
+{
+    struct iovec win[ZC_IOV_MAX];
+    *nread = 0;
+    /* readv_all consumes its iovecs, so work on copies, a window at a time. */
+    for (int base = 0; base < iovcnt; base += ZC_IOV_MAX) {
+        int n = iovcnt - base < ZC_IOV_MAX ? iovcnt - base : ZC_IOV_MAX;
+        memcpy(win, iov + base, (size_t)n * sizeof(struct iovec));
+        int r = readv_all(fd, win, n, nread);
+        if (r)
+            return r;
+    }
+    return 0;
+}
+
+/* ----------------------------------------------------------------------- pages */
+
+static int pages_in_bounds(uint64_t image_size, const uint64_t *offsets, uint32_t n,
+                           uint32_t page_size)
+{
+    /* The wire decoder already checked this; a receiver must never write outside
+     * its image whatever it reads, so the hot loop checks again. */
+    for (uint32_t i = 0; i < n; i++) {
+        uint64_t off = offsets[i];
+        if (off % page_size || off > image_size || image_size - off < page_size)
+            return 0;
+    }
+    return 1;
+}
+
+int zc_page_iov(uint64_t base, uint64_t image_size, const uint64_t *offsets, uint32_t n,
+                uint32_t page_size, struct iovec *iov)
+{
+    if (page_size == 0 || !pages_in_bounds(image_size, offsets, n, page_size))
+        return -EINVAL;
+    int cnt = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        char *p = (char *)(uintptr_t)(base + offsets[i]);
+        /* Adjacent pages share one iovec: a static image becomes a few large ones. */
+        if (cnt && (char *)iov[cnt - 1].iov_base + iov[cnt - 1].iov_len == p) {
+            iov[cnt - 1].iov_len += page_size;
+        } else {
+            iov[cnt].iov_base = p;
+            iov[cnt].iov_len = page_size;
+            cnt++;
+        }
+    }
+    return cnt;
+}
+
+static inline int page_is_zero(const unsigned char *p, uint32_t len)
+{
+    /* Most non-zero pages differ in the first word; memcmp against itself shifted
+     * by one is the vectorised test for the rest. */
+    uint64_t w;
+    memcpy(&w, p, sizeof(w));
+    if (w)
+        return 0;
+    return memcmp(p, p + 1, len - 1) == 0;
+}
+
+uint32_t zc_split_zero(uint64_t base, const uint64_t *offsets, uint32_t n, uint32_t page_size,
+                       uint64_t *normal, uint64_t *zero, uint32_t *nzero)
+{
+    uint32_t nn = 0, nz = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        const unsigned char *p = (const unsigned char *)(uintptr_t)(base + offsets[i]);
+        if (page_is_zero(p, page_size))
+            zero[nz++] = offsets[i];
+        else
+            normal[nn++] = offsets[i];
+    }
+    *nzero = nz;
+    return nn;
+}
+
+static inline void bitmap_mark(uint64_t *bm, uint64_t page)
+{
+    __atomic_fetch_or(&bm[page >> 6], 1ULL << (page & 63), __ATOMIC_RELEASE);
+}
+
+static inline int bitmap_test(const uint64_t *bm, uint64_t page)
+{
+    return (__atomic_load_n(&bm[page >> 6], __ATOMIC_ACQUIRE) >> (page & 63)) & 1;
+}
+
+void zc_mark_pages(uint64_t *bm, const uint64_t *offsets, uint32_t n, uint32_t page_size)
+{
+    uint32_t shift = (uint32_t)__builtin_ctz(page_size);
+    for (uint32_t i = 0; i < n; i++)
+        bitmap_mark(bm, offsets[i] >> shift);
+}
+
+int zc_zero_pages(uint64_t base, uint64_t image_size, const uint64_t *offsets, uint32_t n,
+                  uint32_t page_size, const uint64_t *written, uint32_t *nwritten)
+{
+    *nwritten = 0;
+    if (page_size == 0 || !pages_in_bounds(image_size, offsets, n, page_size))
+        return EINVAL;
+    uint32_t shift = (uint32_t)__builtin_ctz(page_size);
+    for (uint32_t i = 0; i < n; i++) {
+        /* A page never written on a fresh image is already zero: touching it would
+         * only fault it in. Otherwise write only if it is not zero already. */
+        if (written && !bitmap_test(written, offsets[i] >> shift))
+            continue;
+        unsigned char *p = (unsigned char *)(uintptr_t)(base + offsets[i]);
+        if (!page_is_zero(p, page_size)) {
+            memset(p, 0, page_size);
+            (*nwritten)++;
+        }
+    }
+    return 0;
+}
+
+/* ---------------------------------------------------------------------- bitmap */
+
+uint64_t zc_bitmap_fetch_clear(uint64_t *bm, uint64_t nwords, uint64_t *out)
+{
+    uint64_t total = 0;
+    for (uint64_t i = 0; i < nwords; i++) {
+        /* Skip the atomic write when a word is clean: it is the common case and a
+         * locked exchange on every word would bounce the guest's cache lines. */
+        if (!__atomic_load_n(&bm[i], __ATOMIC_RELAXED)) {
+            out[i] = 0;
+            continue;
+        }
+        uint64_t w = __atomic_exchange_n(&bm[i], 0, __ATOMIC_ACQ_REL);
+        out[i] = w;
+        total += (uint64_t)__builtin_popcountll(w);
+    }
+    return total;
+}
+
+uint64_t zc_bitmap_offsets(const uint64_t *bm, uint64_t npages, uint32_t page_size,
+                           uint64_t *out)
+{
+    uint64_t cnt = 0;
+    uint64_t nwords = (npages + 63) / 64;
+    for (uint64_t i = 0; i < nwords; i++) {
+        uint64_t w = bm[i];
+        while (w) {
+            uint64_t page = i * 64 + (uint64_t)__builtin_ctzll(w);
+            w &= w - 1;
+            if (page < npages)
+                out[cnt++] = page * page_size;
+        }
+    }
+    return cnt;
+}
+
+void zc_bitmap_set_range(uint64_t *bm, uint64_t first, uint64_t count)
+{
+    for (uint64_t p = first; p < first + count; p++)
+        bitmap_mark(bm, p);
+}
+
+/* ----------------------------------------------------------------------- guest */
+
+uint64_t zc_guest_touch(uint64_t base, uint64_t *bm, uint64_t npages, uint32_t page_size,
+                        uint64_t pos, uint64_t count)
+{
+    for (uint64_t k = 0; k < count; k++) {
+        volatile unsigned char *p = (volatile unsigned char *)(uintptr_t)(base + pos * page_size);
+        *p = (unsigned char)(*p + 1);
+        /* Mark after the write (release): a migration that fetch-clears the bit
+         * afterwards sends this version or a newer one. */
+        bitmap_mark(bm, pos);
+        if (++pos == npages)
+            pos = 0;
+    }
+    return pos;
+}
+
+int64_t zc_guest_check(uint64_t base, uint64_t npages, uint32_t page_size, uint64_t pos,
+                       uint32_t value)
+{
+    /* The oracle: pages before pos hold value+1, the rest hold value (mod 256).
+     * Returns -1 when every page agrees, else the first page that does not. */
+    unsigned char lo = (unsigned char)value, hi = (unsigned char)(value + 1);
+    for (uint64_t i = 0; i < npages; i++) {
+        unsigned char v = *(const unsigned char *)(uintptr_t)(base + i * page_size);
+        if (v != (i < pos ? hi : lo))
+            return (int64_t)i;
+    }
+    return -1;
+}

@@ -1,0 +1,36 @@
+"""Shared fixtures: real loopback TCP channel pairs and mmap'd images."""
+
+from __future__ import annotations
+
+import mmap
+import os
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from channel.zcsocket import Channel, Listener, connect
+
+
+def tcp_pair(
+    *, zero_copy: bool, host: str = "127.0.0.1", in_flight_cap: int | None = None
+) -> tuple[Channel, Channel]:
+    """A connected (sender, receiver) pair over real TCP on loopback."""
+    with Listener(host, 0) as lst:
+        got: list[Channel] = []
+        t = threading.Thread(target=lambda: got.append(lst.accept(10)))
+        t.start()
+        tx = connect(host, lst.port, zero_copy=zero_copy, in_flight_cap=in_flight_cap)
+        t.join(10)
+    return tx, got[0]
+
+
+@pytest.fixture
+def random_image() -> Iterator[mmap.mmap]:
+    size = 256 << 20
+    mm = mmap.mmap(-1, size)
+    step = 16 << 20
+    for off in range(0, size, step):
+        mm[off : off + step] = os.urandom(step)
+    yield mm
+    mm.close()

@@ -1,0 +1,56 @@
+"""Run as a child process with a small RLIMIT_MEMLOCK and no CAP_IPC_LOCK (see
+test_memlock.py): sends an mmap over loopback TCP with zero copy, prints JSON."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import mmap
+import sys
+import threading
+import time
+
+from channel.errors import ChannelError
+from channel.probe import probe
+from channel.zcsocket import Listener, connect
+
+
+def main() -> None:
+    total, chunk, cap = (int(a) for a in sys.argv[1:4])
+    delay = float(sys.argv[4]) if len(sys.argv) > 4 else 0.0
+    mm = mmap.mmap(-1, total)
+    mm.write(bytes(range(256)) * (total // 256))
+    listener = Listener("127.0.0.1", 0)
+    received = bytearray(total)
+
+    def receive() -> None:
+        ch = listener.accept(10)
+        time.sleep(delay)  # a stalled reader keeps sends pinned
+        with contextlib.suppress(ChannelError):
+            ch.readv_into([received])
+        ch.close()
+
+    t = threading.Thread(target=receive)
+    t.start()
+    ch = connect("127.0.0.1", listener.port, zero_copy=True, in_flight_cap=cap or None)
+    view = memoryview(mm)
+    out: dict[str, object] = {"probe": probe().to_dict()}
+    try:
+        for off in range(0, total, chunk):
+            ch.writev([view[off : off + chunk]], zero_copy=True)
+        out["flush"] = ch.flush(10)
+        out["error"] = None
+    except ChannelError as e:
+        out["error"] = str(e)
+        out["error_type"] = type(e).__name__
+    stats = ch.statistics()
+    ch.shutdown()
+    t.join(10)
+    out["stats"] = {k: getattr(stats, k) for k in stats.__slots__}
+    out["identical"] = out["error"] is None and received == view[:total]
+    del view
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

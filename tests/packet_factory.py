@@ -1,0 +1,132 @@
+"""Exact multifd data-channel bytes for tests, built with struct alone (h2's FrameFactory style).
+
+Independent of multifd.wire's encoder on purpose, so tests check the encoder against it; every
+field, reserved ones and the raw block name included, can be overridden to build bad input.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+
+from multifd.wire import WireContext
+
+# Spelled out again rather than imported: a wrong constant in wire.py must fail the tests.
+MAGIC = 0x11223344
+VERSION = 1
+FLAG_SYNC = 1
+INIT_FORMAT = ">II16sB7s4Q"  # magic, version, uuid, channel id, 7 reserved, 4 x u64 reserved
+HEADER_FORMAT = ">IIIIIIQII3Q256s"  # see docs/protocol.md, "Packet header"
+
+
+class PacketFactory:
+    """Builds init records, packet headers and whole packets for one WireContext."""
+
+    def __init__(self, ctx: WireContext) -> None:
+        self.ctx = ctx
+
+    def build_init(
+        self,
+        *,
+        magic: int = MAGIC,
+        version: int = VERSION,
+        uuid: bytes | None = None,
+        channel_id: int = 0,
+        reserved: bytes = bytes(7),
+        reserved64: Sequence[int] = (0, 0, 0, 0),
+    ) -> bytes:
+        return struct.pack(
+            INIT_FORMAT,
+            magic,
+            version,
+            self.ctx.uuid if uuid is None else uuid,
+            channel_id,
+            reserved,
+            *reserved64,
+        )
+
+    def build_header(
+        self,
+        *,
+        magic: int = MAGIC,
+        version: int = VERSION,
+        flags: int = 0,
+        pages_alloc: int | None = None,
+        normal_pages: int = 0,
+        next_packet_size: int | None = None,
+        packet_num: int = 0,
+        zero_pages: int = 0,
+        reserved: int = 0,
+        reserved64: Sequence[int] = (0, 0, 0),
+        block: str | None = None,
+        block_raw: bytes | None = None,
+    ) -> bytes:
+        """The 320-byte fixed header; unset sizes follow from the context and the counts."""
+        if block_raw is None:
+            name = self.ctx.block if block is None else block
+            block_raw = name.encode("ascii").ljust(256, b"\0")
+        return struct.pack(
+            HEADER_FORMAT,
+            magic,
+            version,
+            flags,
+            self.ctx.pages_alloc if pages_alloc is None else pages_alloc,
+            normal_pages,
+            # Wrapped to 32 bits like a careless C sender would, so huge counts still pack.
+            (normal_pages * self.ctx.page_size) % 2**32
+            if next_packet_size is None
+            else next_packet_size,
+            packet_num,
+            zero_pages,
+            reserved,
+            *reserved64,
+            block_raw,
+        )
+
+    @staticmethod
+    def build_offsets(offsets: Sequence[int]) -> bytes:
+        return struct.pack(f">{len(offsets)}Q", *offsets)
+
+    def page_data(self, count: int) -> bytes:
+        """`count` pages, each filled with its own byte value so a mix-up shows."""
+        return b"".join(bytes([i % 251 + 1]) * self.ctx.page_size for i in range(count))
+
+    def build_packet(
+        self,
+        *,
+        normal: Sequence[int] = (),
+        zero: Sequence[int] = (),
+        payload: bytes | None = None,
+        sync: bool = False,
+        flags: int | None = None,
+        normal_pages: int | None = None,
+        zero_pages: int | None = None,
+        magic: int = MAGIC,
+        version: int = VERSION,
+        pages_alloc: int | None = None,
+        next_packet_size: int | None = None,
+        packet_num: int = 0,
+        reserved: int = 0,
+        reserved64: Sequence[int] = (0, 0, 0),
+        block: str | None = None,
+        block_raw: bytes | None = None,
+    ) -> bytes:
+        """Header + offsets + payload; counts follow `normal` and `zero` unless overridden."""
+        n_normal = len(normal) if normal_pages is None else normal_pages
+        header = self.build_header(
+            magic=magic,
+            version=version,
+            flags=(FLAG_SYNC if sync else 0) if flags is None else flags,
+            pages_alloc=pages_alloc,
+            normal_pages=n_normal,
+            next_packet_size=next_packet_size,
+            packet_num=packet_num,
+            zero_pages=len(zero) if zero_pages is None else zero_pages,
+            reserved=reserved,
+            reserved64=reserved64,
+            block=block,
+            block_raw=block_raw,
+        )
+        if payload is None:
+            payload = self.page_data(len(normal))
+        return header + self.build_offsets([*normal, *zero]) + payload

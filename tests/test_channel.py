@@ -1,0 +1,285 @@
+"""The zero-copy socket channel over real loopback TCP and Unix sockets."""
+
+from __future__ import annotations
+
+import hashlib
+import mmap
+import socket
+import threading
+import time
+
+import pytest
+
+from channel.errors import ChannelClosed, FlushTimeout, ZeroCopyUnsupported
+from channel.iovec import IoVec
+from channel.zcsocket import Channel, Listener, connect
+from tests.conftest import tcp_pair
+
+MiB = 1 << 20
+
+
+def _send_image(
+    image: mmap.mmap, *, zero_copy: bool, host: str = "127.0.0.1", piece: int = 4 * MiB
+) -> tuple[int, bytes, Channel]:
+    """Send `image` in writev calls of 16 pieces each; return flush, received digest."""
+    tx, rx = tcp_pair(zero_copy=zero_copy, host=host)
+    size = len(image)
+    digest: list[bytes] = []
+
+    def receive() -> None:
+        h = hashlib.sha256()
+        buf = bytearray(16 * piece)
+        view = memoryview(buf)
+        left = size
+        while left:
+            n = min(left, len(buf))
+            rx.readv_into([view[:n]])
+            h.update(view[:n])
+            left -= n
+        digest.append(h.digest())
+
+    t = threading.Thread(target=receive)
+    t.start()
+    view = memoryview(image)
+    for off in range(0, size, 16 * piece):
+        bufs = [view[o : o + piece] for o in range(off, min(size, off + 16 * piece), piece)]
+        tx.writev(bufs, zero_copy=zero_copy)
+        del bufs
+    flushed = tx.flush(timeout=30)
+    t.join(30)
+    del view
+    rx.close()
+    return flushed, digest[0], tx
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+def test_256_mib_from_an_mmap_arrive_identical_with_zero_copy(
+    random_image: mmap.mmap, host: str
+) -> None:
+    flushed, digest, tx = _send_image(random_image, zero_copy=True, host=host)
+    assert digest == hashlib.sha256(random_image).digest()
+    st = tx.statistics()
+    tx.close()
+    assert st.bytes_sent == len(random_image)
+    assert st.zero_copy_queued > 0
+    assert st.zero_copy_queued == st.zero_copy_completed
+    # Loopback always copies (seed 004, "Loopback"): every completion is COPIED.
+    assert st.zero_copy_copied == st.zero_copy_completed
+    assert flushed == 1
+    assert st.in_flight_bytes == 0 and st.flushes == 1 and st.flushes_copied == 1
+
+
+def test_without_zero_copy_nothing_is_queued_and_flush_returns_0(
+    random_image: mmap.mmap,
+) -> None:
+    flushed, digest, tx = _send_image(random_image, zero_copy=False)
+    assert digest == hashlib.sha256(random_image).digest()
+    st = tx.statistics()
+    tx.close()
+    assert st.zero_copy_queued == 0 and st.zero_copy_completed == 0
+    assert flushed == 0
+
+
+def test_header_goes_first_and_normally() -> None:
+    tx, rx = tcp_pair(zero_copy=True)
+    payload = mmap.mmap(-1, 64 * 1024)
+    payload[:] = bytes(range(256)) * 256
+    tx.writev([payload], header=b"HDR!", zero_copy=True)
+    tx.flush(10)
+    got = rx.read_exact(4 + len(payload))
+    assert got[:4] == b"HDR!" and got[4:] == payload[:]
+    st = tx.statistics()
+    # The header went without MSG_ZEROCOPY: one zero-copy call, for the payload.
+    assert st.zero_copy_queued == 1
+    tx.close()
+    rx.close()
+
+
+def test_flush_with_nothing_queued_returns_0_at_once() -> None:
+    tx, rx = tcp_pair(zero_copy=True)
+    assert tx.flush(timeout=1) == 0
+    tx.write_all(b"x")
+    assert tx.flush(timeout=1) == 0
+    tx.close()
+    rx.close()
+
+
+def test_second_flush_reports_only_copies_since_the_first() -> None:
+    tx, rx = tcp_pair(zero_copy=True)
+    data = bytearray(256 * 1024)
+    t = threading.Thread(target=lambda: rx.read_exact(len(data)))
+    t.start()
+    tx.writev([data], zero_copy=True)
+    assert tx.flush(10) == 1
+    assert tx.flush(10) == 0
+    t.join(10)
+    tx.close()
+    rx.close()
+
+
+def test_in_flight_cap_bounds_bytes_pinned() -> None:
+    tx, rx = tcp_pair(zero_copy=True, in_flight_cap=256 * 1024)
+    data = mmap.mmap(-1, 8 * MiB)
+    t = threading.Thread(target=lambda: rx.read_exact(len(data)))
+    t.start()
+    tx.writev([data], zero_copy=True)
+    tx.flush(10)
+    t.join(10)
+    st = tx.statistics()
+    assert st.in_flight_peak <= 256 * 1024
+    assert st.zero_copy_queued >= 32  # the 8 MiB went as pieces of at most the cap
+    tx.close()
+    rx.close()
+
+
+def test_shutdown_wakes_a_thread_blocked_in_flush_within_one_second() -> None:
+    tx, rx = tcp_pair(zero_copy=True)
+    # The receiver never reads: once the socket buffers fill, sends stay pinned.
+    data = mmap.mmap(-1, 64 * MiB)
+    errors: list[BaseException] = []
+    done = threading.Event()
+
+    def sender() -> None:
+        try:
+            tx.writev([data], zero_copy=True)
+            tx.flush()
+        except BaseException as e:
+            errors.append(e)
+        done.set()
+
+    t = threading.Thread(target=sender)
+    t.start()
+    time.sleep(0.3)
+    assert not done.is_set(), "the sender should be blocked: the peer does not read"
+    started = time.monotonic()
+    tx.shutdown()
+    assert done.wait(1.0), "shutdown did not wake the blocked sender within a second"
+    assert time.monotonic() - started < 1.0
+    t.join(1)
+    assert isinstance(errors[0], ChannelClosed)
+    tx.close()
+    rx.close()
+
+
+def _stalled_pair() -> tuple[Channel, socket.socket]:
+    """A zero-copy sender whose peer has a tiny receive buffer and never reads.
+
+    A small send then returns at once but stays in the sender's queue, pinned,
+    so flush() has something real to wait for.
+    """
+    lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    lsock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # inherited by accept()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(1)
+    csock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    csock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+    csock.connect(lsock.getsockname())
+    peer, _ = lsock.accept()
+    lsock.close()
+    return Channel(csock, zero_copy=True), peer
+
+
+def test_shutdown_wakes_a_thread_blocked_in_flush_waiting_for_completions() -> None:
+    tx, peer = _stalled_pair()
+    data = mmap.mmap(-1, 128 * 1024)
+    tx.writev([data], zero_copy=True)  # returns: it fits the send buffer
+    assert tx.statistics().zero_copy_queued >= 1
+    errors: list[BaseException] = []
+    t = threading.Thread(target=lambda: _catch(errors, tx.flush))
+    t.start()
+    time.sleep(0.3)
+    assert t.is_alive(), "flush should be waiting: the peer reads nothing"
+    started = time.monotonic()
+    tx.shutdown()
+    t.join(1.0)
+    assert not t.is_alive() and time.monotonic() - started < 1.0
+    assert isinstance(errors[0], ChannelClosed)
+    tx.close()
+    peer.close()
+
+
+def test_shutdown_wakes_a_thread_blocked_in_readv_into_within_one_second() -> None:
+    tx, rx = tcp_pair(zero_copy=False)
+    errors: list[BaseException] = []
+    t = threading.Thread(target=lambda: _catch(errors, lambda: rx.read_exact(1024)))
+    t.start()
+    time.sleep(0.2)
+    started = time.monotonic()
+    rx.shutdown()
+    t.join(1.0)
+    assert not t.is_alive() and time.monotonic() - started < 1.0
+    assert isinstance(errors[0], ChannelClosed)
+    tx.close()
+    rx.close()
+
+
+def test_flush_times_out_with_a_clear_error() -> None:
+    tx, peer = _stalled_pair()
+    data = mmap.mmap(-1, 128 * 1024)
+    tx.writev([data], zero_copy=True)
+    started = time.monotonic()
+    with pytest.raises(FlushTimeout, match="still not completed"):
+        tx.flush(timeout=0.3)
+    assert 0.25 < time.monotonic() - started < 1.0
+    # The peer reads now: the same sends complete and a later flush succeeds.
+    peer.setblocking(True)
+    got = 0
+    while got < len(data):
+        got += len(peer.recv(1 << 16))
+    assert tx.flush(timeout=5) == 1
+    tx.close()
+    peer.close()
+
+
+def test_peer_closing_mid_read_is_reported_with_the_byte_count() -> None:
+    tx, rx = tcp_pair(zero_copy=False)
+    tx.write_all(b"abc")
+    tx.close()
+    with pytest.raises(ChannelClosed, match="after 3 of 10 bytes"):
+        rx.read_exact(10)
+    rx.close()
+
+
+def test_zero_copy_on_a_unix_socket_fails_with_a_clear_error() -> None:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    ch = Channel(a, zero_copy=True)
+    assert ch.supports_zero_copy is False
+    with pytest.raises(ZeroCopyUnsupported, match=r"Unix stream.*multifd-zerocopy off"):
+        ch.writev([b"data"], zero_copy=True)
+    # The same channel still sends normally: no silent fallback, but no lock-out either.
+    ch.writev([b"data"], zero_copy=False)
+    assert b.recv(4) == b"data"
+    ch.close()
+    b.close()
+
+
+def test_zero_copy_not_asked_for_at_setup_is_refused() -> None:
+    tx, rx = tcp_pair(zero_copy=False)
+    with pytest.raises(ZeroCopyUnsupported, match="not asked for"):
+        tx.writev([b"x"], zero_copy=True)
+    tx.close()
+    rx.close()
+
+
+def test_iovec_from_buffers_skips_empty_buffers() -> None:
+    iov = IoVec.from_buffers([b"", b"ab", bytearray(0), b"c"])
+    assert iov.count == 2 and iov.nbytes == 3
+
+
+def test_listener_accept_times_out_clearly() -> None:
+    with Listener("127.0.0.1", 0) as lst, pytest.raises(Exception, match="no connection"):
+        lst.accept(timeout=0.2)
+
+
+def test_connect_to_a_closed_port_names_the_address() -> None:
+    with Listener("127.0.0.1", 0) as lst:
+        port = lst.port
+    with pytest.raises(Exception, match=f"127.0.0.1:{port}"):
+        connect("127.0.0.1", port, timeout=1)
+
+
+def _catch(errors: list[BaseException], fn: object) -> None:
+    try:
+        fn()  # type: ignore[operator]
+    except BaseException as e:
+        errors.append(e)

@@ -1,0 +1,91 @@
+"""CompletionLedger: the kernel's completion ranges turned into counts, on synthetic ranges."""
+
+import pytest
+
+from channel.errqueue import COUNTER_MOD, CompletionError, CompletionLedger
+
+
+def test_in_order_ranges_complete_everything_queued() -> None:
+    led = CompletionLedger()
+    led.queue(3, 300)
+    assert led.complete(0, 0, copied=False) == 1
+    assert led.complete(1, 2, copied=False) == 2
+    snap = led.snapshot()
+    assert (snap.queued, snap.completed, snap.copied, snap.in_flight_calls) == (3, 3, 0, 0)
+    assert snap.in_flight_bytes == 0
+
+
+def test_out_of_order_completions_are_accepted() -> None:
+    led = CompletionLedger()
+    led.queue(5, 500)
+    led.complete(3, 4, copied=False)
+    assert led.in_flight_calls == 3
+    led.complete(0, 1, copied=False)
+    led.complete(2, 2, copied=False)
+    assert led.snapshot().completed == 5 and led.in_flight_calls == 0
+
+
+def test_one_coalesced_range_covers_many_calls() -> None:
+    led = CompletionLedger()
+    for _ in range(100):
+        led.queue(1, 10)
+    assert led.in_flight_bytes == 1000
+    assert led.complete(0, 99, copied=True) == 100
+    assert led.snapshot().copied == 100
+    assert led.in_flight_bytes == 0
+
+
+def test_range_wrapping_at_2_pow_32() -> None:
+    led = CompletionLedger()
+    led.start_at(COUNTER_MOD - 2)
+    led.queue(4, 4096)  # counters 2**32-2, 2**32-1, 0, 1
+    assert led.complete(COUNTER_MOD - 2, 1, copied=False) == 4
+    assert led.in_flight_calls == 0
+    led.queue(1, 1)  # the counter went on from 2
+    led.complete(2, 2, copied=False)
+
+
+def test_double_completion_is_an_error_and_changes_nothing() -> None:
+    led = CompletionLedger()
+    led.queue(3, 30)
+    led.complete(1, 1, copied=False)
+    before = led.snapshot()
+    with pytest.raises(CompletionError, match="never queued or has completed already"):
+        led.complete(0, 1, copied=True)
+    assert led.snapshot() == before
+    assert not led.take_copied()
+
+
+def test_completion_of_a_call_never_queued_is_an_error() -> None:
+    led = CompletionLedger()
+    led.queue(2, 20)
+    with pytest.raises(CompletionError):
+        led.complete(5, 5, copied=False)
+    with pytest.raises(CompletionError, match="covers"):
+        led.complete(0, 10, copied=False)
+
+
+def test_range_larger_than_anything_outstanding_fails_fast() -> None:
+    led = CompletionLedger()
+    led.queue(1, 1)
+    with pytest.raises(CompletionError):
+        led.complete(1, 0, copied=False)  # wraps to 2**32 calls
+
+
+def test_take_copied_reports_since_the_last_take() -> None:
+    led = CompletionLedger()
+    led.queue(2, 2)
+    led.complete(0, 0, copied=True)
+    assert led.take_copied() is True
+    assert led.take_copied() is False
+    led.complete(1, 1, copied=False)
+    assert led.take_copied() is False
+
+
+def test_bytes_in_flight_follow_completions() -> None:
+    led = CompletionLedger()
+    led.queue(2, 8192)
+    led.queue(1, 100)
+    assert led.in_flight_bytes == 8292
+    led.complete(2, 2, copied=False)
+    assert led.in_flight_bytes == 8192
