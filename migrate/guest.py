@@ -22,6 +22,7 @@ from types import FrameType
 from typing import Any, Final
 
 import native
+from migrate.durable import write_atomic
 
 # --------------------------------------------------------------------------- the contract
 #
@@ -255,26 +256,9 @@ def write_device_state(image: str | os.PathLike[str], state: DeviceState) -> Non
     """Write `<image>.state` atomically and durably: a crash leaves the old state or the
     new one, never a torn file, and once this returns the rename survives a power cut."""
     path = state_path(image)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    data = state.encode()
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        write_atomic(path, state.encode())
     except OSError as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
         raise GuestError(f"cannot write device state {path}: {exc.strerror}") from exc
 
 

@@ -3,6 +3,7 @@
 It only compiles zcnative.c; it must not import anything of zcmigrate's own.
 """
 
+import hashlib
 from pathlib import Path
 
 from cffi import FFI
@@ -15,13 +16,20 @@ _decls = "\n".join(
     line for line in (HERE / "zcnative.h").read_text().splitlines() if not line.startswith("#")
 )
 
+
+def interface_hash(header: Path) -> int:
+    """A fingerprint of the C interface; native/__init__.py compares it at import."""
+    return int(hashlib.sha256(header.read_bytes()).hexdigest()[:12], 16)
+
+
 ffibuilder = FFI()
 ffibuilder.cdef(
-    "struct iovec { void *iov_base; size_t iov_len; };\n#define ZC_EOF -1\n" + _decls
+    "struct iovec { void *iov_base; size_t iov_len; };\n#define ZC_EOF -1\n"
+    "#define ZC_INTERFACE_HASH ...\n" + _decls
 )
 ffibuilder.set_source(
     "native._zcnative",
-    '#include "zcnative.h"',
+    f'#include "zcnative.h"\n#define ZC_INTERFACE_HASH {interface_hash(HERE / "zcnative.h")}ULL',
     # setup.py runs from the project root; setuptools wants sources relative to it.
     sources=["native/zcnative.c"],
     include_dirs=["native"],

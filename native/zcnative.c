@@ -254,10 +254,14 @@ static inline int page_is_zero(const unsigned char *p, uint32_t len)
     return memcmp(p, p + 1, len - 1) == 0;
 }
 
-uint32_t zc_split_zero(uint64_t base, const uint64_t *offsets, uint32_t n, uint32_t page_size,
-                       uint64_t *normal, uint64_t *zero, uint32_t *nzero)
+int64_t zc_split_zero(uint64_t base, uint64_t image_size, const uint64_t *offsets, uint32_t n,
+                      uint32_t page_size, uint64_t *normal, uint64_t *zero, uint32_t *nzero)
 {
     uint32_t nn = 0, nz = 0;
+    *nzero = 0;
+    /* Reading outside the mapping would fault: offsets come from callers we check too. */
+    if (page_size == 0 || !pages_in_bounds(image_size, offsets, n, page_size))
+        return -EINVAL;
     for (uint32_t i = 0; i < n; i++) {
         const unsigned char *p = (const unsigned char *)(uintptr_t)(base + offsets[i]);
         if (page_is_zero(p, page_size))

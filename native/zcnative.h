@@ -27,8 +27,8 @@ int zc_poll(int fd, int events, int timeout_ms);
 int zc_readv_full(int fd, const struct iovec *iov, int iovcnt, uint64_t *nread);
 int zc_page_iov(uint64_t base, uint64_t image_size, const uint64_t *offsets, uint32_t n,
                 uint32_t page_size, struct iovec *iov);
-uint32_t zc_split_zero(uint64_t base, const uint64_t *offsets, uint32_t n, uint32_t page_size,
-                       uint64_t *normal, uint64_t *zero, uint32_t *nzero);
+int64_t zc_split_zero(uint64_t base, uint64_t image_size, const uint64_t *offsets, uint32_t n,
+                      uint32_t page_size, uint64_t *normal, uint64_t *zero, uint32_t *nzero);
 void zc_mark_pages(uint64_t *bm, const uint64_t *offsets, uint32_t n, uint32_t page_size);
 int zc_zero_pages(uint64_t base, uint64_t image_size, const uint64_t *offsets, uint32_t n,
                   uint32_t page_size, const uint64_t *written, uint32_t *nwritten);

@@ -1,0 +1,93 @@
+"""`zcmigrate status`, `zcmigrate cancel`, `zcmigrate set`: talk to a running `send`.
+
+Argument parsing and output only; the socket protocol lives in migrate/control.py.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from migrate.control import ControlError, default_socket, request
+from migrate.stats import MigrationStats
+from migrate.units import parse_bandwidth
+
+SOCKET_OPT = click.option(
+    "--socket", "sock", type=click.Path(path_type=Path), default=None,
+    envvar="ZCMIGRATE_CONTROL_SOCKET", show_envvar=True,
+    help="The migration's control socket [default: the one `send IMAGE` made].",
+)
+
+
+def _path(image: Path | None, sock: Path | None) -> Path:
+    if sock is not None:
+        return sock
+    if image is None:
+        raise click.UsageError("name the IMAGE being sent, or pass --socket")
+    return default_socket(image)
+
+
+def _call(path: Path, req: dict[str, Any]) -> dict[str, Any]:
+    try:
+        reply = request(path, req)
+    except ControlError as e:
+        raise click.ClickException(str(e)) from e
+    if not reply.get("ok"):
+        raise click.ClickException(str(reply.get("error", "refused")))
+    return reply
+
+
+@click.command("status")
+@click.argument("image", type=click.Path(path_type=Path), required=False)
+@SOCKET_OPT
+@click.option("--json", "as_json", is_flag=True, help="query-migrate's JSON instead of text.")
+def status_command(image: Path | None, sock: Path | None, as_json: bool) -> None:
+    """Show a running migration, in the layout of QEMU's `info migrate`."""
+    st = _call(_path(image, sock), {"cmd": "status"})["status"]
+    if as_json:
+        click.echo(json.dumps(st, indent=2))
+        return
+    ram = st["ram"]
+    stats = MigrationStats(
+        status=st["status"], total_time_ms=st["total-time"],
+        setup_time_ms=st.get("setup-time"), downtime_ms=st.get("downtime"),
+        expected_downtime_ms=st.get("expected-downtime"), transferred=ram["transferred"],
+        remaining=ram["remaining"], total=ram["total"], normal_pages=ram["normal"],
+        normal_bytes=ram["normal-bytes"], zero_pages=ram["zero-pages"],
+        page_size=ram["page-size"], dirty_sync_count=ram["dirty-sync-count"],
+        dirty_pages_rate=ram["dirty-pages-rate"], mbps=ram["mbps"],
+        dirty_sync_missed_zero_copy=ram["dirty-sync-missed-zero-copy"],
+        iteration=ram["iterations"], live=st["live"], error=st.get("error-desc"),
+        parameters=st.get("parameters", {}), channels=tuple(st["multifd"]["channels"]),
+    )
+    click.echo(stats.info_migrate())
+
+
+@click.command("cancel")
+@click.argument("image", type=click.Path(path_type=Path), required=False)
+@SOCKET_OPT
+def cancel_command(image: Path | None, sock: Path | None) -> None:
+    """Cancel a running migration: the guest keeps running here, the destination discards."""
+    _call(_path(image, sock), {"cmd": "cancel"})
+    click.echo("cancel requested")
+
+
+@click.command("set")
+@click.argument("name", type=click.Choice(["max-bandwidth", "downtime-limit"]))
+@click.argument("value")
+@click.argument("image", type=click.Path(path_type=Path), required=False)
+@SOCKET_OPT
+def set_command(name: str, value: str, image: Path | None, sock: Path | None) -> None:
+    """Change max-bandwidth (e.g. 256M, 0 = unlimited) or downtime-limit (ms) of a
+    running migration, as QEMU's migrate-set-parameters does."""
+    try:
+        v = parse_bandwidth(value) if name == "max-bandwidth" else int(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="VALUE") from e
+    _call(_path(image, sock), {"cmd": "set", "name": name, "value": v})
+    click.echo(f"{name} set to {value}")
+    sys.stdout.flush()

@@ -1,0 +1,74 @@
+"""Migration parameters, named as QEMU and libvirt name them, with their checks.
+
+The CLI and the service fill this; nothing below migrate/ reads it. It knows no sockets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from multifd.wire import MAX_CHANNELS, MAX_PAGES_ALLOC
+
+DEFAULT_CHANNELS = 2
+DEFAULT_DOWNTIME_LIMIT_MS = 300  # QEMU's default
+DEFAULT_PAGES_PER_PACKET = 512  # 2 MiB of 4 KiB pages: few Python steps per GiB
+DEFAULT_MAX_ITERATIONS = 30
+
+
+class ParameterError(ValueError):
+    """A parameter out of range; the message names it and says what is allowed."""
+
+
+@dataclass(slots=True)
+class MigrationParameters:
+    """One job's parameters. max_bandwidth and downtime_limit may change while it runs."""
+
+    multifd_channels: int = DEFAULT_CHANNELS
+    multifd_zerocopy: bool = False
+    max_bandwidth: int = 0  # bytes per second; 0 = unlimited
+    downtime_limit: int = DEFAULT_DOWNTIME_LIMIT_MS  # milliseconds
+    zero_page_detection: bool = True  # QEMU's zero-page-detection=multifd; False = none
+    pages_per_packet: int = DEFAULT_PAGES_PER_PACKET
+    max_iterations: int = DEFAULT_MAX_ITERATIONS
+    timeout: float = 0.0  # seconds for the whole precopy phase; 0 = no limit
+    in_flight_cap: int | None = None  # zero-copy bytes in flight per channel; None = automatic
+    commit_timeout: float = 60.0  # seconds to wait for the destination's commit
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        if not 1 <= self.multifd_channels <= MAX_CHANNELS:
+            raise ParameterError(
+                f"multifd-channels must be 1..{MAX_CHANNELS}, not {self.multifd_channels}"
+            )
+        if self.max_bandwidth < 0:
+            raise ParameterError("max-bandwidth must be >= 0 (0 means unlimited)")
+        if self.downtime_limit < 1:
+            raise ParameterError("downtime-limit must be at least 1 ms")
+        if not 1 <= self.pages_per_packet <= MAX_PAGES_ALLOC:
+            raise ParameterError(f"pages per packet must be 1..{MAX_PAGES_ALLOC}")
+        if self.max_iterations < 1:
+            raise ParameterError("max-iterations must be at least 1")
+        if self.timeout < 0 or self.commit_timeout <= 0:
+            raise ParameterError("timeouts must be positive (timeout 0 means none)")
+        if self.in_flight_cap is not None and self.in_flight_cap <= 0:
+            raise ParameterError("in-flight cap must be a positive number of bytes")
+
+    def set(self, name: str, value: Any) -> None:
+        """Change a parameter that may change while a migration runs."""
+        if name not in ("max-bandwidth", "downtime-limit"):
+            raise ParameterError(f"{name} cannot change during a migration "
+                                 "(only max-bandwidth and downtime-limit can)")
+        attr = name.replace("-", "_")
+        old = getattr(self, attr)
+        setattr(self, attr, int(value))
+        try:
+            self.check()
+        except ParameterError:
+            setattr(self, attr, old)
+            raise
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k.replace("_", "-"): v for k, v in asdict(self).items()}

@@ -1,0 +1,512 @@
+"""The source side of one migration: handshake, precopy iterations, stop-and-copy, commit.
+
+It drives a SenderPool from the migration thread, reads the guest's dirty bitmap, and
+keeps the invariant of ARCHITECTURE.md: the device state leaves only after the final
+sync and flush of every data channel, and until the destination commits the guest
+stays intact and resumable. It knows no CLI, terminal or systemd.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+import secrets
+import threading
+import time
+from array import array
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from channel.probe import probe
+from channel.zcsocket import Channel, connect
+from migrate.guest import DeviceState, GuestControl, GuestError, control_path
+from migrate.mainchannel import MainChannel, MainChannelTimeout
+from migrate.params import MigrationParameters
+from migrate.protocol import (
+    Hello,
+    RecordType,
+    auth_mac,
+    decode_greeting,
+    encode_error,
+    encode_flush,
+    encode_record,
+    error_message,
+)
+from migrate.state import Event, State, StateMachine
+from migrate.stats import MigrationStats, StatsBuilder
+from multifd.exiting import Exiting, MultifdError
+from multifd.sender import SenderPool
+from multifd.wire import WireContext
+from native import ffi, lib
+
+log = structlog.get_logger("zcmigrate.source")
+
+# Pages handed to the pool per step: the unit of rate limiting, progress and of
+# checking for a cancel. 8 MiB of 4 KiB pages.
+CHUNK_PAGES = 2048
+# Iterations in a row whose dirty rate reaches the bandwidth before we call it hopeless.
+HOPELESS_ITERATIONS = 3
+STATIC_DEVICE_STATE = b'{"kind":"static-image","version":1}'
+SLACK_PAGES = 2  # the kernel charges up to two extra pages per zero-copy call (seed 003)
+
+
+class MigrationError(Exception):
+    """The migration did not complete; the message says why and what was done about it."""
+
+    exit_code = 1
+
+
+class MigrationCancelled(MigrationError):
+    exit_code = 4
+
+
+class NotConverging(MigrationError):
+    exit_code = 5
+
+
+class CommitUncertain(MigrationError):
+    """The device state left but no commit came back: the destination may own the guest."""
+
+    exit_code = 6
+
+
+@dataclass(frozen=True, slots=True)
+class Destination:
+    host: str
+    port: int
+
+
+class SourceJob:
+    """One outgoing migration of `image` to `dest`; run() from the migration thread."""
+
+    def __init__(
+        self,
+        image: str | os.PathLike[str],
+        dest: Destination,
+        params: MigrationParameters,
+        *,
+        page_size: int = 4096,
+        static: bool = False,
+        auth_key: bytes | None = None,
+        on_iteration: Callable[[MigrationStats], None] | None = None,
+    ) -> None:
+        self.image = Path(image)
+        self.dest = dest
+        self.params = params
+        self.page_size = page_size
+        self.static = static
+        self.auth_key = auth_key
+        self.on_iteration = on_iteration
+        self.uuid = secrets.token_bytes(16)
+        self.exiting = Exiting()
+        self.sm = StateMachine(self._on_state)
+        self.stats = StatsBuilder(self.sm)
+        self._cancel_reason: str | None = None
+        self._device_sent = False
+        self._paused = False
+        self._guest: GuestControl | None = None
+        self._pool: SenderPool | None = None
+        self._main: MainChannel | None = None
+        self._map: mmap.mmap | None = None
+        self._lock = threading.Lock()
+        self.log = log.bind(uuid=self.uuid.hex()[:8], dest=f"{dest.host}:{dest.port}")
+
+    # ------------------------------------------------------------- control
+
+    @property
+    def state(self) -> State:
+        return self.sm.state
+
+    def cancel(self, reason: str = "cancelled by the user") -> bool:
+        """Ask the job to stop; False when it is too late (the destination is committing)."""
+        with self._lock:
+            if self._device_sent or self.sm.state in (State.COMPLETED, State.FAILED,
+                                                       State.CANCELLED):
+                return False
+            self._cancel_reason = reason
+        # Wakes every worker and every wait in the pool; the migration thread sees it
+        # at its next step and tells the destination.
+        self.exiting.set(MigrationCancelled(reason), "cancel")
+        return True
+
+    def set_parameter(self, name: str, value: int) -> None:
+        self.params.set(name, value)
+        self.log.info("parameter changed", parameter=name, value=value)
+
+    def snapshot(self) -> MigrationStats:
+        self.stats.parameters = self.params.to_dict()  # may have changed while running
+        return self.stats.snapshot(self._pool.statistics() if self._pool else None)
+
+    def _on_state(self, old: State, new: State, event: Event) -> None:
+        self.log.info("state", old=old.value, new=new.value, trigger=event.value)
+
+    # ----------------------------------------------------------------- run
+
+    def run(self) -> MigrationStats:
+        """Migrate; return the final statistics or raise MigrationError (source intact)."""
+        self.stats.start()
+        try:
+            self._setup()
+            self.sm.fire(Event.CONNECTED)
+            self.stats.setup_done()
+            final, device_state = self._precopy()
+            self._stop_and_copy(final, device_state)
+            self.sm.fire(Event.COMMITTED)
+        except BaseException as e:
+            err = self._fail(e)
+            self._cleanup()
+            raise err from e
+        self._cleanup()
+        return self.snapshot()
+
+    # --------------------------------------------------------------- setup
+
+    def _setup(self) -> None:
+        self._open_image()
+        assert self._map is not None
+        ctl = control_path(self.image)
+        if not self.static and ctl.exists():
+            try:
+                self._guest = GuestControl.open(self.image)
+            except GuestError as e:
+                raise MigrationError(
+                    f"{e}; to migrate the image as it is, pass --static"
+                ) from e
+            if self._guest.npages * self._guest.page_size != len(self._map):
+                raise MigrationError("the guest's page count does not match the image size")
+            self.page_size = self._guest.page_size
+        npages = len(self._map) // self.page_size
+        self.stats.set_image(len(self._map), self.page_size, live=self._guest is not None)
+        channels = self.params.multifd_channels
+        hello = Hello(
+            uuid=self.uuid,
+            channels=channels,
+            page_size=self.page_size,
+            image_size=npages * self.page_size,
+            pages_alloc=self.params.pages_per_packet,
+            block="zcmigrate.ram",
+            zero_copy=self.params.multifd_zerocopy,
+            zero_page_detection=self.params.zero_page_detection,
+        )
+        ctx = hello.context()
+        cap = self._in_flight_cap()
+
+        main = MainChannel(connect(self.dest.host, self.dest.port, name="main"))
+        self._main = main
+        nonce = decode_greeting(main.recv(timeout=30))
+        if self.auth_key is not None:
+            hello = Hello(**{**_fields(hello), "auth": auth_mac(self.auth_key, nonce, self.uuid)})
+        main.send(hello.encode())
+        rec = main.recv(timeout=30)
+        if rec.type is RecordType.ERROR:
+            raise MigrationError(f"destination refused the migration: {error_message(rec)}")
+        if rec.type is not RecordType.HELLO_ACK:
+            raise MigrationError(f"destination answered {rec.type.name} to HELLO")
+
+        chans: list[Channel] = []
+        try:
+            for i in range(channels):
+                ch = connect(self.dest.host, self.dest.port,
+                             zero_copy=self.params.multifd_zerocopy, in_flight_cap=cap,
+                             name=f"multifd{i}")
+                chans.append(ch)
+                if self.params.multifd_zerocopy and not ch.supports_zero_copy:
+                    raise MigrationError(ch.zero_copy_refusal)
+        except BaseException:
+            for ch in chans:
+                ch.close()
+            raise
+        self._pool = SenderPool(
+            chans, ctx, self._map,
+            zero_copy=self.params.multifd_zerocopy,
+            zero_page_detection=self.params.zero_page_detection,
+            exiting=self.exiting,
+        )
+        self._pool.start()
+        self.log.info("connected", channels=channels, zero_copy=self.params.multifd_zerocopy,
+                      pages=npages, live=self._guest is not None, in_flight_cap=cap)
+
+    def _open_image(self) -> None:
+        try:
+            fd = os.open(self.image, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise MigrationError(f"cannot open image {self.image}: {e.strerror}") from e
+        try:
+            size = os.fstat(fd).st_size
+            if size == 0 or size % self.page_size:
+                raise MigrationError(
+                    f"image {self.image} is {size} bytes, not a positive multiple of the "
+                    f"page size {self.page_size}"
+                )
+            self._map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
+        finally:
+            os.close(fd)
+
+    def _in_flight_cap(self) -> int | None:
+        """Zero-copy bytes in flight per channel, kept inside the locked-memory budget."""
+        if not self.params.multifd_zerocopy:
+            return None
+        if self.params.in_flight_cap is not None:
+            return self.params.in_flight_cap
+        budget = probe().locked_memory_budget
+        if budget is None:
+            return None  # CAP_IPC_LOCK or no limit: nothing to stay inside
+        per_channel = budget // self.params.multifd_channels
+        # Half of each channel's share: the kernel charges per call with slack, and
+        # other sockets of this user may pin pages too.
+        cap = per_channel // 2 - SLACK_PAGES * self.page_size
+        if cap < self.page_size:
+            raise MigrationError(
+                f"locked-memory limit of {budget} bytes is too small for zero copy on "
+                f"{self.params.multifd_channels} channels: raise LimitMEMLOCK, grant "
+                "CAP_IPC_LOCK, or set multifd-zerocopy off"
+            )
+        return cap
+
+    # ------------------------------------------------------------- precopy
+
+    def _check_exiting(self) -> None:
+        if self.exiting.is_set():
+            err = self.exiting.error
+            raise err if err is not None else MigrationError("stopped")
+
+    def _precopy(self) -> tuple[array[int], bytes]:
+        """Iterate while the guest runs; return the last dirty pages and the device state,
+        with the guest paused (or the whole image and no guest, for a static image)."""
+        assert self._map is not None and self._pool is not None and self._main is not None
+        ps = self.page_size
+        npages = len(self._map) // ps
+        guest = self._guest
+        nwords = (npages + 63) // 64
+        fresh = array("Q", bytes(8 * nwords))
+        offsets_buf = array("Q", bytes(8 * npages))
+        if guest is not None:
+            # The first pass sends every page, so what is dirty now is sent anyway.
+            self._fetch_dirty(guest, fresh)
+        offsets = array("Q", range(0, npages * ps, ps))
+        start = time.monotonic()
+        hopeless = 0
+        iteration = 0
+        while True:
+            iteration += 1
+            t0 = time.monotonic()
+            self.stats.begin_iteration(iteration, len(offsets) * ps)
+            self._send(offsets, rate_limited=True)
+            self._sync(iteration, final=False)
+            elapsed = max(time.monotonic() - t0, 1e-6)
+            bandwidth = self.stats.end_iteration(len(offsets) * ps, elapsed)
+            if guest is None:
+                return array("Q"), STATIC_DEVICE_STATE
+            dirty_pages = self._fetch_dirty(guest, fresh)
+            dirty_bytes = dirty_pages * ps
+            expected_ms = dirty_bytes / bandwidth * 1000.0
+            self.stats.dirty_sync(dirty_pages, elapsed, expected_ms)
+            self._report()
+            self.log.info("iteration", iteration=iteration, sent=len(offsets) * ps,
+                          dirty=dirty_bytes, bandwidth=int(bandwidth),
+                          expected_downtime_ms=round(expected_ms, 1))
+            if expected_ms <= self.params.downtime_limit:
+                # Converged: stop the guest; what it dirtied since the last bitmap sync
+                # joins the pages found dirty then.
+                state = self._pause(guest)
+                more = array("Q", bytes(8 * nwords))
+                self._fetch_dirty(guest, more)
+                merged = _or_words(fresh, more)
+                count = lib.zc_bitmap_offsets(ffi.from_buffer("uint64_t[]", merged), npages,
+                                              ps, ffi.from_buffer("uint64_t[]", offsets_buf))
+                self.stats.dirty_sync(count, 0.0, expected_ms)
+                return offsets_buf[:count], state.encode()
+            dirty_rate = dirty_bytes / elapsed
+            hopeless = hopeless + 1 if dirty_rate >= bandwidth * 0.95 else 0
+            reason = None
+            if hopeless >= HOPELESS_ITERATIONS:
+                reason = (f"the guest dirties {_mib(dirty_rate)}/s, as fast as or faster than "
+                          f"the migration moves pages ({_mib(bandwidth)}/s)")
+            elif iteration >= self.params.max_iterations:
+                reason = f"{iteration} iterations (max-iterations) did not bring it there"
+            elif self.params.timeout and time.monotonic() - start > self.params.timeout:
+                reason = f"{self.params.timeout:g} s (timeout) did not bring it there"
+            if reason:
+                raise NotConverging(
+                    f"migration cannot converge: expected downtime {expected_ms:.0f} ms stays "
+                    f"above downtime-limit {self.params.downtime_limit} ms; {reason}. Raise "
+                    "max-bandwidth or downtime-limit, or lower the guest's dirty rate. "
+                    "The guest keeps running here."
+                )
+            count = lib.zc_bitmap_offsets(ffi.from_buffer("uint64_t[]", fresh), npages, ps,
+                                          ffi.from_buffer("uint64_t[]", offsets_buf))
+            offsets = offsets_buf[:count]
+
+    def _fetch_dirty(self, guest: GuestControl, out: array[int]) -> int:
+        """Fetch and clear the guest's dirty bitmap atomically, word by word (in C)."""
+        bm = ffi.cast("uint64_t *", guest.bitmap_address)
+        return int(lib.zc_bitmap_fetch_clear(bm, guest.nwords,
+                                             ffi.from_buffer("uint64_t[]", out)))
+
+    def _send(self, offsets: array[int], *, rate_limited: bool) -> None:
+        assert self._pool is not None
+        ps = self.page_size
+        t0 = time.monotonic()
+        queued = 0
+        for i in range(0, len(offsets), CHUNK_PAGES):
+            self._check_exiting()
+            chunk = offsets[i:i + CHUNK_PAGES]
+            self._pool.send_pages(chunk)
+            queued += len(chunk) * ps
+            self.stats.queued(len(chunk) * ps)
+            limit = self.params.max_bandwidth  # read each step: it may change while we run
+            if rate_limited and limit:
+                ahead = t0 + queued / limit - time.monotonic()
+                if ahead > 0 and self.exiting.wait(ahead):
+                    self._check_exiting()
+            self._report()
+
+    def _sync(self, iteration: int, *, final: bool) -> None:
+        assert self._pool is not None and self._main is not None
+        # Every channel sends SYNC after this iteration's pages and flushes its zero-copy
+        # sends, so no page of the next iteration can overtake one of this iteration on
+        # the destination (the invariant, point 2). Only then the main channel moves on.
+        res = self._pool.sync()
+        self.stats.synced(res.copied_channels)
+        self._main.send(encode_flush(iteration, final))
+
+    def _pause(self, guest: GuestControl) -> DeviceState:
+        self._check_exiting()
+        state = guest.pause(timeout=5.0)
+        self._paused = True
+        self.stats.paused()
+        self.sm.fire(Event.CONVERGED)
+        self.log.info("guest paused", position=state.position, value=state.value)
+        return state
+
+    def _report(self) -> None:
+        if self.on_iteration is not None:
+            self.on_iteration(self.snapshot())
+
+    # ------------------------------------------------------- stop and copy
+
+    def _stop_and_copy(self, final: array[int], device_state: bytes) -> None:
+        assert self._main is not None
+        if self._guest is None:
+            self.sm.fire(Event.CONVERGED)
+            self.stats.paused()
+        self.stats.begin_iteration(self.stats.iterations + 1, len(final) * self.page_size)
+        self._send(final, rate_limited=False)  # downtime: max-bandwidth does not apply
+        self._sync(self.stats.iterations, final=True)
+        # The device state goes out only now, after the final sync and flush of every
+        # data channel (the invariant, point 3).
+        self._main.send(encode_record(RecordType.END_OF_RAM))
+        with self._lock:
+            self._check_exiting()
+            self._device_sent = True
+        self._main.send(encode_record(RecordType.DEVICE_STATE, device_state))
+        deadline = time.monotonic() + self.params.commit_timeout
+        while True:
+            try:
+                rec = self._main.recv(timeout=min(0.2, max(0.0, deadline - time.monotonic())))
+                break
+            except MainChannelTimeout:
+                if time.monotonic() >= deadline:
+                    raise CommitUncertain(
+                        f"no commit from the destination within {self.params.commit_timeout:g} s"
+                    ) from None
+        if rec.type is RecordType.ERROR:
+            raise MigrationError(f"destination failed to commit: {error_message(rec)}")
+        if rec.type is not RecordType.COMMIT_ACK:
+            raise MigrationError(f"destination answered {rec.type.name} to the device state")
+        self.stats.committed()
+        self.log.info("committed", downtime_ms=round(self.stats.downtime_ms or 0, 1))
+        if self._guest is not None:
+            # The destination owns the guest now; two running copies would diverge.
+            with contextlib.suppress(GuestError):
+                self._guest.request_exit()
+
+    # --------------------------------------------------------------- failure
+
+    def _fail(self, exc: BaseException) -> MigrationError:
+        cancelled = self._cancel_reason is not None
+        cause = self.exiting.error if isinstance(exc, MultifdError | OSError) else None
+        if isinstance(exc, MigrationError):
+            err = exc
+        elif cancelled:
+            err = MigrationCancelled(f"migration cancelled: {self._cancel_reason}")
+        else:
+            err = MigrationError(f"migration failed: {_describe(cause or exc)}")
+        if isinstance(err, MigrationCancelled) and not cancelled:
+            err = MigrationError(f"migration failed: {err}")
+        self.exiting.set(err, "migration")
+        if self._device_sent and not isinstance(err, CommitUncertain):
+            err = CommitUncertain(
+                f"{err}; the device state had already been sent, so the destination may "
+                "have committed"
+            )
+        if isinstance(err, CommitUncertain):
+            msg = (f"{err}. The guest stays paused here: check the destination "
+                   f"(`zcmigrate guest --check IMAGE`); if it has no committed state, resume "
+                   "this guest.")
+            err = CommitUncertain(msg)
+        elif self._guest is not None and self._paused:
+            try:
+                self._guest.resume()
+                self._paused = False
+            except GuestError as e:
+                err = MigrationError(f"{err}; and the guest could not be resumed: {e}")
+        if self._main is not None and not self._main.closed:
+            with contextlib.suppress(Exception):
+                rec = (encode_record(RecordType.CANCEL) if cancelled
+                       else encode_error(str(err)))
+                self._main.send(rec)
+        self.sm.try_fire(Event.CANCEL if cancelled else Event.ERROR)
+        self.stats.failed(str(err))
+        self.log.error("migration ended", status=self.sm.state.value, error=str(err),
+                       guest_resumed=self._guest is not None and not self._paused)
+        return err
+
+    def _cleanup(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
+        if self._main is not None:
+            self._main.close()
+        if self._guest is not None:
+            self._guest.close()
+        if self._map is not None:
+            with contextlib.suppress(BufferError):
+                self._map.close()
+
+
+def _fields(hello: Hello) -> dict[str, Any]:
+    return {f: getattr(hello, f) for f in Hello.__slots__}
+
+
+def _or_words(a: array[int], b: array[int]) -> array[int]:
+    """Bitwise OR of two bitmaps, at C speed through Python's big integers."""
+    n = len(a) * 8
+    merged = int.from_bytes(a.tobytes(), "little") | int.from_bytes(b.tobytes(), "little")
+    out = array("Q")
+    out.frombytes(merged.to_bytes(n, "little"))
+    return out
+
+
+def _mib(rate: float) -> str:
+    return f"{rate / (1 << 20):.1f} MiB"
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text
+
+
+__all__ = [
+    "CommitUncertain",
+    "Destination",
+    "MigrationCancelled",
+    "MigrationError",
+    "NotConverging",
+    "SourceJob",
+    "WireContext",
+]

@@ -1,0 +1,419 @@
+"""The multifd receiver pool: N worker threads reading packets and writing their pages straight
+into the destination mapping, and the sync barrier that keeps iterations in order.
+It knows pages and packets; it must not know guests, the CLI, systemd or the main channel.
+"""
+
+from __future__ import annotations
+
+import select
+import socket
+import threading
+import time
+from array import array
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from channel.errors import ChannelClosed
+from channel.iovec import IoVec
+from channel.zcsocket import Channel
+from multifd.exiting import Exiting, MultifdError
+from multifd.stats import ChannelCounters, PoolStats
+from multifd.wire import (
+    HEADER_SIZE,
+    INIT_SIZE,
+    InitTracker,
+    RemoteProtocolError,
+    WireContext,
+    decode_header,
+    decode_offsets,
+)
+from native import ffi, lib
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
+
+__all__ = ["Hook", "ReceiverPool", "accept_data_channel"]
+
+Hook = Callable[[str, int], None]
+
+_log = structlog.get_logger("zcmigrate.multifd.receiver")
+
+# Every condition wait re-checks the pool's state at least this often; wake-ups come from
+# notify or from Exiting, the slice only bounds a missed one.
+_WAIT_SLICE = 0.5
+_JOIN_TIMEOUT = 5.0  # after close() has shut every channel down, workers end at once
+
+_RUNNING, _CLOSED, _STOPPED, _FAILED = "running", "closed", "stopped", "failed"
+
+
+def accept_data_channel(channel: Channel, tracker: InitTracker, timeout: float) -> int:
+    """Read a new data channel's 64-byte init record and return its channel id.
+
+    RemoteProtocolError if the record is wrong (or the id was seen before), MultifdError if it
+    does not come within `timeout` seconds or the peer closes first. The destination uses the
+    id to order its channels (ReceiverPool takes them with index == id).
+    """
+    deadline = time.monotonic() + timeout
+    poller = select.poll()
+    poller.register(channel.fileno(), select.POLLIN | select.POLLRDHUP)
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise MultifdError(f"data channel {channel.name}: no init record within {timeout:g} s")
+        # Short slices, so a shutdown() from another thread is noticed.
+        events = poller.poll(max(1, int(min(left, 0.1) * 1000)))
+        if not events:
+            continue
+        hung_up = any(ev & (select.POLLRDHUP | select.POLLHUP) for _, ev in events)
+        if channel.is_shut_down:
+            raise MultifdError(f"data channel {channel.name}: shut down before its init record")
+        try:
+            # Peek, not read: a blocking read of 64 bytes could not honour the timeout.
+            got = channel.socket.recv(INIT_SIZE, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            continue
+        except OSError as e:
+            raise MultifdError(f"data channel {channel.name}: reading the init record failed: "
+                               f"{e.strerror or e}", cause=e) from e
+        if len(got) == INIT_SIZE:
+            break
+        if hung_up or not got:
+            raise MultifdError(f"data channel {channel.name}: the peer closed it after "
+                               f"{len(got)} of the {INIT_SIZE} bytes of its init record")
+        time.sleep(0.001)  # part of it is here; poll would not wait for the rest
+    record = tracker.accept(channel.read_exact(INIT_SIZE))
+    return record.channel_id
+
+
+class _Worker:
+    """One channel's state; the counters and barrier fields are guarded by the pool lock."""
+
+    def __init__(self, channel_id: int, channel: Channel) -> None:
+        self.id = channel_id
+        self.channel = channel
+        self.name = f"multifd-recv-{channel_id}"
+        self.state = _RUNNING
+        self.synced = 0  # SYNC packets read
+        self.packets = 0
+        self.normal_pages = 0
+        self.zero_pages = 0
+        self.thread: threading.Thread | None = None
+
+
+class ReceiverPool:
+    """N receiver workers over N data channels (index == channel id) and their sync barrier.
+
+    sync() is called from one thread (the destination's main-channel thread); statistics()
+    from any. Every wait is bounded or woken by the shared Exiting.
+
+    hook(point, channel_id), for tests, runs in the worker at: "recv_header" (a data
+    packet's header and offsets read, its pages not yet), "recv_packet" (its pages in
+    place), "recv_sync" (a SYNC packet read, before the barrier). An exception in the hook
+    fails the worker like any other.
+    """
+
+    def __init__(
+        self,
+        channels: Sequence[Channel],
+        ctx: WireContext,
+        image: Buffer,
+        *,
+        known_zero: bool = False,
+        exiting: Exiting | None = None,
+        hook: Hook | None = None,
+    ) -> None:
+        if len(channels) != ctx.channels:
+            raise ValueError(
+                f"{len(channels)} channels given, the wire context says {ctx.channels}"
+            )
+        self._ctx = ctx
+        self._hook = hook
+        self._exiting = exiting if exiting is not None else Exiting()
+        self._lock = threading.RLock()
+        self._cond = threading.Condition(self._lock)  # the barrier, both directions
+        self._channels = list(channels)
+        self._workers = [_Worker(i, ch) for i, ch in enumerate(channels)]
+        self._image_c: Any = ffi.from_buffer(image, require_writable=True)
+        if len(self._image_c) < ctx.image_size:
+            ffi.release(self._image_c)
+            raise ValueError(f"image of {len(self._image_c)} bytes, the wire context says "
+                             f"{ctx.image_size}")
+        self._base = int(ffi.cast("uintptr_t", self._image_c))
+        npages = ctx.image_size // ctx.page_size
+        # One bit per page, set once a page was written: on a fresh (all-zero) image a zero
+        # page that was never written needs no work at all, not even a fault.
+        self._written: array[int] | None = None
+        self._written_c: Any = ffi.NULL
+        if known_zero:
+            self._written = array("Q", bytes(8 * ((npages + 63) // 64)))
+            self._written_c = ffi.from_buffer("uint64_t[]", self._written)
+        self._released = 0  # the last sync number the coordinator released
+        self._started = False
+        self._stopping = False
+        self._closed = False
+        self._wrapped_error: MultifdError | None = None
+        self._exiting.register(self._wake)
+        for ch in self._channels:
+            self._exiting.register(ch.shutdown)
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def exiting(self) -> Exiting:
+        return self._exiting
+
+    @property
+    def error(self) -> MultifdError | None:
+        """The error that set Exiting, as a MultifdError (wrapped if another layer set it)."""
+        err = self._exiting.error
+        if err is None or isinstance(err, MultifdError):
+            return err
+        with self._lock:
+            if self._wrapped_error is None:
+                self._wrapped_error = MultifdError(
+                    f"multifd receive: exiting ({self._exiting.where or 'elsewhere'}): {err}",
+                    cause=err,
+                )
+            return self._wrapped_error
+
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    # ------------------------------------------------------------------ API
+
+    def start(self) -> None:
+        with self._lock:
+            if self._started:
+                raise RuntimeError("ReceiverPool.start() called twice")
+            if self._closed:
+                raise MultifdError("multifd receive: the pool is closed")
+            self._started = True
+            for w in self._workers:
+                w.thread = threading.Thread(target=self._run, args=(w,), name=w.name,
+                                            daemon=True)
+                w.thread.start()
+
+    def sync(self, timeout: float | None = None) -> int:
+        """Wait until every worker has read its next SYNC packet, then release them all.
+
+        Every page sent before that SYNC on any channel is then in place, and no worker
+        writes a page sent after it until this returns. Returns the sync number (1 first).
+        MultifdError if a worker failed, its peer closed the channel before this SYNC, or
+        `timeout` seconds passed; each of those fails the pool.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        failure: MultifdError | None = None
+        with self._cond:
+            if not self._started or self._stopping:
+                raise MultifdError("multifd receive: the pool is not running "
+                                   "(not started, or closed)")
+            k = self._released + 1
+            while True:
+                err = self.error
+                if err is not None:
+                    raise err
+                if self._stopping:
+                    raise MultifdError(f"multifd receive: the pool was closed during sync {k}")
+                behind = [w for w in self._workers if w.synced < k]
+                if not behind:
+                    self._released = k
+                    self._cond.notify_all()
+                    return k
+                ended = [w for w in behind if w.state != _RUNNING]
+                if ended:
+                    w = ended[0]
+                    how = ("the peer closed the channel" if w.state == _CLOSED
+                           else f"the worker {w.state}")
+                    failure = MultifdError(
+                        f"multifd receive channel {w.id}: {how} before sync {k} "
+                        f"(after {w.synced} syncs)",
+                        channel_id=w.id,
+                    )
+                    break
+                wait = _WAIT_SLICE
+                if deadline is not None:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        ids = [w.id for w in behind]
+                        failure = MultifdError(
+                            f"multifd receive channel {ids[0]}: no SYNC packet for sync {k} "
+                            f"within {timeout:g} s (channels still behind: {ids})",
+                            channel_id=ids[0],
+                        )
+                        break
+                    wait = min(wait, left)
+                self._cond.wait(wait)
+        # Outside the lock: Exiting's callbacks take it to wake the workers.
+        self._exiting.set(failure, where="multifd-recv sync")
+        err = self.error
+        raise err if err is not None else failure
+
+    def statistics(self) -> PoolStats:
+        with self._lock:
+            rows = [(w.id, w.channel, w.packets, w.normal_pages, w.zero_pages, w.synced)
+                    for w in self._workers]
+        chans = tuple(
+            ChannelCounters(
+                id=cid, packets=packets, bytes=ch.statistics().bytes_received,
+                normal_pages=normal, zero_pages=zero, syncs=syncs, zero_copy_queued=0,
+                zero_copy_completed=0, zero_copy_copied=0, enobufs_retries=0,
+            )
+            for cid, ch, packets, normal, zero, syncs in rows
+        )
+        return PoolStats.from_channels(chans)
+
+    def close(self) -> None:
+        """Stop every worker now, join them, close the channels. Idempotent."""
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            self._stopping = True
+            self._cond.notify_all()
+        for ch in self._channels:
+            ch.shutdown()  # a worker blocked in a read wakes only this way
+        threads = [w.thread for w in self._workers if w.thread is not None]
+        for t in threads:
+            t.join(_JOIN_TIMEOUT)
+        self._exiting.unregister(self._wake)
+        for ch in self._channels:
+            self._exiting.unregister(ch.shutdown)
+        alive = [t.name for t in threads if t.is_alive()]
+        if alive:
+            # Releasing the mapping under a thread still in C could let it write freed memory.
+            _log.error("threads did not end; channels left open", threads=alive)
+            return
+        for ch in self._channels:
+            ch.close()
+        ffi.release(self._image_c)
+        if self._written is not None:
+            ffi.release(self._written_c)
+
+    # ------------------------------------------------------------------ workers
+
+    def _run(self, w: _Worker) -> None:
+        log = _log.bind(channel=w.id)
+        try:
+            end = self._receive(w)
+        except BaseException as e:  # a worker thread must record every failure, and end
+            with self._cond:
+                stopping = self._stopping
+                w.state = _STOPPED if stopping else _FAILED
+                self._cond.notify_all()
+            if stopping and isinstance(e, ChannelClosed):
+                log.debug("receive channel stopped")
+                return  # close() shut the channel down under a read: not a failure
+            error = MultifdError.on_channel("receive", w.id, e)
+            if self._exiting.set(error, where=w.name):
+                log.error("receive channel failed", error=str(error))
+            return
+        with self._cond:
+            w.state = end
+            self._cond.notify_all()
+        log.debug("receive channel ended", how=end)
+
+    def _receive(self, w: _Worker) -> str:
+        """Read packets until the peer closes at a sync point (_CLOSED) or the pool stops."""
+        ctx = self._ctx
+        ps = ctx.page_size
+        ch = w.channel
+        hook = self._hook
+        known_zero = self._written is not None
+        written_c = self._written_c
+        # Reused for every packet: nothing is allocated per page.
+        header_buf = bytearray(HEADER_SIZE)
+        header_iov = IoVec.from_buffers([header_buf], writable=True)
+        offsets_buf = bytearray(8 * ctx.pages_alloc)
+        offsets_c: Any = ffi.from_buffer(offsets_buf)
+        offsets_view = memoryview(offsets_buf)
+        offsets_iov = IoVec(1)
+        page_iov = IoVec(ctx.pages_alloc)
+        nwritten: Any = ffi.new("uint32_t *")
+        # Bytes this worker has read; with the channel's own count it tells a close at a
+        # packet boundary (nothing of the next packet read) from one inside a packet.
+        read_base = ch.statistics().bytes_received
+        consumed = 0
+        after_data = False  # a data packet came after the last SYNC (or the init record)
+        while True:
+            if self._stopping or self._exiting.is_set():
+                return _STOPPED
+            try:
+                ch.readv_into(header_iov)
+            except ChannelClosed:
+                partial = ch.statistics().bytes_received - read_base - consumed
+                if partial or ch.is_shut_down:
+                    raise
+                if after_data:
+                    # The source always syncs before it closes a channel it sent pages on:
+                    # pages after the last SYNC were never covered by a sync, so this peer
+                    # went away mid-iteration. Fail now rather than at the next sync().
+                    raise ChannelClosed(
+                        f"the peer closed the channel after packet {w.packets} "
+                        f"without a SYNC after it (after {w.synced} syncs)"
+                    ) from None
+                return _CLOSED
+            consumed += HEADER_SIZE
+            header = decode_header(header_buf, ctx)
+            if header.is_sync:
+                if not self._at_sync(w):
+                    return _STOPPED
+                after_data = False
+                continue
+            size = header.offsets_size
+            if size:
+                entry = offsets_iov.entries[0]
+                entry.iov_base = offsets_c
+                entry.iov_len = size
+                offsets_iov.set_filled(1, size)
+                ch.readv_into(offsets_iov)
+                consumed += size
+            normal, zero = decode_offsets(offsets_view[:size], header, ctx)
+            if hook is not None:
+                hook("recv_header", w.id)
+            nn = len(normal)
+            if nn:
+                normal_c = ffi.from_buffer("uint64_t[]", normal)
+                cnt = int(lib.zc_page_iov(self._base, ctx.image_size, normal_c, nn, ps,
+                                          page_iov.entries))
+                if cnt < 0:
+                    raise RemoteProtocolError("packet offsets: outside the image (zc_page_iov)")
+                page_iov.set_filled(cnt, header.payload_size)
+                # Straight into the destination mapping: no intermediate buffer.
+                ch.readv_into(page_iov)
+                consumed += header.payload_size
+                if known_zero:
+                    lib.zc_mark_pages(written_c, normal_c, nn, ps)
+            nz = len(zero)
+            if nz:
+                zero_c = ffi.from_buffer("uint64_t[]", zero)
+                if lib.zc_zero_pages(self._base, ctx.image_size, zero_c, nz, ps, written_c,
+                                     nwritten):
+                    raise RemoteProtocolError("packet offsets: outside the image (zc_zero_pages)")
+            with self._lock:
+                w.packets += 1
+                w.normal_pages += nn
+                w.zero_pages += nz
+            after_data = True
+            if hook is not None:
+                hook("recv_packet", w.id)
+
+    def _at_sync(self, w: _Worker) -> bool:
+        """Record a SYNC packet and wait for the coordinator's release; False: stop instead."""
+        hook = self._hook
+        if hook is not None:
+            hook("recv_sync", w.id)
+        with self._cond:
+            w.synced += 1
+            k = w.synced
+            self._cond.notify_all()
+            # The barrier: no worker reads past its k-th SYNC until every worker has read
+            # its own, so a page sent after a sync point never lands before one sent
+            # before it on another channel (ARCHITECTURE.md, invariant 2).
+            while self._released < k:
+                if self._stopping or self._exiting.is_set():
+                    return False
+                self._cond.wait(_WAIT_SLICE)
+        return True

@@ -1,0 +1,424 @@
+"""The multifd sender pool: N worker threads, each owning one data channel, sending pages as
+iovecs straight from the source mapping, with a bounded job queue each and sync on request.
+It knows pages and packets; it must not know guests, the CLI, systemd or the main channel.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from array import array
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from channel.iovec import IoVec
+from channel.zcsocket import Channel
+from multifd.exiting import Exiting, MultifdError
+from multifd.stats import ChannelCounters, PoolStats, SyncResult
+from multifd.wire import LocalProtocolError, WireContext, encode_init, encode_packet, encode_sync
+from native import ffi, lib
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
+
+__all__ = ["Hook", "SenderPool", "SyncResult"]
+
+Hook = Callable[[str, int], None]
+
+_log = structlog.get_logger("zcmigrate.multifd.sender")
+
+# Every condition wait re-checks the pool's state at least this often. Wake-ups come from
+# notify (work, room, completion) or from Exiting; the slice only bounds a missed one.
+_WAIT_SLICE = 0.5
+# How long close() waits for the workers after it has forced them out (Exiting set).
+_FORCED_JOIN = 5.0
+_NO_OFFSETS: array[int] = array("Q")
+
+
+@dataclass(slots=True)
+class _Pages:
+    offsets: array[int]  # the pool's own copy: the caller may reuse its array at once
+    packet_num: int
+
+
+@dataclass(slots=True)
+class _Sync:
+    sync_num: int
+    packet_num: int
+
+
+class _Worker:
+    """One channel's state; all but the per-worker buffers are guarded by the pool lock."""
+
+    def __init__(self, channel_id: int, channel: Channel, lock: threading.RLock,
+                 pages_alloc: int) -> None:
+        self.id = channel_id
+        self.channel = channel
+        self.name = f"multifd-send-{channel_id}"
+        self.work = threading.Condition(lock)
+        self.queue: deque[_Pages | _Sync] = deque()
+        self.load = 0  # page jobs queued or being sent: what "least loaded" compares
+        self.synced = 0  # the last sync number this worker completed
+        self.copied = 0  # what its flush returned at that sync
+        self.packets = 0
+        self.normal_pages = 0
+        self.zero_pages = 0
+        self.syncs = 0
+        self.thread: threading.Thread | None = None
+        # Reused for every job, so the hot path allocates nothing per page.
+        self.iov = IoVec(pages_alloc)
+        self.normal = array("Q", bytes(8 * pages_alloc))
+        self.zero = array("Q", bytes(8 * pages_alloc))
+        self.normal_c: Any = ffi.from_buffer("uint64_t[]", self.normal)
+        self.zero_c: Any = ffi.from_buffer("uint64_t[]", self.zero)
+        self.nzero: Any = ffi.new("uint32_t *")
+
+
+class SenderPool:
+    """N sender workers over N connected data channels (index == channel id).
+
+    send_pages() and sync() are called from one thread (the migration thread); statistics()
+    from any. Every wait is bounded or woken by the shared Exiting.
+
+    hook(point, channel_id), for tests, runs in the worker at: "send_packet" (before a data
+    packet is written), "sent_packet" (after writev returned), "send_sync" (before a SYNC
+    packet is written). An exception in the hook fails the worker like any other.
+    """
+
+    def __init__(
+        self,
+        channels: Sequence[Channel],
+        ctx: WireContext,
+        image: Buffer,
+        *,
+        zero_copy: bool,
+        zero_page_detection: bool = True,
+        queue_depth: int = 4,
+        flush_timeout: float | None = 60.0,
+        exiting: Exiting | None = None,
+        hook: Hook | None = None,
+    ) -> None:
+        if len(channels) != ctx.channels:
+            raise ValueError(
+                f"{len(channels)} channels given, the wire context says {ctx.channels}"
+            )
+        if queue_depth < 1:
+            raise ValueError(f"queue_depth {queue_depth}, expected at least 1")
+        for i, ch in enumerate(channels):
+            if zero_copy and not ch.supports_zero_copy:
+                raise MultifdError(f"multifd send channel {i}: {ch.zero_copy_refusal}",
+                                   channel_id=i)
+        self._ctx = ctx
+        self._zero_copy = zero_copy
+        self._zero_page_detection = zero_page_detection
+        self._depth = queue_depth
+        self._flush_timeout = flush_timeout
+        self._hook = hook
+        self._exiting = exiting if exiting is not None else Exiting()
+        self._lock = threading.RLock()
+        self._room = threading.Condition(self._lock)  # producers and the sync waiter
+        self._channels = list(channels)
+        self._workers = [_Worker(i, ch, self._lock, ctx.pages_alloc)
+                         for i, ch in enumerate(channels)]
+        self._image_c: Any = ffi.from_buffer(image)
+        if len(self._image_c) < ctx.image_size:
+            ffi.release(self._image_c)
+            raise ValueError(f"image of {len(self._image_c)} bytes, the wire context says "
+                             f"{ctx.image_size}")
+        # The mapping's address, taken once: C builds iovecs from it for every packet.
+        self._base = int(ffi.cast("uintptr_t", self._image_c))
+        self._last_offset = ctx.image_size - ctx.page_size
+        self._next_packet = 0  # packet_num, shared by all channels as QEMU's is
+        self._sync_num = 0
+        self._send_waits = 0
+        self._started = False
+        self._stopping = False
+        self._closed = False
+        self._wrapped_error: MultifdError | None = None
+        # Registered last: if Exiting is already set these run at once, on a complete pool.
+        self._exiting.register(self._wake)
+        for ch in self._channels:
+            self._exiting.register(ch.shutdown)
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def exiting(self) -> Exiting:
+        return self._exiting
+
+    @property
+    def error(self) -> MultifdError | None:
+        """The error that set Exiting, as a MultifdError (wrapped if another layer set it)."""
+        err = self._exiting.error
+        if err is None or isinstance(err, MultifdError):
+            return err
+        with self._lock:
+            if self._wrapped_error is None:
+                self._wrapped_error = MultifdError(
+                    f"multifd send: exiting ({self._exiting.where or 'elsewhere'}): {err}",
+                    cause=err,
+                )
+            return self._wrapped_error
+
+    def _raise_if_failed(self) -> None:
+        err = self.error
+        if err is not None:
+            raise err
+
+    def _wake(self) -> None:
+        with self._lock:
+            for w in self._workers:
+                w.work.notify_all()
+            self._room.notify_all()
+
+    # ------------------------------------------------------------------ API
+
+    def start(self) -> None:
+        with self._lock:
+            if self._started:
+                raise RuntimeError("SenderPool.start() called twice")
+            if self._closed:
+                raise MultifdError("multifd send: the pool is closed")
+            self._started = True
+            for w in self._workers:
+                w.thread = threading.Thread(target=self._run, args=(w,), name=w.name,
+                                            daemon=True)
+                w.thread.start()
+
+    def send_pages(self, offsets: array[int]) -> None:
+        """Queue every page in `offsets` (byte offsets into the image, array('Q')).
+
+        Split into jobs of at most pages_alloc pages, each queued to the least-loaded worker;
+        blocks while every queue is full (backpressure). Raises MultifdError once exiting.
+        """
+        if not isinstance(offsets, array) or offsets.typecode != "Q":
+            raise TypeError("send_pages() takes array('Q') of byte offsets")
+        self._raise_if_failed()
+        n = len(offsets)
+        if n == 0:
+            return
+        # C reads each page before the wire encoder checks its offset, so the one bound that
+        # keeps every read inside the mapping is checked here, once per call (max() runs in C).
+        top = max(offsets)
+        if top > self._last_offset:
+            raise LocalProtocolError(
+                f"send_pages: offset 0x{top:x} outside the image, expected at most "
+                f"0x{self._last_offset:x} (image size {self._ctx.image_size})"
+            )
+        pa = self._ctx.pages_alloc
+        for start in range(0, n, pa):
+            self._dispatch(offsets[start:start + pa])
+
+    def _dispatch(self, job: array[int]) -> None:
+        with self._lock:
+            waited = False
+            while True:
+                self._raise_if_failed()
+                if not self._started or self._stopping:
+                    raise MultifdError("multifd send: the pool is not running "
+                                       "(not started, or closed)")
+                best: _Worker | None = None
+                for w in self._workers:
+                    if len(w.queue) < self._depth and (best is None or w.load < best.load):
+                        best = w
+                if best is not None:
+                    break
+                if not waited:
+                    self._send_waits += 1
+                    waited = True
+                self._room.wait(_WAIT_SLICE)
+            best.queue.append(_Pages(job, self._next_packet))
+            self._next_packet += 1
+            best.load += 1
+            best.work.notify()
+
+    def sync(self, timeout: float | None = None) -> SyncResult:
+        """Every worker, after its queued jobs, sends a SYNC packet and (zero copy) flushes.
+
+        Returns when all N did both. Raises MultifdError if a worker failed, or if `timeout`
+        seconds passed first (that fails the pool: a sync half done cannot be resumed).
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        failure: MultifdError | None = None
+        with self._lock:
+            self._raise_if_failed()
+            if not self._started or self._stopping:
+                raise MultifdError("multifd send: the pool is not running (not started, or closed)")
+            self._sync_num += 1
+            k = self._sync_num
+            for w in self._workers:
+                # Past the queue bound on purpose: one SYNC per worker per sync() call.
+                w.queue.append(_Sync(k, self._next_packet))
+                self._next_packet += 1
+                w.work.notify()
+            while True:
+                self._raise_if_failed()
+                behind = [w.id for w in self._workers if w.synced < k]
+                if not behind:
+                    return SyncResult(copied_channels=sum(w.copied for w in self._workers),
+                                      sync_num=k)
+                wait = _WAIT_SLICE
+                if deadline is not None:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        failure = MultifdError(
+                            f"multifd send channel {behind[0]}: sync {k} not done after "
+                            f"{timeout:g} s (channels still behind: {behind})",
+                            channel_id=behind[0],
+                        )
+                        break
+                    wait = min(wait, left)
+                self._room.wait(wait)
+        assert failure is not None
+        # Outside the lock: Exiting's callbacks take it to wake the workers.
+        self._exiting.set(failure, where="multifd-send sync")
+        self._raise_if_failed()
+        raise failure  # not reached: Exiting holds an error now
+
+    def statistics(self) -> PoolStats:
+        with self._lock:
+            rows = [(w.id, w.channel, w.packets, w.normal_pages, w.zero_pages, w.syncs)
+                    for w in self._workers]
+            jobs = sum(len(w.queue) for w in self._workers)
+            waits = self._send_waits
+        chans = []
+        for cid, ch, packets, normal, zero, syncs in rows:
+            st = ch.statistics()
+            chans.append(ChannelCounters(
+                id=cid, packets=packets, bytes=st.bytes_sent, normal_pages=normal,
+                zero_pages=zero, syncs=syncs, zero_copy_queued=st.zero_copy_queued,
+                zero_copy_completed=st.zero_copy_completed,
+                zero_copy_copied=st.zero_copy_copied, enobufs_retries=st.enobufs_retries,
+            ))
+        return PoolStats.from_channels(tuple(chans), jobs_queued=jobs, send_waits=waits)
+
+    def close(self, timeout: float | None = 60.0) -> None:
+        """Stop the workers (after their queued work, unless exiting), join them, close channels.
+
+        If the queued work is not done after `timeout` seconds, Exiting is set to force the
+        workers out. Idempotent.
+        """
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._stopping = True
+            for w in self._workers:
+                w.work.notify_all()
+            self._room.notify_all()
+        threads = [w.thread for w in self._workers if w.thread is not None]
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for t in threads:
+            t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        if any(t.is_alive() for t in threads):
+            self._exiting.set(MultifdError(
+                f"multifd send: close: workers did not finish their queued work in {timeout} s"),
+                where="multifd-send close")
+            for t in threads:
+                t.join(_FORCED_JOIN)
+        self._exiting.unregister(self._wake)
+        for ch in self._channels:
+            self._exiting.unregister(ch.shutdown)
+        alive = [t.name for t in threads if t.is_alive()]
+        if alive:
+            # Closing a descriptor or releasing the mapping under a thread still in C could
+            # let it touch a reused descriptor or freed memory: leak them instead.
+            _log.error("threads did not end; channels left open", threads=alive)
+            return
+        for ch in self._channels:
+            ch.close()
+        ffi.release(self._image_c)
+
+    # ------------------------------------------------------------------ workers
+
+    def _run(self, w: _Worker) -> None:
+        log = _log.bind(channel=w.id)
+        try:
+            w.channel.write_all(encode_init(self._ctx, w.id))
+            while True:
+                job = self._take(w)
+                if job is None:
+                    break
+                if isinstance(job, _Pages):
+                    self._send_job(w, job)
+                else:
+                    self._send_sync(w, job)
+        except BaseException as e:  # a worker thread must record every failure, and end
+            error = MultifdError.on_channel("send", w.id, e)
+            if self._exiting.set(error, where=w.name):
+                log.error("send channel failed", error=str(error))
+            return
+        log.debug("send channel stopped")
+
+    def _take(self, w: _Worker) -> _Pages | _Sync | None:
+        """The worker's next job, or None when it must stop (exiting, or closing and idle)."""
+        with self._lock:
+            while not w.queue:
+                if self._stopping or self._exiting.is_set():
+                    return None
+                w.work.wait(_WAIT_SLICE)
+            if self._exiting.is_set():
+                return None
+            job = w.queue.popleft()
+            self._room.notify_all()  # room in a queue: a blocked send_pages() may go on
+            return job
+
+    def _send_job(self, w: _Worker, job: _Pages) -> None:
+        ctx = self._ctx
+        ps = ctx.page_size
+        offsets = job.offsets
+        n = len(offsets)
+        offsets_c = ffi.from_buffer("uint64_t[]", offsets)
+        if self._zero_page_detection:
+            nn = int(lib.zc_split_zero(self._base, ctx.image_size, offsets_c, n, ps, w.normal_c,
+                                       w.zero_c, w.nzero))
+            if nn < 0:
+                raise LocalProtocolError("page offsets outside the image in a job")
+            nz = int(w.nzero[0])
+            normal, zero, normal_c = w.normal[:nn], w.zero[:nz], w.normal_c
+        else:
+            nn, nz = n, 0
+            normal, zero, normal_c = offsets, _NO_OFFSETS, offsets_c
+        header = encode_packet(ctx, packet_num=job.packet_num, normal=normal, zero=zero)
+        cnt = int(lib.zc_page_iov(self._base, ctx.image_size, normal_c, nn, ps, w.iov.entries))
+        if cnt < 0:
+            raise LocalProtocolError("zc_page_iov refused offsets the wire encoder accepted")
+        w.iov.set_filled(cnt, nn * ps)
+        hook = self._hook
+        if hook is not None:
+            hook("send_packet", w.id)
+        w.channel.writev(w.iov, header=header, zero_copy=self._zero_copy)
+        with self._lock:
+            w.packets += 1
+            w.normal_pages += nn
+            w.zero_pages += nz
+            w.load -= 1
+            self._room.notify_all()
+        if hook is not None:
+            hook("sent_packet", w.id)
+
+    def _send_sync(self, w: _Worker, job: _Sync) -> None:
+        hook = self._hook
+        if hook is not None:
+            hook("send_sync", w.id)
+        w.channel.write_all(encode_sync(self._ctx, job.packet_num))
+        copied = 0
+        if self._zero_copy:
+            # Why the flush is here: with MSG_ZEROCOPY, writev only queued this iteration's
+            # pages; the kernel reads them from the mapping later. Waiting for every
+            # completion before sync() returns makes sure no page can be sent again (next
+            # iteration, maybe on another channel) while an older send of it is still in
+            # flight, so the newer version always lands later (ARCHITECTURE.md, invariant 2),
+            # and nothing the migration sends after the final sync overtakes a page
+            # (invariant 3). QEMU flushes at the same point, in multifd_send_sync_main().
+            # A return of 1 (the kernel copied after all) feeds dirty-sync-missed-zero-copy.
+            copied = w.channel.flush(self._flush_timeout)
+        with self._lock:
+            w.syncs += 1
+            w.copied = copied
+            w.synced = job.sync_num
+            self._room.notify_all()

@@ -1,0 +1,191 @@
+"""Live migration end to end with real processes: a guest dirtying its image, a receiver
+and a sender over loopback TCP, and the oracle on the destination."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.migration_procs import (
+    Guest,
+    Receiver,
+    finish,
+    send,
+    spawn,
+    stop,
+    wait_for_event,
+)
+
+# The commit makes 256 MiB durable (msync + fsync) while the guest is paused, on
+# whatever disk tmp_path is; the tolerance covers that and a loaded 2-core machine.
+DOWNTIME_TOLERANCE_MS = 700
+
+
+def oracle(image: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*spawn_args("guest"), str(image), "--check"], capture_output=True,
+                          text=True, timeout=60)
+
+
+def spawn_args(*args: str) -> list[str]:
+    import sys
+
+    return [sys.executable, "-m", "migrate.cli", *args]
+
+
+def assert_nothing_committed(dst: Path, *, killed: bool = False) -> None:
+    assert not dst.exists(), "the destination committed an image"
+    assert not Path(f"{dst}.state").exists(), "the destination committed a device state"
+    if not killed:  # a SIGKILLed receiver cannot clean up; its next run does
+        assert not Path(f"{dst}.incoming").exists(), "the partial image was not discarded"
+
+
+@pytest.mark.parametrize("zerocopy", ["on", "off"])
+def test_live_migration_of_a_running_guest_completes_and_the_oracle_passes(
+    tmp_path: Path, zerocopy: str
+) -> None:
+    src, dst = tmp_path / "src.img", tmp_path / "dst.img"
+    guest = Guest.start(src, "256M", "64M")
+    recv = Receiver.start(dst)
+    try:
+        code, stats, err = finish(send(src, recv.port, "--multifd-channels", "2",
+                                       "--multifd-zerocopy", zerocopy))
+        assert code == 0, err
+        rcode, _, rerr = recv.result()
+        assert rcode == 0, rerr
+    finally:
+        stop(recv.proc)
+        stop(guest.proc)
+    assert stats["status"] == "completed"
+    ram = stats["ram"]
+    assert ram["dirty-sync-count"] > 1
+    assert ram["total"] == 256 << 20
+    assert ram["transferred"] > 0 and ram["normal"] > 0 and ram["zero-pages"] > 0
+    limit = stats["parameters"]["downtime-limit"]
+    assert 0 < stats["downtime"] <= limit + DOWNTIME_TOLERANCE_MS
+    chans = stats["multifd"]["channels"]
+    assert len(chans) == 2
+    if zerocopy == "on":
+        assert all(c["zero_copy_queued"] > 0 for c in chans)
+        assert all(c["zero_copy_queued"] == c["zero_copy_completed"] for c in chans)
+        # Loopback always copies: every flush reported it.
+        assert all(c["zero_copy_copied"] == c["zero_copy_completed"] for c in chans)
+        assert ram["dirty-sync-missed-zero-copy"] > 0
+    else:
+        assert all(c["zero_copy_queued"] == 0 for c in chans)
+        assert ram["dirty-sync-missed-zero-copy"] == 0
+    # The source guest handed over: it exited after the commit.
+    assert guest.proc.wait(10) == 0
+    check = oracle(dst)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert "oracle: ok" in check.stdout
+
+
+def test_cancel_keeps_the_guest_running_and_a_second_migration_completes(
+    tmp_path: Path,
+) -> None:
+    src, dst1, dst2 = tmp_path / "src.img", tmp_path / "dst1.img", tmp_path / "dst2.img"
+    guest = Guest.start(src, "64M", "16M")
+    try:
+        recv = Receiver.start(dst1)
+        # Slow enough that the first pass is still running when we cancel.
+        proc = send(src, recv.port, "--max-bandwidth", "8M")
+        wait_for_event(proc, "connected")
+        proc.send_signal(signal.SIGINT)
+        code, stats, err = finish(proc)
+        assert code == 4, err
+        assert stats["status"] == "cancelled"
+        rcode, _, rerr = recv.result()
+        assert rcode != 0
+        assert "cancel" in rerr
+        assert_nothing_committed(dst1)
+        assert guest.running(), "the source guest stopped after a cancel"
+
+        recv2 = Receiver.start(dst2)
+        code, stats, err = finish(send(src, recv2.port))
+        assert code == 0, err
+        assert recv2.result()[0] == 0
+        check = oracle(dst2)
+        assert check.returncode == 0, check.stdout + check.stderr
+    finally:
+        stop(guest.proc)
+
+
+def test_destination_killed_mid_migration_fails_the_source_which_resumes_the_guest(
+    tmp_path: Path,
+) -> None:
+    src, dst = tmp_path / "src.img", tmp_path / "dst.img"
+    guest = Guest.start(src, "64M", "16M")
+    try:
+        recv = Receiver.start(dst)
+        proc = send(src, recv.port, "--max-bandwidth", "8M")
+        wait_for_event(proc, "connected")
+        recv.proc.kill()
+        recv.proc.wait(10)
+        code, stats, err = finish(proc)
+        assert code == 1
+        assert stats["status"] == "failed"
+        desc = stats["error-desc"]
+        assert "multifd" in desc or "main" in desc  # names the channel that failed
+        assert any(w in desc for w in ("closed", "reset", "broken", "refused")), desc
+        assert guest.running()
+        assert_nothing_committed(dst, killed=True)
+        # The next receiver on the same image throws the leftover away.
+        recv2 = Receiver.start(dst)
+        code, _, err = finish(send(src, recv2.port))
+        assert code == 0, err
+        assert recv2.result()[0] == 0
+        assert not Path(f"{dst}.incoming").exists()
+    finally:
+        stop(guest.proc)
+
+
+def test_source_killed_mid_migration_makes_the_destination_exit_without_committing(
+    tmp_path: Path,
+) -> None:
+    src, dst = tmp_path / "src.img", tmp_path / "dst.img"
+    guest = Guest.start(src, "64M", "16M")
+    try:
+        recv = Receiver.start(dst)
+        proc = send(src, recv.port, "--max-bandwidth", "8M")
+        wait_for_event(proc, "connected")
+        proc.kill()
+        proc.wait(10)
+        rcode, _, rerr = recv.result(timeout=30)
+        assert rcode != 0
+        assert "nothing committed" in rerr
+        assert_nothing_committed(dst)
+    finally:
+        stop(guest.proc)
+
+
+def test_a_dirty_rate_above_max_bandwidth_ends_with_a_clear_message(tmp_path: Path) -> None:
+    src, dst = tmp_path / "src.img", tmp_path / "dst.img"
+    guest = Guest.start(src, "8M", "32M")
+    try:
+        recv = Receiver.start(dst)
+        code, stats, err = finish(send(src, recv.port, "--max-bandwidth", "4M"), timeout=120)
+        assert code == 5, err
+        assert "cannot converge" in stats["error-desc"]
+        assert "max-bandwidth" in stats["error-desc"]
+        assert recv.result()[0] != 0
+        assert guest.running()
+        assert_nothing_committed(dst)
+    finally:
+        stop(guest.proc)
+
+
+def test_a_static_image_migrates_in_one_pass(tmp_path: Path) -> None:
+    src, dst = tmp_path / "src.img", tmp_path / "dst.img"
+    data = bytes(range(256)) * (4 << 12)  # 4 MiB of pattern, then zeros
+    src.write_bytes(data + bytes(12 << 20))
+    recv = Receiver.start(dst)
+    code, stats, err = finish(send(src, recv.port, "--multifd-channels", "3"))
+    assert code == 0, err
+    assert recv.result()[0] == 0
+    assert stats["ram"]["iterations"] == 2  # the pass and the final (empty) sync
+    assert stats["ram"]["dirty-sync-count"] == 0
+    assert dst.read_bytes() == src.read_bytes()
+    assert stats["ram"]["zero-pages"] == (12 << 20) // 4096
