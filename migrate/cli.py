@@ -6,6 +6,7 @@ it calls. Every option also reads a ZCMIGRATE_... environment variable.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -18,7 +19,7 @@ import click
 
 from channel.errors import ChannelError
 from channel.zcsocket import Listener
-from migrate import logs
+from migrate import logs, sdnotify
 from migrate.check_cli import check_command
 from migrate.cli_options import (
     AUTH_KEY,
@@ -122,8 +123,6 @@ def receive_command(image: Path, listen: str, serve: bool, accept_timeout: float
     --resume`.
     """
     logs.configure(log_format)
-    from migrate import sdnotify
-
     host, port = parse_hostport(listen)
     key = read_key(auth_key_file)
     try:
@@ -151,7 +150,7 @@ def receive_command(image: Path, listen: str, serve: bool, accept_timeout: float
         while not stopping.is_set():
             job = DestinationJob(
                 image, listener, auth_key=key, accept_timeout=accept_timeout or None,
-                status=lambda s: sdnotify.notify(f"STATUS={s}"),
+                status=_status_line,
             )
             current[:] = [job]
             try:
@@ -176,6 +175,12 @@ def receive_command(image: Path, listen: str, serve: bool, accept_timeout: float
     finally:
         listener.close()
     sys.exit(code)
+
+
+def _status_line(text: str) -> None:
+    """A STATUS= line for systemd; an unreachable NOTIFY_SOCKET must not fail a migration."""
+    with contextlib.suppress(OSError):
+        sdnotify.notify(f"STATUS={text}")
 
 
 def _hostport(host: str, port: int) -> str:

@@ -14,6 +14,7 @@ from typing import Any
 
 import click
 
+from migrate.cli_types import BandwidthType, SizeType
 from migrate.params import (
     DEFAULT_CHANNELS,
     DEFAULT_DOWNTIME_LIMIT_MS,
@@ -24,7 +25,6 @@ from migrate.params import (
 from migrate.progress import ProgressDisplay
 from migrate.source import MigrationError, SourceJob
 from migrate.stats import MigrationStats
-from migrate.units import parse_bandwidth, parse_size
 
 EXIT_CODES = """\b
 Exit codes:
@@ -44,22 +44,6 @@ def parse_hostport(text: str) -> tuple[str, int]:
         raise click.BadParameter(f"{text!r} is not HOST:PORT")
     host = host.strip("[]") or "0.0.0.0"
     return host, int(port)
-
-
-class _SizeParam(click.ParamType):
-    name = "SIZE"
-
-    def __init__(self, parse: Callable[[str], int]) -> None:
-        self.parse = parse
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None
-                ) -> int:
-        if isinstance(value, int):
-            return value
-        try:
-            return self.parse(str(value))
-        except ValueError as e:
-            self.fail(str(e), param, ctx)
 
 
 ONOFF = click.Choice(["on", "off"])
@@ -96,7 +80,7 @@ def migration_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--multifd-zerocopy", type=ONOFF, default="off", show_default=True,
                      envvar="ZCMIGRATE_MULTIFD_ZEROCOPY", show_envvar=True,
                      help="Send page data with MSG_ZEROCOPY (see `zcmigrate check`)."),
-        click.option("--max-bandwidth", type=_SizeParam(parse_bandwidth), default="0",
+        click.option("--max-bandwidth", type=BandwidthType(), default="0",
                      show_default=True, envvar="ZCMIGRATE_MAX_BANDWIDTH", show_envvar=True,
                      help="Bytes per second during precopy, e.g. 512M; 0 = unlimited."),
         click.option("--downtime-limit", type=click.IntRange(1), default=DEFAULT_DOWNTIME_LIMIT_MS,
@@ -113,7 +97,7 @@ def migration_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--timeout", type=click.FloatRange(0), default=0.0, show_default=True,
                      envvar="ZCMIGRATE_TIMEOUT", show_envvar=True,
                      help="Seconds of precopy before giving up (exit 5); 0 = no limit."),
-        click.option("--in-flight-cap", type=_SizeParam(parse_size), default=None,
+        click.option("--in-flight-cap", type=SizeType(), default=None,
                      envvar="ZCMIGRATE_IN_FLIGHT_CAP", show_envvar=True,
                      help="Zero-copy bytes in flight per channel [default: automatic, "
                      "inside RLIMIT_MEMLOCK unless CAP_IPC_LOCK is held]."),
@@ -154,10 +138,10 @@ def run_source(job: SourceJob, *, as_json: bool, display: ProgressDisplay,
         if not job.cancel(f"{signal.Signals(signum).name} received"):
             click.echo("too late to cancel: the destination is committing", err=True)
 
-    old: dict[int, Any] = {}
+    old: dict[signal.Signals, Any] = {}
     if install_signals:
-        for s in (signal.SIGINT, signal.SIGTERM):
-            old[s] = signal.signal(s, on_signal)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            old[sig] = signal.signal(sig, on_signal)
     t = threading.Thread(target=migrate, name="migration")
     t.start()
     try:
@@ -165,8 +149,8 @@ def run_source(job: SourceJob, *, as_json: bool, display: ProgressDisplay,
             t.join(0.1)
             display.update(job.snapshot())
     finally:
-        for s, h in old.items():
-            signal.signal(s, h)
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
     stats: MigrationStats = job.snapshot()
     display.finish(stats)
     if as_json:

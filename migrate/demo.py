@@ -39,7 +39,7 @@ def _wait_line(proc: subprocess.Popen[str], prefix: str, timeout: float = 30.0) 
             return line.strip()
         if not line and proc.poll() is not None:
             break
-    raise click.ClickException(f"{' '.join(map(str, proc.args))} did not start "
+    raise click.ClickException(f"{proc.args!r} did not start "
                                f"(exit {proc.poll()})")
 
 
@@ -114,5 +114,5 @@ def demo_command(size: str, dirty_rate: str, workdir: Path | None, as_json: bool
         info = json.loads(out[out.index("{"):]) if "{" in out else {}
         say(f"destination: committed {info.get('image', dst)}; the guest ran on there.")
     finally:
-        for p in procs:
-            _stop(p)
+        for proc in procs:
+            _stop(proc)

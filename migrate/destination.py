@@ -25,10 +25,11 @@ from channel.errors import ChannelError
 from channel.zcsocket import Channel, Listener
 from migrate.durable import fsync_dir, write_atomic
 from migrate.guest import state_path
-from migrate.mainchannel import MainChannel
+from migrate.mainchannel import MainChannel, MainChannelTimeout
 from migrate.protocol import (
     NONCE_SIZE,
     Hello,
+    Record,
     RecordType,
     auth_mac,
     decode_flush,
@@ -173,7 +174,7 @@ class DestinationJob:
         final_seen = end_seen = False
         syncs = 0
         while True:
-            rec = main.recv()
+            rec = self._next_record(main)
             if rec.type is RecordType.MULTIFD_FLUSH:
                 iteration, final = decode_flush(rec)
                 if final_seen:
@@ -232,6 +233,16 @@ class DestinationJob:
                       syncs=syncs)
         self.status(f"migration {uuid[:8]}: committed")
         return result
+
+    def _next_record(self, main: MainChannel) -> Record:
+        """The next main-channel record; a failed data channel ends the wait too."""
+        while True:
+            try:
+                return main.recv(timeout=0.25)
+            except MainChannelTimeout:
+                if self.exiting.is_set():
+                    err = self.exiting.error
+                    raise (err if err is not None else ReceiveError("stopped")) from None
 
     def _accept_data_channels(self, tracker: InitTracker, n: int) -> list[Channel]:
         """The N data channels of this migration, by id; strangers are turned away."""
@@ -318,7 +329,23 @@ class DestinationJob:
 
     # ------------------------------------------------------------- failure
 
+    def _pending_cancel(self) -> bool:
+        """Whether the source's CANCEL is waiting on the main channel: when the source
+        cancels, its data channels may close before we read the CANCEL record."""
+        if self._main is None or self._main.closed:
+            return False
+        with contextlib.suppress(Exception):
+            while True:
+                rec = self._main.recv(timeout=0.5)
+                if rec.type is RecordType.CANCEL:
+                    return True
+                if rec.type is RecordType.ERROR:
+                    return False
+        return False
+
     def _fail(self, exc: BaseException) -> ReceiveError:
+        if not isinstance(exc, ReceiveError) and self._pending_cancel():
+            exc = ReceiveCancelled("the source cancelled the migration")
         if isinstance(exc, ReceiveError):
             err = exc
         elif isinstance(self.exiting.error, ReceiveError):

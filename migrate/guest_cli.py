@@ -8,11 +8,11 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import click
 from click.core import ParameterSource
 
+from migrate.cli_types import BandwidthType, SizeType
 from migrate.guest import (
     FILLS,
     DeviceState,
@@ -21,51 +21,12 @@ from migrate.guest import (
     read_device_state,
     run_guest,
 )
-from migrate.units import format_rate, parse_bandwidth, parse_size
+from migrate.units import format_rate
 
 EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_ORACLE_FAILED = 3
-
-if TYPE_CHECKING:
-    _IntParamType = click.ParamType[int]
-else:
-    # click made ParamType generic only in 8.2; the project still accepts 8.1.
-    _IntParamType = click.ParamType
-
-
-class SizeType(_IntParamType):
-    """A size in bytes with an optional binary unit: 4096, 256M, 64MiB."""
-
-    name = "size"
-
-    def convert(
-        self, value: object, param: click.Parameter | None, ctx: click.Context | None
-    ) -> int:
-        if isinstance(value, int):
-            return value
-        try:
-            return parse_size(str(value))
-        except ValueError as exc:
-            self.fail(str(exc), param, ctx)
-
-
-class BandwidthType(_IntParamType):
-    """Bytes per second with an optional binary unit; 0 means unlimited."""
-
-    name = "rate"
-
-    def convert(
-        self, value: object, param: click.Parameter | None, ctx: click.Context | None
-    ) -> int:
-        if isinstance(value, int):
-            return value
-        try:
-            return parse_bandwidth(str(value))
-        except ValueError as exc:
-            self.fail(str(exc), param, ctx)
-
 
 class OracleFailed(click.ClickException):
     exit_code = EXIT_ORACLE_FAILED

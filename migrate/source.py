@@ -24,6 +24,7 @@ import structlog
 
 from channel.probe import probe
 from channel.zcsocket import Channel, connect
+from migrate.check import automatic_in_flight_cap
 from migrate.guest import DeviceState, GuestControl, GuestError, control_path
 from migrate.mainchannel import MainChannel, MainChannelTimeout
 from migrate.params import MigrationParameters
@@ -52,7 +53,6 @@ CHUNK_PAGES = 2048
 # Iterations in a row whose dirty rate reaches the bandwidth before we call it hopeless.
 HOPELESS_ITERATIONS = 3
 STATIC_DEVICE_STATE = b'{"kind":"static-image","version":1}'
-SLACK_PAGES = 2  # the kernel charges up to two extra pages per zero-copy call (seed 003)
 
 
 class MigrationError(Exception):
@@ -253,20 +253,12 @@ class SourceJob:
             return None
         if self.params.in_flight_cap is not None:
             return self.params.in_flight_cap
-        budget = probe().locked_memory_budget
-        if budget is None:
-            return None  # CAP_IPC_LOCK or no limit: nothing to stay inside
-        per_channel = budget // self.params.multifd_channels
-        # Half of each channel's share: the kernel charges per call with slack, and
-        # other sockets of this user may pin pages too.
-        cap = per_channel // 2 - SLACK_PAGES * self.page_size
-        if cap < self.page_size:
-            raise MigrationError(
-                f"locked-memory limit of {budget} bytes is too small for zero copy on "
-                f"{self.params.multifd_channels} channels: raise LimitMEMLOCK, grant "
-                "CAP_IPC_LOCK, or set multifd-zerocopy off"
-            )
-        return cap
+        try:
+            # The same choice `zcmigrate check` judges, so its verdict holds for us.
+            return automatic_in_flight_cap(probe(), self.params.multifd_channels,
+                                           self.params.pages_per_packet)
+        except ValueError as e:
+            raise MigrationError(str(e)) from e
 
     # ------------------------------------------------------------- precopy
 

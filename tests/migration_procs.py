@@ -3,6 +3,7 @@ running this checkout's `python -m migrate.cli` (or migrate.guest_cli)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -111,10 +112,8 @@ def log_events(stderr: str) -> list[dict[str, Any]]:
     events = []
     for line in stderr.splitlines():
         if line.startswith("{"):
-            try:
+            with contextlib.suppress(json.JSONDecodeError):
                 events.append(json.loads(line))
-            except json.JSONDecodeError:
-                pass
     return events
 
 

@@ -14,7 +14,6 @@ from tests.migration_procs import (
     Receiver,
     finish,
     send,
-    spawn,
     stop,
     wait_for_event,
 )
@@ -98,7 +97,7 @@ def test_cancel_keeps_the_guest_running_and_a_second_migration_completes(
         assert code == 4, err
         assert stats["status"] == "cancelled"
         rcode, _, rerr = recv.result()
-        assert rcode != 0
+        assert rcode == 4, rerr  # cancelled, not failed
         assert "cancel" in rerr
         assert_nothing_committed(dst1)
         assert guest.running(), "the source guest stopped after a cancel"
