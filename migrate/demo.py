@@ -25,8 +25,10 @@ from migrate.source import Destination, SourceJob
 from migrate.units import format_rate, format_size, parse_bandwidth, parse_size
 
 
-def _spawn(args: list[str], **kw: Any) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-m", *args], text=True,
+def _spawn(args: list[str], cwd: Path, **kw: Any) -> subprocess.Popen[str]:
+    # Not from the user's directory: `python -m` puts it first on sys.path, and inside a
+    # source checkout that would shadow the installed (compiled) package.
+    return subprocess.Popen([sys.executable, "-m", *args], text=True, cwd=cwd,
                             stdout=subprocess.PIPE, **kw)
 
 
@@ -72,7 +74,7 @@ def demo_command(size: str, dirty_rate: str, workdir: Path | None, as_json: bool
     logs.configure("console" if sys.stderr.isatty() else "json", level="warning")
     nbytes, rate = parse_size(size), parse_bandwidth(dirty_rate)
     params = params_from(kw)
-    base = workdir or Path(tempfile.mkdtemp(prefix="zcmigrate-demo-"))
+    base = (workdir or Path(tempfile.mkdtemp(prefix="zcmigrate-demo-"))).resolve()
     base.mkdir(parents=True, exist_ok=True)
     src, dst = base / "source.img", base / "destination.img"
     for p in (src, dst):
@@ -85,11 +87,11 @@ def demo_command(size: str, dirty_rate: str, workdir: Path | None, as_json: bool
     procs: list[subprocess.Popen[str]] = []
     try:
         guest = _spawn(["migrate.guest_cli", str(src), "--size", str(nbytes),
-                        "--dirty-rate", str(rate), "--fill", "half"])
+                        "--dirty-rate", str(rate), "--fill", "half"], base)
         procs.append(guest)
         say(f"source guest: {_wait_line(guest, 'guest running', timeout=120)}")
         recv = _spawn(["migrate.cli", "receive", str(dst), "--listen", "127.0.0.1:0",
-                       "--log-format", "json", "--json"], stderr=subprocess.DEVNULL)
+                       "--log-format", "json", "--json"], base, stderr=subprocess.DEVNULL)
         procs.append(recv)
         port = int(_wait_line(recv, "listening:").rsplit(":", 1)[1])
         say(f"receiver: listening on 127.0.0.1:{port}")
@@ -106,7 +108,7 @@ def demo_command(size: str, dirty_rate: str, workdir: Path | None, as_json: bool
         if not verdict.ok:
             raise click.ClickException("the destination image fails the oracle")
         resumed = _spawn(["migrate.guest_cli", str(dst), "--resume",
-                          "--dirty-rate", str(rate)])
+                          "--dirty-rate", str(rate)], base)
         procs.append(resumed)
         say(f"destination guest: {_wait_line(resumed, 'guest running')}")
         time.sleep(0.5)
