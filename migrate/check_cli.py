@@ -18,7 +18,7 @@ from migrate.check import (
     CheckError,
     run_check,
 )
-from migrate.cli_types import SizeType
+from migrate.cli_types import SizeType, json_option
 from multifd.wire import MAX_CHANNELS, MAX_PAGES_ALLOC
 
 _EPILOG = "\b\nExit codes (the most severe finding wins):\n" + "\n".join(
@@ -66,8 +66,7 @@ _EPILOG = "\b\nExit codes (the most severe finding wins):\n" + "\n".join(
     show_envvar=True,
     help="Also check the route to the destination: loopback and veth always copy.",
 )
-@click.option("--json", "as_json", is_flag=True,
-              help="Print every fact and the verdict as one JSON object.")
+@json_option("Print every fact and the verdict as one JSON object.")
 @click.pass_context
 def check_command(ctx: click.Context, multifd_channels: int, in_flight_cap: int | None,
                   pages_per_packet: int, destination: str | None, as_json: bool) -> None:

@@ -31,6 +31,7 @@ from migrate.cli_options import (
     read_key,
     run_source,
 )
+from migrate.cli_types import json_option
 from migrate.control import ControlError, ControlServer, default_socket
 from migrate.control_cli import cancel_command, set_command, status_command
 from migrate.demo import demo_command
@@ -66,7 +67,7 @@ def main() -> None:
               envvar="ZCMIGRATE_CONTROL_SOCKET", show_envvar=True,
               help="Unix socket for `zcmigrate status|cancel|set` [default: "
               "$XDG_RUNTIME_DIR/zcmigrate/IMAGE.sock, or /run/zcmigrate/IMAGE.sock as root].")
-@click.option("--json", "as_json", is_flag=True, help="Print the final statistics as JSON.")
+@json_option("Print the final statistics as JSON.")
 @LOG_FORMAT
 def send_command(image: Path, to: str, static: bool, page_size: int,
                  auth_key_file: Path | None, control_socket: Path | None, as_json: bool,
@@ -112,7 +113,7 @@ Exit codes:
               envvar="ZCMIGRATE_ACCEPT_TIMEOUT", show_envvar=True,
               help="Seconds to wait for a source; 0 = forever.")
 @AUTH_KEY
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@json_option("Print the result as JSON.")
 @LOG_FORMAT
 def receive_command(image: Path, listen: str, serve: bool, accept_timeout: float,
                     auth_key_file: Path | None, as_json: bool, log_format: str) -> None:

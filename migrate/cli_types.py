@@ -5,11 +5,14 @@ Parsing lives in migrate/units.py; this only adapts it to click's error reportin
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from migrate.units import parse_bandwidth, parse_size
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 if TYPE_CHECKING:
     _IntParamType = click.ParamType[int]
@@ -48,3 +51,9 @@ class BandwidthType(_IntParamType):
             return parse_bandwidth(str(value))
         except ValueError as exc:
             self.fail(str(exc), param, ctx)
+
+
+def json_option(help_text: str) -> Callable[[F], F]:
+    """`--json` as every command spells it, with its ZCMIGRATE_JSON variable."""
+    return click.option("--json", "as_json", is_flag=True, envvar="ZCMIGRATE_JSON",
+                        show_envvar=True, help=help_text)

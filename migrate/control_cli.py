@@ -12,6 +12,7 @@ from typing import Any
 
 import click
 
+from migrate.cli_types import json_option
 from migrate.control import ControlError, default_socket, request
 from migrate.stats import MigrationStats
 from migrate.units import parse_bandwidth
@@ -44,7 +45,7 @@ def _call(path: Path, req: dict[str, Any]) -> dict[str, Any]:
 @click.command("status")
 @click.argument("image", type=click.Path(path_type=Path), required=False)
 @SOCKET_OPT
-@click.option("--json", "as_json", is_flag=True, help="query-migrate's JSON instead of text.")
+@json_option("query-migrate's JSON instead of text.")
 def status_command(image: Path | None, sock: Path | None, as_json: bool) -> None:
     """Show a running migration, in the layout of QEMU's `info migrate`."""
     st = _call(_path(image, sock), {"cmd": "status"})["status"]

@@ -19,6 +19,7 @@ import click
 
 from migrate import logs
 from migrate.cli_options import migration_options, params_from, run_source
+from migrate.cli_types import json_option
 from migrate.guest import check_oracle, read_device_state
 from migrate.progress import ProgressDisplay
 from migrate.source import Destination, SourceJob
@@ -62,9 +63,10 @@ def _stop(proc: subprocess.Popen[str], timeout: float = 10.0) -> int:
               envvar="ZCMIGRATE_DEMO_DIRTY_RATE", show_envvar=True,
               help="Bytes per second the guest dirties while it is migrated.")
 @click.option("--dir", "workdir", type=click.Path(file_okay=False, path_type=Path),
-              default=None, help="Where to put the images [default: a new temporary directory].")
+              default=None, envvar="ZCMIGRATE_DEMO_DIR", show_envvar=True,
+              help="Where to put the images [default: a new temporary directory].")
 @migration_options
-@click.option("--json", "as_json", is_flag=True, help="Print the final statistics as JSON.")
+@json_option("Print the final statistics as JSON.")
 def demo_command(size: str, dirty_rate: str, workdir: Path | None, as_json: bool,
                  **kw: Any) -> None:
     """Live-migrate a running guest stand-in over loopback and check the result.

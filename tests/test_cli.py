@@ -1,0 +1,55 @@
+"""The command line: every option reads a ZCMIGRATE_ variable and shows its default."""
+
+from __future__ import annotations
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from migrate.cli import main
+
+
+def commands() -> list[tuple[str, click.Command]]:
+    return sorted(main.commands.items())
+
+
+@pytest.mark.parametrize(("name", "cmd"), commands())
+def test_every_option_reads_an_environment_variable(name: str, cmd: click.Command) -> None:
+    missing = [
+        p.name for p in cmd.params
+        if isinstance(p, click.Option) and p.name not in ("help",)
+        and not (p.envvar and str(p.envvar).startswith("ZCMIGRATE_"))
+    ]
+    assert not missing, f"zcmigrate {name}: options without ZCMIGRATE_ variable: {missing}"
+
+
+@pytest.mark.parametrize(("name", "cmd"), commands())
+def test_help_shows_defaults_and_variables(name: str, cmd: click.Command) -> None:
+    for p in cmd.params:
+        has_default = p.default is not None and "UNSET" not in repr(p.default)
+        if isinstance(p, click.Option) and not p.is_flag and has_default:
+            assert p.show_default, f"zcmigrate {name} {p.opts[0]} hides its default"
+        if isinstance(p, click.Option) and p.envvar:
+            assert p.show_envvar, f"zcmigrate {name} {p.opts[0]} hides its variable"
+
+
+def test_send_help_documents_exit_codes_and_the_qemu_names() -> None:
+    out = CliRunner().invoke(main, ["send", "--help"], terminal_width=120).output
+    for word in ("--multifd-channels", "--multifd-zerocopy", "--max-bandwidth",
+                 "--downtime-limit", "--zero-page-detection", "ZCMIGRATE_MULTIFD_ZEROCOPY",
+                 "Exit codes", "cannot converge"):
+        assert word in out
+
+
+def test_a_bad_destination_is_a_usage_error() -> None:
+    r = CliRunner().invoke(main, ["send", "/nonexistent.img", "--to", "nohostport"])
+    assert r.exit_code == 2 and "HOST:PORT" in r.output
+
+
+def test_an_environment_variable_sets_an_option(tmp_path: object) -> None:
+    r = CliRunner().invoke(main, ["send", "--help"],
+                           env={"ZCMIGRATE_MULTIFD_CHANNELS": "7"}, terminal_width=120)
+    assert r.exit_code == 0
+    r = CliRunner().invoke(main, ["send", "x.img", "--to", "127.0.0.1:1"],
+                           env={"ZCMIGRATE_MULTIFD_CHANNELS": "0"})
+    assert r.exit_code == 2 and "multifd-channels" in r.output
