@@ -21,36 +21,34 @@ else:
     _IntParamType = click.ParamType
 
 
-class SizeType(_IntParamType):
+class _UnitType(_IntParamType):
+    """An int parsed with a unit-aware function; click reports its ValueError."""
+
+    parse: Callable[[str], int]
+
+    def convert(
+        self, value: object, param: click.Parameter | None, ctx: click.Context | None
+    ) -> int:
+        if isinstance(value, int):
+            return value
+        try:
+            return type(self).parse(str(value))
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+class SizeType(_UnitType):
     """A size in bytes with an optional binary unit: 4096, 256M, 64MiB."""
 
     name = "size"
-
-    def convert(
-        self, value: object, param: click.Parameter | None, ctx: click.Context | None
-    ) -> int:
-        if isinstance(value, int):
-            return value
-        try:
-            return parse_size(str(value))
-        except ValueError as exc:
-            self.fail(str(exc), param, ctx)
+    parse = staticmethod(parse_size)
 
 
-class BandwidthType(_IntParamType):
+class BandwidthType(_UnitType):
     """Bytes per second with an optional binary unit; 0 means unlimited."""
 
     name = "rate"
-
-    def convert(
-        self, value: object, param: click.Parameter | None, ctx: click.Context | None
-    ) -> int:
-        if isinstance(value, int):
-            return value
-        try:
-            return parse_bandwidth(str(value))
-        except ValueError as exc:
-            self.fail(str(exc), param, ctx)
+    parse = staticmethod(parse_bandwidth)
 
 
 def json_option(help_text: str) -> Callable[[F], F]:

@@ -9,6 +9,7 @@ stays intact and resumable. It knows no CLI, terminal or systemd.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import mmap
 import os
 import secrets
@@ -18,7 +19,6 @@ from array import array
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import structlog
 
@@ -42,7 +42,6 @@ from migrate.state import Event, State, StateMachine
 from migrate.stats import MigrationStats, StatsBuilder
 from multifd.exiting import Exiting, MultifdError
 from multifd.sender import SenderPool
-from multifd.wire import WireContext
 from native import ffi, lib
 
 log = structlog.get_logger("zcmigrate.source")
@@ -200,7 +199,7 @@ class SourceJob:
         self._main = main
         nonce = decode_greeting(main.recv(timeout=30))
         if self.auth_key is not None:
-            hello = Hello(**{**_fields(hello), "auth": auth_mac(self.auth_key, nonce, self.uuid)})
+            hello = dataclasses.replace(hello, auth=auth_mac(self.auth_key, nonce, self.uuid))
         main.send(hello.encode())
         rec = main.recv(timeout=30)
         if rec.type is RecordType.ERROR:
@@ -343,18 +342,27 @@ class SourceJob:
     def _send(self, offsets: array[int], *, rate_limited: bool) -> None:
         assert self._pool is not None
         ps = self.page_size
-        t0 = time.monotonic()
         queued = 0
+        # The rate is measured from a reference point that moves whenever max-bandwidth
+        # changes, so a new limit applies from now on, not retroactively.
+        ref_t, ref_q, ref_limit = time.monotonic(), 0, self.params.max_bandwidth
         for i in range(0, len(offsets), CHUNK_PAGES):
             self._check_exiting()
             chunk = offsets[i:i + CHUNK_PAGES]
             self._pool.send_pages(chunk)
             queued += len(chunk) * ps
             self.stats.queued(len(chunk) * ps)
-            limit = self.params.max_bandwidth  # read each step: it may change while we run
-            if rate_limited and limit:
-                ahead = t0 + queued / limit - time.monotonic()
-                if ahead > 0 and self.exiting.wait(ahead):
+            while rate_limited:
+                limit = self.params.max_bandwidth
+                if limit != ref_limit:
+                    ref_t, ref_q, ref_limit = time.monotonic(), queued, limit
+                if not limit:
+                    break
+                ahead = ref_t + (queued - ref_q) / limit - time.monotonic()
+                if ahead <= 0:
+                    break
+                # Short naps: a cancel or a changed limit takes effect within 0.1 s.
+                if self.exiting.wait(min(ahead, 0.1)):
                     self._check_exiting()
             self._report()
 
@@ -428,7 +436,8 @@ class SourceJob:
         elif cancelled:
             err = MigrationCancelled(f"migration cancelled: {self._cancel_reason}")
         else:
-            err = MigrationError(f"migration failed: {_describe(cause or exc)}")
+            why = cause or exc
+            err = MigrationError(f"migration failed: {why or type(why).__name__}")
         if isinstance(err, MigrationCancelled) and not cancelled:
             err = MigrationError(f"migration failed: {err}")
         self.exiting.set(err, "migration")
@@ -471,10 +480,6 @@ class SourceJob:
                 self._map.close()
 
 
-def _fields(hello: Hello) -> dict[str, Any]:
-    return {f: getattr(hello, f) for f in Hello.__slots__}
-
-
 def _or_words(a: array[int], b: array[int]) -> array[int]:
     """Bitwise OR of two bitmaps, at C speed through Python's big integers."""
     n = len(a) * 8
@@ -488,11 +493,6 @@ def _mib(rate: float) -> str:
     return f"{rate / (1 << 20):.1f} MiB"
 
 
-def _describe(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
-    return text
-
-
 __all__ = [
     "CommitUncertain",
     "Destination",
@@ -500,5 +500,4 @@ __all__ = [
     "MigrationError",
     "NotConverging",
     "SourceJob",
-    "WireContext",
 ]

@@ -172,6 +172,8 @@ class StatsBuilder:
     def dirty_sync(self, pages: int, elapsed: float, expected_ms: float) -> None:
         with self._lock:
             self.dirty_syncs += 1
+            # What is dirty now is what remains, until the next iteration queues it.
+            self.iter_bytes, self.iter_queued = pages * self.page_size, 0
             if elapsed > 0:
                 self.dirty_rate = pages / elapsed
             self.expected_ms = expected_ms

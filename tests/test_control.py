@@ -62,13 +62,14 @@ def test_raising_max_bandwidth_while_running_lets_a_stuck_migration_finish(
     try:
         wait_for_event(proc, "connected")
         assert status(sock)["parameters"]["max-bandwidth"] == 2 << 20
-        r = ctl("set", "max-bandwidth", "0", "--socket", str(sock))
-        assert r.returncode == 0, r.stderr
         r = ctl("set", "downtime-limit", "500", "--socket", str(sock))
         assert r.returncode == 0, r.stderr
         bad = ctl("set", "downtime-limit", "0", "--socket", str(sock))
         assert bad.returncode != 0 and "downtime-limit" in bad.stderr
+        assert status(sock)["parameters"]["downtime-limit"] == 500
         started = time.monotonic()
+        r = ctl("set", "max-bandwidth", "0", "--socket", str(sock))
+        assert r.returncode == 0, r.stderr
         code, stats, err = finish(proc, timeout=60)
         assert code == 0, err
         assert time.monotonic() - started < 20
