@@ -1,0 +1,172 @@
+"""The destination against a hand-played source: exact records over real TCP to a real
+receiver process, for the rules a misbehaving or hostile peer must not get around."""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+from pathlib import Path
+
+import pytest
+
+from migrate.protocol import (
+    RECORD_HEADER_SIZE,
+    Hello,
+    Record,
+    RecordType,
+    auth_mac,
+    decode_greeting,
+    decode_record_header,
+    encode_flush,
+    encode_record,
+)
+from multifd.wire import WireContext, encode_init, encode_packet, encode_sync
+from tests.migration_procs import Receiver, finish, send
+
+UUID = bytes(range(16))
+PAGE = 4096
+SIZE = 64 * PAGE
+
+
+def recv_exact(s: socket.socket, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        chunk = s.recv(n - len(buf))
+        if not chunk:
+            raise ConnectionError(f"closed after {len(buf)} of {n} bytes")
+        buf += chunk
+    return buf
+
+
+def recv_record(s: socket.socket) -> Record:
+    rtype, length = decode_record_header(recv_exact(s, RECORD_HEADER_SIZE))
+    return Record(rtype, recv_exact(s, length))
+
+
+def hello(channels: int = 1, auth: str = "") -> Hello:
+    return Hello(uuid=UUID, channels=channels, page_size=PAGE, image_size=SIZE,
+                 pages_alloc=64, block="zcmigrate.ram", zero_copy=False,
+                 zero_page_detection=True, auth=auth)
+
+
+def ctx(channels: int = 1) -> WireContext:
+    return hello(channels).context()
+
+
+def handshake(port: int, h: Hello | None = None) -> tuple[socket.socket, Record]:
+    main = socket.create_connection(("127.0.0.1", port), timeout=10)
+    decode_greeting(recv_record(main))
+    main.sendall((h or hello()).encode())
+    return main, recv_record(main)
+
+
+def assert_nothing_committed(dst: Path) -> None:
+    assert not dst.exists() and not Path(f"{dst}.state").exists()
+    assert not Path(f"{dst}.incoming").exists()
+
+
+def test_device_state_before_the_final_sync_is_refused(tmp_path: Path) -> None:
+    dst = tmp_path / "dst.img"
+    recv = Receiver.start(dst)
+    main, ack = handshake(recv.port)
+    assert ack.type is RecordType.HELLO_ACK
+    data = socket.create_connection(("127.0.0.1", recv.port), timeout=10)
+    data.sendall(encode_init(ctx(), 0))
+    page = b"\x07" * PAGE
+    data.sendall(encode_packet(ctx(), packet_num=1, normal=[0]) + page)
+    data.sendall(encode_sync(ctx(), 2))
+    main.sendall(encode_flush(1, final=False))
+    # A source that skips the final sync and sends the device state at once:
+    main.sendall(encode_record(RecordType.DEVICE_STATE, b"{}"))
+    rec = recv_record(main)
+    assert rec.type is RecordType.ERROR
+    assert "DEVICE_STATE before the final sync" in json.loads(rec.payload)["message"]
+    code, _, err = recv.result(timeout=30)
+    assert code == 1 and "nothing committed" in err
+    assert_nothing_committed(dst)
+
+
+def test_strangers_on_the_data_port_are_turned_away_and_the_migration_goes_on(
+    tmp_path: Path,
+) -> None:
+    dst = tmp_path / "dst.img"
+    recv = Receiver.start(dst)
+    main, ack = handshake(recv.port)
+    assert ack.type is RecordType.HELLO_ACK
+    other = WireContext(uuid=b"\xff" * 16, channels=1, page_size=PAGE, image_size=SIZE,
+                        pages_alloc=64)
+    strangers = [
+        encode_init(other, 0),  # another migration's UUID
+        struct.pack(">II", 0xDEADBEEF, 1) + bytes(56),  # not a data channel at all
+    ]
+    for init in strangers:
+        s = socket.create_connection(("127.0.0.1", recv.port), timeout=10)
+        s.sendall(init)
+        assert s.recv(1) == b"", "the destination kept a stranger's connection"
+        s.close()
+    data = socket.create_connection(("127.0.0.1", recv.port), timeout=10)
+    data.sendall(encode_init(ctx(), 0))
+    # A second channel claiming the same id is a stranger too.
+    dup = socket.create_connection(("127.0.0.1", recv.port), timeout=10)
+    dup.sendall(encode_init(ctx(), 0))
+    page = b"\x07" * PAGE
+    data.sendall(encode_packet(ctx(), packet_num=1, normal=[PAGE * 5]) + page)
+    data.sendall(encode_sync(ctx(), 2))
+    main.sendall(encode_flush(1, final=True))
+    main.sendall(encode_record(RecordType.END_OF_RAM))
+    main.sendall(encode_record(RecordType.DEVICE_STATE, b'{"kind":"test"}'))
+    assert recv_record(main).type is RecordType.COMMIT_ACK
+    code, _, err = recv.result(timeout=30)
+    assert code == 0, err
+    image = dst.read_bytes()
+    assert image[PAGE * 5:PAGE * 6] == page and image.count(0) == SIZE - PAGE
+    assert Path(f"{dst}.state").read_bytes() == b'{"kind":"test"}'
+    dup.close()
+
+
+def test_a_page_offset_outside_the_image_stops_the_migration_without_writing(
+    tmp_path: Path,
+) -> None:
+    dst = tmp_path / "dst.img"
+    recv = Receiver.start(dst)
+    main, _ = handshake(recv.port)
+    data = socket.create_connection(("127.0.0.1", recv.port), timeout=10)
+    data.sendall(encode_init(ctx(), 0))
+    # Built by hand: the encoder itself refuses offsets outside the image.
+    header = bytearray(encode_packet(ctx(), packet_num=1, normal=[0]))
+    header[320:328] = struct.pack(">Q", SIZE)  # one page past the end
+    data.sendall(bytes(header) + b"\x01" * PAGE)
+    code, _, err = recv.result(timeout=30)
+    assert code == 1 and "outside the image" in err
+    assert_nothing_committed(dst)
+    main.close()
+
+
+@pytest.mark.parametrize("source_key", [None, b"the-wrong-key-0123456789"])
+def test_a_receiver_with_a_key_refuses_sources_without_it(
+    tmp_path: Path, source_key: bytes | None
+) -> None:
+    key = tmp_path / "key"
+    key.write_bytes(b"the-right-key-0123456789")
+    dst = tmp_path / "dst.img"
+    recv = Receiver.start(dst, "--auth-key-file", str(key))
+    auth = "" if source_key is None else auth_mac(source_key, bytes(32), UUID)
+    main, rec = handshake(recv.port, hello(auth=auth))
+    assert rec.type is RecordType.ERROR
+    assert "authentication failed" in json.loads(rec.payload)["message"]
+    assert recv.result(timeout=30)[0] == 1
+    assert_nothing_committed(dst)
+    main.close()
+
+
+def test_matching_keys_migrate(tmp_path: Path) -> None:
+    key = tmp_path / "key"
+    key.write_bytes(b"a-shared-secret-0123456789")
+    src, dst = tmp_path / "src.img", tmp_path / "dst.img"
+    src.write_bytes(bytes(range(256)) * (SIZE // 256))
+    recv = Receiver.start(dst, "--auth-key-file", str(key))
+    code, _, err = finish(send(src, recv.port, "--auth-key-file", str(key)))
+    assert code == 0, err
+    assert recv.result()[0] == 0
+    assert dst.read_bytes() == src.read_bytes()
