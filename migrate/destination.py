@@ -187,6 +187,15 @@ class DestinationJob:
                 if not final:
                     self._start_writeback()
                 self.status(f"migration {uuid[:8]}: iteration {iteration} synced")
+            elif rec.type is RecordType.WRITEBACK:
+                if final_seen:
+                    raise RemoteProtocolError("WRITEBACK after the final MULTIFD_FLUSH")
+                # Everything received is in place (the source sends this right after a
+                # sync): make it durable now, while the source guest still runs.
+                if self._writeback is not None:
+                    self._writeback.join()
+                os.fdatasync(self._fd)
+                main.send(encode_record(RecordType.WRITEBACK_DONE))
             elif rec.type is RecordType.END_OF_RAM:
                 if not final_seen:
                     raise RemoteProtocolError("END_OF_RAM before the final MULTIFD_FLUSH")

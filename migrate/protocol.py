@@ -37,6 +37,8 @@ class RecordType(enum.IntEnum):
     COMMIT_ACK = 7  # dst -> src: image and device state are durable
     ERROR = 8  # either way: the sender gives up, with a message
     CANCEL = 9  # src -> dst: the user cancelled; discard everything
+    WRITEBACK = 10  # src -> dst: make what you have durable now; the guest still runs
+    WRITEBACK_DONE = 11  # dst -> src: done; the commit has only the last pages left
 
 
 @dataclass(frozen=True, slots=True)

@@ -302,8 +302,12 @@ class SourceJob:
                           dirty=dirty_bytes, bandwidth=int(bandwidth),
                           expected_downtime_ms=round(expected_ms, 1))
             if expected_ms <= self.params.downtime_limit:
-                # Converged: stop the guest; what it dirtied since the last bitmap sync
-                # joins the pages found dirty then.
+                # Converged. The destination's commit makes the image durable while the
+                # guest is paused: have it write back what it holds now, while the guest
+                # still runs, so the pause pays only for the last pages.
+                self._writeback()
+                # Stop the guest; what it dirtied since the last bitmap sync joins the
+                # pages found dirty then.
                 state = self._pause(guest)
                 more = array("Q", bytes(8 * nwords))
                 self._fetch_dirty(guest, more)
@@ -332,6 +336,26 @@ class SourceJob:
             count = lib.zc_bitmap_offsets(ffi.from_buffer("uint64_t[]", fresh), npages, ps,
                                           ffi.from_buffer("uint64_t[]", offsets_buf))
             offsets = offsets_buf[:count]
+
+    def _writeback(self) -> None:
+        assert self._main is not None
+        self._main.send(encode_record(RecordType.WRITEBACK))
+        deadline = time.monotonic() + self.params.commit_timeout
+        while True:
+            self._check_exiting()
+            try:
+                rec = self._main.recv(timeout=0.2)
+                break
+            except MainChannelTimeout:
+                if time.monotonic() >= deadline:
+                    raise MigrationError(
+                        f"the destination did not write back its image within "
+                        f"{self.params.commit_timeout:g} s; is its disk that slow?"
+                    ) from None
+        if rec.type is RecordType.ERROR:
+            raise MigrationError(f"destination failed: {error_message(rec)}")
+        if rec.type is not RecordType.WRITEBACK_DONE:
+            raise MigrationError(f"destination answered {rec.type.name} to WRITEBACK")
 
     def _fetch_dirty(self, guest: GuestControl, out: array[int]) -> int:
         """Fetch and clear the guest's dirty bitmap atomically, word by word (in C)."""
