@@ -190,3 +190,75 @@ def test_a_static_image_migrates_in_one_pass(tmp_path: Path) -> None:
     assert stats["ram"]["dirty-sync-count"] == 0
     assert dst.read_bytes() == src.read_bytes()
     assert stats["ram"]["zero-pages"] == (12 << 20) // 4096
+
+
+def test_a_failure_after_the_pause_resumes_the_guest_at_the_source(tmp_path: Path) -> None:
+    """A fake destination plays along until the source has decided to pause, then resets
+    every connection: the source must fail and resume its paused guest."""
+    import socket
+    import struct
+    import threading
+
+    from migrate.protocol import (
+        RECORD_HEADER_SIZE,
+        RecordType,
+        decode_record_header,
+        encode_greeting,
+        encode_record,
+    )
+
+    src = tmp_path / "src.img"
+    guest = Guest.start(src, "16M", "4M")
+    lsock = socket.create_server(("127.0.0.1", 0))
+    port = lsock.getsockname()[1]
+    conns: list[socket.socket] = []
+
+    def recv_exact(s: socket.socket, n: int) -> bytes:
+        buf = b""
+        while len(buf) < n:
+            chunk = s.recv(n - len(buf))
+            if not chunk:
+                raise ConnectionError
+            buf += chunk
+        return buf
+
+    def drain(s: socket.socket) -> None:
+        try:
+            while s.recv(1 << 20):
+                pass
+        except OSError:
+            pass
+
+    def fake_destination() -> None:
+        main, _ = lsock.accept()
+        conns.append(main)
+        main.sendall(encode_greeting(bytes(32)))
+        rtype, n = decode_record_header(recv_exact(main, RECORD_HEADER_SIZE))
+        recv_exact(main, n)
+        main.sendall(encode_record(RecordType.HELLO_ACK))
+        for _ in range(2):
+            d, _ = lsock.accept()
+            conns.append(d)
+            threading.Thread(target=drain, args=(d,), daemon=True).start()
+        while True:
+            rtype, n = decode_record_header(recv_exact(main, RECORD_HEADER_SIZE))
+            recv_exact(main, n)
+            if rtype is RecordType.WRITEBACK:
+                main.sendall(encode_record(RecordType.WRITEBACK_DONE))
+                break
+        for c in conns:  # reset, not close: the source's next write fails at once
+            c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            c.close()
+
+    t = threading.Thread(target=fake_destination, daemon=True)
+    t.start()
+    try:
+        code, stats, err = finish(send(src, port, "--multifd-channels", "2"))
+        t.join(10)
+        assert code == 1, err
+        assert stats["status"] == "failed"
+        assert '"event": "guest paused"' in err, "the source never paused the guest"
+        assert guest.running(), "the paused guest was not resumed"
+    finally:
+        lsock.close()
+        stop(guest.proc)
