@@ -14,7 +14,7 @@ import select
 import socket
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -313,6 +313,24 @@ class Channel:
         if iov.nbytes == 0:
             return 0
         rc = int(lib.zc_readv_full(self._fd, iov.entries, iov.count, self._nread))
+        return self._read_done(rc, iov.nbytes)
+
+    def read_with(self, reader: Callable[[int, Any], int], nbytes: int) -> int:
+        """Let a native reader fill `nbytes` from this channel: `reader(fd, nread)` returns 0,
+        ZC_EOF or an errno, and stores the bytes it read in nread[0].
+
+        For a reader that puts the bytes where only it knows (pages into a file). Returns
+        the reader's own codes below ZC_EOF to the caller; raises as readv_into does.
+        """
+        self._check_open()
+        rc = int(reader(self._fd, self._nread))
+        if rc < ZC_EOF:
+            self._bytes_received += int(self._nread[0])
+            return rc
+        self._read_done(rc, nbytes)
+        return 0
+
+    def _read_done(self, rc: int, nbytes: int) -> int:
         got = int(self._nread[0])
         self._bytes_received += got
         if rc == 0:
@@ -322,7 +340,7 @@ class Channel:
         if rc == ZC_EOF:
             raise ChannelClosed(
                 f"channel {self.name}: peer closed the connection after {got} of "
-                f"{iov.nbytes} bytes"
+                f"{nbytes} bytes"
             )
         raise ChannelError(f"channel {self.name}: read failed: {os.strerror(rc)}")
 

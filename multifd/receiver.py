@@ -112,6 +112,8 @@ class ReceiverPool:
     packet's header and offsets read, its pages not yet), "recv_packet" (its pages in
     place), "recv_sync" (a SYNC packet read, before the barrier). An exception in the hook
     fails the worker like any other.
+
+    known_zero: `image` is fresh (all zero): zero pages never written need no work.
     """
 
     def __init__(
@@ -330,7 +332,6 @@ class ReceiverPool:
         offsets_c: Any = ffi.from_buffer(offsets_buf)
         offsets_view = memoryview(offsets_buf)
         offsets_iov = IoVec(1)
-        page_iov = IoVec(ctx.pages_alloc)
         nwritten: Any = ffi.new("uint32_t *")
         # Bytes this worker has read; with the channel's own count it tells a close at a
         # packet boundary (nothing of the next packet read) from one inside a packet.
@@ -376,13 +377,15 @@ class ReceiverPool:
             nn = len(normal)
             if nn:
                 normal_c = ffi.from_buffer("uint64_t[]", normal)
-                cnt = int(lib.zc_page_iov(self._base, ctx.image_size, normal_c, nn, ps,
-                                          page_iov.entries))
-                if cnt < 0:
-                    raise RemoteProtocolError("packet offsets: outside the image (zc_page_iov)")
-                page_iov.set_filled(cnt, header.payload_size)
-                # Straight into the destination mapping: no intermediate buffer.
-                ch.readv_into(page_iov)
+
+                # In C: the iovecs (adjacent pages merged), then readv straight into the
+                # destination mapping; no intermediate buffer, one call per packet.
+                def reader(fd: int, nread: Any, oc: Any = normal_c, n: int = nn) -> int:
+                    return int(lib.zc_recv_pages(fd, self._base, ctx.image_size, oc, n, ps,
+                                                 nread))
+
+                if ch.read_with(reader, header.payload_size) == lib.ZC_EBOUNDS:
+                    raise RemoteProtocolError("packet offsets: outside the image (zc_recv_pages)")
                 consumed += header.payload_size
                 if known_zero:
                     lib.zc_mark_pages(written_c, normal_c, nn, ps)

@@ -25,6 +25,11 @@ int zc_sendv(int fd, const struct iovec *iov, int iovcnt, int nplain, int zero_c
 int zc_drain_errqueue(int fd, struct zc_completion *out, int max);
 int zc_poll(int fd, int events, int timeout_ms);
 int zc_readv_full(int fd, const struct iovec *iov, int iovcnt, uint64_t *nread);
+/* zc_recv_pages' own failure (a read failure is its errno, a close ZC_EOF). */
+enum { ZC_EBOUNDS = -2 };
+
+int zc_recv_pages(int fd, uint64_t base, uint64_t image_size, const uint64_t *offsets,
+                  uint32_t n, uint32_t page_size, uint64_t *nread);
 int zc_page_iov(uint64_t base, uint64_t image_size, const uint64_t *offsets, uint32_t n,
                 uint32_t page_size, struct iovec *iov);
 int64_t zc_split_zero(uint64_t base, uint64_t image_size, const uint64_t *offsets, uint32_t n,
