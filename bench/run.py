@@ -331,7 +331,7 @@ def chart(table: list[dict[str, Any]], limits: dict[int, dict[str, Any]], doc: d
         ax.set_title(f"{image} image")
         ax.set_ylim(0, top / 1e9 * 1.15)
         ax.grid(axis="y", alpha=0.3)
-    axes[0][0].set_ylabel("image GB/s (wall time of `send`, median)")
+    axes[0][0].set_ylabel("image GB/s (median; wall time of send)")
     axes[0][0].legend(loc="upper left", fontsize=7)
     fig.suptitle(f"zcmigrate over loopback: {doc['image_bytes'] >> 20} MiB static image, "
                  f"median of {doc['runs_per_configuration']}, {doc['cores']} cores",
@@ -361,7 +361,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-verify", action="store_true",
                     help="skip comparing each received image with its source")
     ap.add_argument("--no-iperf3", action="store_true")
+    ap.add_argument("--replot", type=Path, default=None, metavar="RESULTS_JSON",
+                    help="only redraw the chart and table of an earlier run's JSON")
     args = ap.parse_args(argv)
+    if args.replot:
+        old = json.loads(args.replot.read_text())
+        lims = {int(k): v for k, v in old["limits"].items()}
+        (args.table or args.out / "table.md").write_text(markdown(old["configurations"], lims))
+        chart(old["configurations"], lims, old, args.chart or args.out / "throughput.png")
+        return 0
 
     channels = [int(c) for c in args.channels.split(",")]
     zcs = [{"on": True, "off": False}[z.strip()] for z in args.zero_copy.split(",")]
