@@ -14,6 +14,10 @@ class ChannelClosed(ChannelError):
     """The channel was shut down locally, or the peer closed the connection."""
 
 
+class AcceptTimeout(ChannelError):
+    """No connection arrived on a listener within the time asked for."""
+
+
 class ZeroCopyUnsupported(ChannelError):
     """Zero copy was asked for on a channel that does not have the feature."""
 

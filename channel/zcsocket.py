@@ -20,6 +20,7 @@ from typing import Any
 
 from channel.errors import (
     ENOBUFS_REMEDY,
+    AcceptTimeout,
     ChannelClosed,
     ChannelError,
     FlushTimeout,
@@ -437,7 +438,7 @@ class Listener:
                 raise ChannelClosed("listener was shut down")
             wait = 0.1 if deadline is None else min(0.1, deadline - time.monotonic())
             if wait <= 0:
-                raise ChannelError(f"no connection within {timeout:g} s on port {self.port}")
+                raise AcceptTimeout(f"no connection within {timeout:g} s on port {self.port}")
             r, _, _ = select.select([self._sock], [], [], wait)
             if r:
                 try:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import structlog
 
-from channel.errors import ChannelError
+from channel.errors import AcceptTimeout, ChannelError
 from channel.zcsocket import Channel, Listener
 from migrate.durable import fsync_dir, write_atomic
 from migrate.guest import state_path
@@ -265,7 +265,16 @@ class DestinationJob:
                         f"only {len(got)} of {n} data channels connected within "
                         f"{HANDSHAKE_TIMEOUT:g} s"
                     )
-                ch = self.listener.accept(timeout=left, name="multifd?")
+                if self._main is not None and self._main.peer_closed():
+                    # The source is gone: no more of its channels will come.
+                    raise ReceiveError(
+                        f"the source closed the main channel after {len(got)} of {n} data "
+                        "channels connected"
+                    )
+                try:
+                    ch = self.listener.accept(timeout=min(left, 0.25), name="multifd?")
+                except AcceptTimeout:
+                    continue  # look at the main channel again, then wait on
                 try:
                     cid = accept_data_channel(ch, tracker, timeout=min(left, 10.0))
                 except (ProtocolError, MultifdError, ChannelError) as e:

@@ -6,6 +6,7 @@ Framing only; what a record means is the job's business. It knows nothing of pag
 from __future__ import annotations
 
 import select
+import socket
 
 from channel.errors import ChannelClosed
 from channel.zcsocket import Channel
@@ -43,6 +44,15 @@ class MainChannel:
             names = " or ".join(t.name for t in types)
             raise RemoteProtocolError(f"main channel: expected {names}, got {rec.type.name}")
         return rec
+
+    def peer_closed(self) -> bool:
+        """Whether the peer has closed the connection (a look, not a read)."""
+        try:
+            return self.channel.socket.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
 
     def shutdown(self) -> None:
         self.channel.shutdown()

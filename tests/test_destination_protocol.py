@@ -170,3 +170,25 @@ def test_matching_keys_migrate(tmp_path: Path) -> None:
     assert code == 0, err
     assert recv.result()[0] == 0
     assert dst.read_bytes() == src.read_bytes()
+
+
+def test_a_source_that_dies_while_channels_connect_ends_the_wait_at_once(
+    tmp_path: Path,
+) -> None:
+    """Killed between connecting its data channels and sending their init records, the
+    source leaves dead connections in the backlog: the receiver must notice that the
+    main channel closed, not wait out the handshake timeout for channels that never come."""
+    import time
+
+    dst = tmp_path / "dst.img"
+    recv = Receiver.start(dst)
+    main, ack = handshake(recv.port, hello(channels=2))
+    assert ack.type is RecordType.HELLO_ACK
+    data = socket.create_connection(("127.0.0.1", recv.port), timeout=10)  # no init record
+    data.close()
+    main.close()
+    started = time.monotonic()
+    code, _, err = recv.result(timeout=30)
+    assert time.monotonic() - started < 5
+    assert code == 1 and "closed the main channel" in err
+    assert_nothing_committed(dst)
