@@ -19,6 +19,7 @@ from channel.errors import ChannelClosed
 from channel.iovec import IoVec
 from channel.zcsocket import Channel
 from multifd.exiting import Exiting, MultifdError
+from multifd.pool import PoolBase
 from multifd.stats import ChannelCounters, PoolStats
 from multifd.wire import (
     HEADER_SIZE,
@@ -102,7 +103,7 @@ class _Worker:
         self.thread: threading.Thread | None = None
 
 
-class ReceiverPool:
+class ReceiverPool(PoolBase):
     """N receiver workers over N data channels (index == channel id) and their sync barrier.
 
     sync() is called from one thread (the destination's main-channel thread); statistics()
@@ -116,6 +117,8 @@ class ReceiverPool:
     known_zero: `image` is fresh (all zero): zero pages never written need no work.
     """
 
+    role = "receive"
+
     def __init__(
         self,
         channels: Sequence[Channel],
@@ -126,23 +129,10 @@ class ReceiverPool:
         exiting: Exiting | None = None,
         hook: Hook | None = None,
     ) -> None:
-        if len(channels) != ctx.channels:
-            raise ValueError(
-                f"{len(channels)} channels given, the wire context says {ctx.channels}"
-            )
-        self._ctx = ctx
+        super().__init__(channels, ctx, image, writable=True, exiting=exiting)
         self._hook = hook
-        self._exiting = exiting if exiting is not None else Exiting()
-        self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)  # the barrier, both directions
-        self._channels = list(channels)
         self._workers = [_Worker(i, ch) for i, ch in enumerate(channels)]
-        self._image_c: Any = ffi.from_buffer(image, require_writable=True)
-        if len(self._image_c) < ctx.image_size:
-            ffi.release(self._image_c)
-            raise ValueError(f"image of {len(self._image_c)} bytes, the wire context says "
-                             f"{ctx.image_size}")
-        self._base = int(ffi.cast("uintptr_t", self._image_c))
         npages = ctx.image_size // ctx.page_size
         # One bit per page, set once a page was written: on a fresh (all-zero) image a zero
         # page that was never written needs no work at all, not even a fault.
@@ -152,33 +142,9 @@ class ReceiverPool:
             self._written = array("Q", bytes(8 * ((npages + 63) // 64)))
             self._written_c = ffi.from_buffer("uint64_t[]", self._written)
         self._released = 0  # the last sync number the coordinator released
-        self._started = False
-        self._stopping = False
-        self._closed = False
-        self._wrapped_error: MultifdError | None = None
-        self._exiting.register(self._wake)
-        for ch in self._channels:
-            self._exiting.register(ch.shutdown)
+        self._join_exiting()
 
     # ------------------------------------------------------------------ state
-
-    @property
-    def exiting(self) -> Exiting:
-        return self._exiting
-
-    @property
-    def error(self) -> MultifdError | None:
-        """The error that set Exiting, as a MultifdError (wrapped if another layer set it)."""
-        err = self._exiting.error
-        if err is None or isinstance(err, MultifdError):
-            return err
-        with self._lock:
-            if self._wrapped_error is None:
-                self._wrapped_error = MultifdError(
-                    f"multifd receive: exiting ({self._exiting.where or 'elsewhere'}): {err}",
-                    cause=err,
-                )
-            return self._wrapped_error
 
     def _wake(self) -> None:
         with self._cond:

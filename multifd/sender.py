@@ -18,6 +18,7 @@ import structlog
 from channel.iovec import IoVec
 from channel.zcsocket import Channel
 from multifd.exiting import Exiting, MultifdError
+from multifd.pool import PoolBase
 from multifd.stats import ChannelCounters, PoolStats, SyncResult
 from multifd.wire import LocalProtocolError, WireContext, encode_init, encode_packet, encode_sync
 from native import ffi, lib
@@ -78,7 +79,7 @@ class _Worker:
         self.nzero: Any = ffi.new("uint32_t *")
 
 
-class SenderPool:
+class SenderPool(PoolBase):
     """N sender workers over N connected data channels (index == channel id).
 
     send_pages() and sync() are called from one thread (the migration thread); statistics()
@@ -88,6 +89,8 @@ class SenderPool:
     packet is written), "sent_packet" (after writev returned), "send_sync" (before a SYNC
     packet is written). An exception in the hook fails the worker like any other.
     """
+
+    role = "send"
 
     def __init__(
         self,
@@ -102,72 +105,28 @@ class SenderPool:
         exiting: Exiting | None = None,
         hook: Hook | None = None,
     ) -> None:
-        if len(channels) != ctx.channels:
-            raise ValueError(
-                f"{len(channels)} channels given, the wire context says {ctx.channels}"
-            )
         if queue_depth < 1:
             raise ValueError(f"queue_depth {queue_depth}, expected at least 1")
         for i, ch in enumerate(channels):
             if zero_copy and not ch.supports_zero_copy:
                 raise MultifdError(f"multifd send channel {i}: {ch.zero_copy_refusal}",
                                    channel_id=i)
-        self._ctx = ctx
+        super().__init__(channels, ctx, image, writable=False, exiting=exiting)
         self._zero_copy = zero_copy
         self._zero_page_detection = zero_page_detection
         self._depth = queue_depth
         self._flush_timeout = flush_timeout
         self._hook = hook
-        self._exiting = exiting if exiting is not None else Exiting()
-        self._lock = threading.RLock()
         self._room = threading.Condition(self._lock)  # producers and the sync waiter
-        self._channels = list(channels)
         self._workers = [_Worker(i, ch, self._lock, ctx.pages_alloc)
                          for i, ch in enumerate(channels)]
-        self._image_c: Any = ffi.from_buffer(image)
-        if len(self._image_c) < ctx.image_size:
-            ffi.release(self._image_c)
-            raise ValueError(f"image of {len(self._image_c)} bytes, the wire context says "
-                             f"{ctx.image_size}")
-        # The mapping's address, taken once: C builds iovecs from it for every packet.
-        self._base = int(ffi.cast("uintptr_t", self._image_c))
         self._last_offset = ctx.image_size - ctx.page_size
         self._next_packet = 0  # packet_num, shared by all channels as QEMU's is
         self._sync_num = 0
         self._send_waits = 0
-        self._started = False
-        self._stopping = False
-        self._closed = False
-        self._wrapped_error: MultifdError | None = None
-        # Registered last: if Exiting is already set these run at once, on a complete pool.
-        self._exiting.register(self._wake)
-        for ch in self._channels:
-            self._exiting.register(ch.shutdown)
+        self._join_exiting()
 
     # ------------------------------------------------------------------ state
-
-    @property
-    def exiting(self) -> Exiting:
-        return self._exiting
-
-    @property
-    def error(self) -> MultifdError | None:
-        """The error that set Exiting, as a MultifdError (wrapped if another layer set it)."""
-        err = self._exiting.error
-        if err is None or isinstance(err, MultifdError):
-            return err
-        with self._lock:
-            if self._wrapped_error is None:
-                self._wrapped_error = MultifdError(
-                    f"multifd send: exiting ({self._exiting.where or 'elsewhere'}): {err}",
-                    cause=err,
-                )
-            return self._wrapped_error
-
-    def _raise_if_failed(self) -> None:
-        err = self.error
-        if err is not None:
-            raise err
 
     def _wake(self) -> None:
         with self._lock:

@@ -1,0 +1,79 @@
+"""What the sender and receiver pools share: their channels, the mapping they work on,
+and the Exiting they belong to, with the error they report.
+
+It knows channels and the C data path's view of the mapping; not guests or the CLI.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from channel.zcsocket import Channel
+from multifd.exiting import Exiting, MultifdError
+from multifd.wire import WireContext
+from native import ffi
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
+
+
+class PoolBase:
+    role: ClassVar[str]  # "send" or "receive", for messages
+
+    def __init__(self, channels: Sequence[Channel], ctx: WireContext, image: Buffer, *,
+                 writable: bool, exiting: Exiting | None) -> None:
+        if len(channels) != ctx.channels:
+            raise ValueError(
+                f"{len(channels)} channels given, the wire context says {ctx.channels}"
+            )
+        self._ctx = ctx
+        self._exiting = exiting if exiting is not None else Exiting()
+        self._lock = threading.RLock()
+        self._channels = list(channels)
+        self._image_c: Any = ffi.from_buffer(image, require_writable=writable)
+        if len(self._image_c) < ctx.image_size:
+            ffi.release(self._image_c)
+            raise ValueError(f"image of {len(self._image_c)} bytes, the wire context says "
+                             f"{ctx.image_size}")
+        # The mapping's address, taken once: C builds iovecs from it for every packet.
+        self._base = int(ffi.cast("uintptr_t", self._image_c))
+        self._started = False
+        self._stopping = False
+        self._closed = False
+        self._wrapped_error: MultifdError | None = None
+
+    def _join_exiting(self) -> None:
+        """Register last, from the subclass: if Exiting is already set, these run at once,
+        and must find a complete pool."""
+        self._exiting.register(self._wake)
+        for ch in self._channels:
+            self._exiting.register(ch.shutdown)
+
+    def _wake(self) -> None:
+        raise NotImplementedError
+
+    def _raise_if_failed(self) -> None:
+        err = self.error
+        if err is not None:
+            raise err
+
+    @property
+    def exiting(self) -> Exiting:
+        return self._exiting
+
+    @property
+    def error(self) -> MultifdError | None:
+        """The error that set Exiting, as a MultifdError (wrapped if another layer set it)."""
+        err = self._exiting.error
+        if err is None or isinstance(err, MultifdError):
+            return err
+        with self._lock:
+            if self._wrapped_error is None:
+                self._wrapped_error = MultifdError(
+                    f"multifd {self.role}: exiting ({self._exiting.where or 'elsewhere'}): "
+                    f"{err}",
+                    cause=err,
+                )
+            return self._wrapped_error
