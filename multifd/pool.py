@@ -51,8 +51,26 @@ class PoolBase:
         for ch in self._channels:
             self._exiting.register(ch.shutdown)
 
+    _workers: Sequence[Any]  # each with .name and .thread; _run(worker) is its loop
+
     def _wake(self) -> None:
         raise NotImplementedError
+
+    def _run(self, worker: Any) -> None:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        """Start one thread per channel."""
+        with self._lock:
+            if self._started:
+                raise RuntimeError(f"{type(self).__name__}.start() called twice")
+            if self._closed:
+                raise MultifdError(f"multifd {self.role}: the pool is closed")
+            self._started = True
+            for w in self._workers:
+                w.thread = threading.Thread(target=self._run, args=(w,), name=w.name,
+                                            daemon=True)
+                w.thread.start()
 
     def _raise_if_failed(self) -> None:
         err = self.error

@@ -152,17 +152,6 @@ class ReceiverPool(PoolBase):
 
     # ------------------------------------------------------------------ API
 
-    def start(self) -> None:
-        with self._lock:
-            if self._started:
-                raise RuntimeError("ReceiverPool.start() called twice")
-            if self._closed:
-                raise MultifdError("multifd receive: the pool is closed")
-            self._started = True
-            for w in self._workers:
-                w.thread = threading.Thread(target=self._run, args=(w,), name=w.name,
-                                            daemon=True)
-                w.thread.start()
 
     def sync(self, timeout: float | None = None) -> int:
         """Wait until every worker has read its next SYNC packet, then release them all.

@@ -136,17 +136,6 @@ class SenderPool(PoolBase):
 
     # ------------------------------------------------------------------ API
 
-    def start(self) -> None:
-        with self._lock:
-            if self._started:
-                raise RuntimeError("SenderPool.start() called twice")
-            if self._closed:
-                raise MultifdError("multifd send: the pool is closed")
-            self._started = True
-            for w in self._workers:
-                w.thread = threading.Thread(target=self._run, args=(w,), name=w.name,
-                                            daemon=True)
-                w.thread.start()
 
     def send_pages(self, offsets: array[int]) -> None:
         """Queue every page in `offsets` (byte offsets into the image, array('Q')).
