@@ -333,8 +333,11 @@ def chart(table: list[dict[str, Any]], limits: dict[int, dict[str, Any]], doc: d
         ax.grid(axis="y", alpha=0.3)
     axes[0][0].set_ylabel("image GB/s (median; wall time of send)")
     axes[0][0].legend(loc="upper left", fontsize=7)
+    mount = doc.get("image_dir_mount", "")
+    huge = next((o for o in mount.split(",") if o.startswith("huge=")), "huge=never")
+    where = f"images on {doc.get('image_dir', '/dev/shm')} (tmpfs {huge})"
     fig.suptitle(f"zcmigrate over loopback: {doc['image_bytes'] >> 20} MiB static image, "
-                 f"median of {doc['runs_per_configuration']}, {doc['cores']} cores",
+                 f"median of {doc['runs_per_configuration']}, {doc['cores']} cores, {where}",
                  fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -344,6 +347,18 @@ def chart(table: list[dict[str, Any]], limits: dict[int, dict[str, Any]], doc: d
 
 
 # ------------------------------------------------------------------ main
+
+
+def mount_options(path: Path) -> str:
+    """The mount line of the filesystem holding `path` (huge pages or not matters)."""
+    best = ""
+    target = str(path.resolve())
+    for line in Path("/proc/mounts").read_text().splitlines():
+        dev, mnt, fstype, opts, *_ = line.split()
+        if (target == mnt or target.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(
+                best.split(" ")[1] if best else ""):
+            best = f"{dev} {mnt} {fstype} {opts}"
+    return best
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -361,6 +376,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-verify", action="store_true",
                     help="skip comparing each received image with its source")
     ap.add_argument("--no-iperf3", action="store_true")
+    ap.add_argument("--dir", type=Path, default=Path("/dev/shm"),
+                    help="where the images live (default /dev/shm); e.g. a tmpfs mounted "
+                    "with huge=within_size, as docs/performance.md recommends")
     ap.add_argument("--replot", type=Path, default=None, metavar="RESULTS_JSON",
                     help="only redraw the chart and table of an earlier run's JSON")
     args = ap.parse_args(argv)
@@ -371,6 +389,8 @@ def main(argv: list[str] | None = None) -> int:
         chart(old["configurations"], lims, old, args.chart or args.out / "throughput.png")
         return 0
 
+    global WORK
+    WORK = args.dir / "zcmigrate-bench"
     channels = [int(c) for c in args.channels.split(",")]
     zcs = [{"on": True, "off": False}[z.strip()] for z in args.zero_copy.split(",")]
     images = [i.strip() for i in args.images.split(",")]
@@ -419,6 +439,8 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "zcmigrate send --static / receive over loopback vs iperf3",
         "command": "python bench/run.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "cores": os.cpu_count(),
+        "image_dir": str(args.dir),
+        "image_dir_mount": mount_options(args.dir),
         "cores_usable": len(os.sched_getaffinity(0)),
         "kernel": os.uname().release,
         "python": sys.version.split()[0],
