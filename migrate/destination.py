@@ -38,6 +38,7 @@ from migrate.protocol import (
     encode_record,
     error_message,
 )
+from migrate.stats import RECEIVE_FIELDS, channel_dict
 from multifd.exiting import Exiting, MultifdError
 from multifd.receiver import ReceiverPool, accept_data_channel
 from multifd.wire import InitTracker, ProtocolError, RemoteProtocolError
@@ -219,11 +220,7 @@ class DestinationJob:
                 raise RemoteProtocolError(f"main channel: unexpected {rec.type.name}")
 
         stats = self._pool.statistics()
-        per = [
-            {k: int(getattr(c, k, 0)) for k in ("id", "packets", "bytes", "normal_pages",
-                                                 "zero_pages", "syncs")}
-            for c in stats.channels
-        ]
+        per = [channel_dict(c, RECEIVE_FIELDS) for c in stats.channels]
         result = ReceiveResult(
             image=self.image,
             state_file=state_path(self.image),

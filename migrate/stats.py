@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from migrate.state import State, StateMachine
+from multifd.stats import ChannelCounters
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,7 +202,7 @@ class StatsBuilder:
         channels: tuple[dict[str, int], ...] = ()
         transferred = normal = zero = 0
         if pool is not None:
-            channels = tuple(_channel_dict(c) for c in pool.channels)
+            channels = tuple(channel_dict(c) for c in pool.channels)
             transferred = sum(c["bytes"] for c in channels)
             normal = sum(c["normal_pages"] for c in channels)
             zero = sum(c["zero_pages"] for c in channels)
@@ -236,9 +237,10 @@ class StatsBuilder:
         )
 
 
-_CHANNEL_FIELDS = ("id", "packets", "bytes", "normal_pages", "zero_pages", "syncs",
-                   "zero_copy_queued", "zero_copy_completed", "zero_copy_copied")
+RECEIVE_FIELDS = ("id", "packets", "bytes", "normal_pages", "zero_pages", "syncs")
+SEND_FIELDS = (*RECEIVE_FIELDS, "zero_copy_queued", "zero_copy_completed", "zero_copy_copied")
 
 
-def _channel_dict(c: Any) -> dict[str, int]:
-    return {k: int(getattr(c, k, 0)) for k in _CHANNEL_FIELDS}
+def channel_dict(c: ChannelCounters, fields: tuple[str, ...] = SEND_FIELDS) -> dict[str, int]:
+    """One channel's numbers under the names the JSON output uses."""
+    return {k: int(getattr(c, k)) for k in fields}
