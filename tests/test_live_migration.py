@@ -262,3 +262,17 @@ def test_a_failure_after_the_pause_resumes_the_guest_at_the_source(tmp_path: Pat
     finally:
         lsock.close()
         stop(guest.proc)
+
+
+def test_max_bandwidth_is_honoured(tmp_path: Path) -> None:
+    """16 MiB at 4 MiB/s cannot take less than about 4 s. A lower bound only: a slow
+    machine can make it longer, never shorter, so this checks the limit, not speed."""
+    src, dst = tmp_path / "src.img", tmp_path / "dst.img"
+    src.write_bytes(bytes(range(256)) * (16 << 12))  # 16 MiB, no zero pages
+    recv = Receiver.start(dst)
+    code, stats, err = finish(send(src, recv.port, "--max-bandwidth", "4M"))
+    assert code == 0, err
+    assert recv.result()[0] == 0
+    # The limiter lets the first 8 MiB chunk go at once, then keeps to the rate.
+    assert stats["total-time"] >= 1500
+    assert stats["ram"]["mbps"] <= 4 * 8 * 1.049 * 1.1  # 4 MiB/s in Mbit/s, 10 % slack
