@@ -10,6 +10,8 @@ import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import structlog
+
 from channel.zcsocket import Channel
 from multifd.exiting import Exiting, MultifdError
 from multifd.wire import WireContext
@@ -17,6 +19,8 @@ from native import ffi
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
+
+_log = structlog.get_logger("zcmigrate.multifd")
 
 
 class PoolBase:
@@ -71,6 +75,23 @@ class PoolBase:
                 w.thread = threading.Thread(target=self._run, args=(w,), name=w.name,
                                             daemon=True)
                 w.thread.start()
+
+    def _release(self, threads: Sequence[threading.Thread]) -> bool:
+        """After the workers were joined: leave Exiting, close the channels and release the
+        mapping. Not if a thread is still alive: closing a descriptor or releasing the
+        mapping under a thread still in C could let it touch a reused descriptor or freed
+        memory, so they are leaked instead. Returns whether everything was released."""
+        self._exiting.unregister(self._wake)
+        for ch in self._channels:
+            self._exiting.unregister(ch.shutdown)
+        alive = [t.name for t in threads if t.is_alive()]
+        if alive:
+            _log.error("threads did not end; channels left open", threads=alive)
+            return False
+        for ch in self._channels:
+            ch.close()
+        ffi.release(self._image_c)
+        return True
 
     def _raise_if_failed(self) -> None:
         err = self.error

@@ -235,18 +235,7 @@ class ReceiverPool(PoolBase):
         threads = [w.thread for w in self._workers if w.thread is not None]
         for t in threads:
             t.join(_JOIN_TIMEOUT)
-        self._exiting.unregister(self._wake)
-        for ch in self._channels:
-            self._exiting.unregister(ch.shutdown)
-        alive = [t.name for t in threads if t.is_alive()]
-        if alive:
-            # Releasing the mapping under a thread still in C could let it write freed memory.
-            _log.error("threads did not end; channels left open", threads=alive)
-            return
-        for ch in self._channels:
-            ch.close()
-        ffi.release(self._image_c)
-        if self._written is not None:
+        if self._release(threads) and self._written is not None:
             ffi.release(self._written_c)
 
     # ------------------------------------------------------------------ workers

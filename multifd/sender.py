@@ -268,18 +268,7 @@ class SenderPool(PoolBase):
                 where="multifd-send close")
             for t in threads:
                 t.join(_FORCED_JOIN)
-        self._exiting.unregister(self._wake)
-        for ch in self._channels:
-            self._exiting.unregister(ch.shutdown)
-        alive = [t.name for t in threads if t.is_alive()]
-        if alive:
-            # Closing a descriptor or releasing the mapping under a thread still in C could
-            # let it touch a reused descriptor or freed memory: leak them instead.
-            _log.error("threads did not end; channels left open", threads=alive)
-            return
-        for ch in self._channels:
-            ch.close()
-        ffi.release(self._image_c)
+        self._release(threads)
 
     # ------------------------------------------------------------------ workers
 
