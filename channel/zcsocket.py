@@ -387,7 +387,8 @@ def connect(host: str, port: int, *, zero_copy: bool = False, timeout: float = 1
     try:
         sock = socket.create_connection((host, port), timeout=timeout)
     except OSError as e:
-        raise ChannelError(f"cannot connect to {_hostport(host, port)}: {e.strerror or e}") from e
+        where = format_hostport(host, port)
+        raise ChannelError(f"cannot connect to {where}: {e.strerror or e}") from e
     sock.settimeout(None)  # blocking from here on: shutdown() is what wakes a waiter
     return Channel(sock, zero_copy=zero_copy, in_flight_cap=in_flight_cap, name=name)
 
@@ -405,7 +406,7 @@ class Listener:
             sock.bind(addr)
             sock.listen(backlog)
         except OSError as e:
-            raise ChannelError(f"cannot listen on {_hostport(host, port)}: "
+            raise ChannelError(f"cannot listen on {format_hostport(host, port)}: "
                                f"{e.strerror or e}") from e
         self._sock = sock
         self._shut = threading.Event()
@@ -462,5 +463,6 @@ class Listener:
         self.close()
 
 
-def _hostport(host: str, port: int) -> str:
+def format_hostport(host: str, port: int) -> str:
+    """HOST:PORT, with IPv6 addresses in brackets."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -18,7 +18,7 @@ from typing import Any
 import click
 
 from channel.errors import ChannelError
-from channel.zcsocket import Listener
+from channel.zcsocket import Listener, format_hostport
 from migrate import logs, sdnotify
 from migrate.check_cli import check_command
 from migrate.cli_options import (
@@ -131,7 +131,7 @@ def receive_command(image: Path, listen: str, serve: bool, accept_timeout: float
         listener = Listener.from_socket(socks[0]) if socks else Listener(host, port)
     except ChannelError as e:
         raise click.ClickException(str(e)) from e
-    click.echo(f"listening: {_hostport(*listener.address)}")
+    click.echo(f"listening: {format_hostport(*listener.address)}")
     sys.stdout.flush()
     stopping = threading.Event()
     current: list[DestinationJob] = []
@@ -145,7 +145,7 @@ def receive_command(image: Path, listen: str, serve: bool, accept_timeout: float
 
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, on_signal)
-    sdnotify.notify("READY=1", f"STATUS=listening on {_hostport(*listener.address)}")
+    sdnotify.notify("READY=1", f"STATUS=listening on {format_hostport(*listener.address)}")
     code = 0
     try:
         while not stopping.is_set():
@@ -182,10 +182,6 @@ def _status_line(text: str) -> None:
     """A STATUS= line for systemd; an unreachable NOTIFY_SOCKET must not fail a migration."""
     with contextlib.suppress(OSError):
         sdnotify.notify(f"STATUS={text}")
-
-
-def _hostport(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 main.add_command(guest_command)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import select
 import socket
 
-from channel.errors import ChannelClosed
 from channel.zcsocket import Channel
 from migrate.protocol import RECORD_HEADER_SIZE, Record, RecordType, decode_record_header
 from multifd.wire import RemoteProtocolError
@@ -64,5 +63,3 @@ class MainChannel:
     def closed(self) -> bool:
         return self.channel.is_shut_down
 
-
-__all__ = ["ChannelClosed", "MainChannel", "MainChannelTimeout"]
