@@ -78,7 +78,7 @@ def _child(out: str, cli_args: list[str]) -> None:
     code: object = 0
     main_prof.enable()
     try:
-        from migrate.cli import main as cli_main  # imports count: every send pays them
+        from zcmigrate.migrate.cli import main as cli_main  # imports count: every send pays them
 
         cli_main()
     except SystemExit as e:

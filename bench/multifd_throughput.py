@@ -27,11 +27,11 @@ import structlog
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from channel.zcsocket import Channel, Listener, connect
-from migrate.units import parse_size
-from multifd.receiver import ReceiverPool, accept_data_channel
-from multifd.sender import SenderPool
-from multifd.wire import InitTracker, WireContext
+from zcmigrate.channel.zcsocket import Channel, Listener, connect
+from zcmigrate.migrate.units import parse_size
+from zcmigrate.multifd.receiver import ReceiverPool, accept_data_channel
+from zcmigrate.multifd.sender import SenderPool
+from zcmigrate.multifd.wire import InitTracker, WireContext
 
 GiB = 1 << 30
 CHUNK = 16 << 20

@@ -106,7 +106,7 @@ def free_port() -> int:
 
 
 def cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "migrate.cli", *args]
+    return [sys.executable, "-m", "zcmigrate", *args]
 
 
 def migrate_once(image: Path, size: int, channels: int, zero_copy: bool,

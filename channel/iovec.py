@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from native import ffi
+from zcmigrate.native import ffi
 
 
 class IoVec:

@@ -12,7 +12,7 @@ import socket
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from channel.zcsocket import SO_ZEROCOPY
+from zcmigrate.channel.zcsocket import SO_ZEROCOPY
 
 CAP_IPC_LOCK = 14
 

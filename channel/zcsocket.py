@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from channel.errors import (
+from zcmigrate.channel.errors import (
     ENOBUFS_REMEDY,
     AcceptTimeout,
     ChannelClosed,
@@ -27,9 +27,9 @@ from channel.errors import (
     ZeroCopyLimitError,
     ZeroCopyUnsupported,
 )
-from channel.errqueue import CompletionError, CompletionLedger
-from channel.iovec import IoVec
-from native import ZC_EOF, ffi, lib
+from zcmigrate.channel.errqueue import CompletionError, CompletionLedger
+from zcmigrate.channel.iovec import IoVec
+from zcmigrate.native import ZC_EOF, ffi, lib
 
 SO_ZEROCOPY = getattr(socket, "SO_ZEROCOPY", 60)
 SO_EE_ORIGIN_ZEROCOPY = 5

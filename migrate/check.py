@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from enum import IntEnum
 from typing import Any
 
-from channel.probe import ZeroCopyProbe, probe
+from zcmigrate.channel.probe import ZeroCopyProbe, probe
 
 DEFAULT_MULTIFD_CHANNELS = 2
 # Zero-copy bytes in flight per channel; the migration job imports it from here. Two

@@ -10,7 +10,7 @@ import json
 
 import click
 
-from migrate.check import (
+from zcmigrate.migrate.check import (
     DEFAULT_MULTIFD_CHANNELS,
     DEFAULT_PAGES_PER_PACKET,
     EXIT_CHECK_FAILED,
@@ -18,8 +18,8 @@ from migrate.check import (
     CheckError,
     run_check,
 )
-from migrate.cli_types import SizeType, json_option
-from multifd.wire import MAX_CHANNELS, MAX_PAGES_ALLOC
+from zcmigrate.migrate.cli_types import SizeType, json_option
+from zcmigrate.multifd.wire import MAX_CHANNELS, MAX_PAGES_ALLOC
 
 _EPILOG = "\b\nExit codes (the most severe finding wins):\n" + "\n".join(
     f"  {code:>2}  {text}" for code, text in VERDICT_TABLE

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import signal
 import sys
 import threading
@@ -17,11 +16,11 @@ from typing import Any
 
 import click
 
-from channel.errors import ChannelError
-from channel.zcsocket import Listener, format_hostport
-from migrate import logs, sdnotify
-from migrate.check_cli import check_command
-from migrate.cli_options import (
+from zcmigrate.channel.errors import ChannelError
+from zcmigrate.channel.zcsocket import Listener, format_hostport
+from zcmigrate.migrate import logs, sdnotify
+from zcmigrate.migrate.check_cli import check_command
+from zcmigrate.migrate.cli_options import (
     AUTH_KEY,
     EXIT_CODES,
     LOG_FORMAT,
@@ -31,14 +30,14 @@ from migrate.cli_options import (
     read_key,
     run_source,
 )
-from migrate.cli_types import json_option
-from migrate.control import ControlError, ControlServer, default_socket
-from migrate.control_cli import cancel_command, set_command, status_command
-from migrate.demo import demo_command
-from migrate.destination import DestinationJob, ReceiveError
-from migrate.guest_cli import guest_command
-from migrate.progress import ProgressDisplay
-from migrate.source import Destination, SourceJob
+from zcmigrate.migrate.cli_types import json_option
+from zcmigrate.migrate.control import ControlError, ControlServer, default_socket
+from zcmigrate.migrate.control_cli import cancel_command, set_command, status_command
+from zcmigrate.migrate.demo import demo_command
+from zcmigrate.migrate.destination import DestinationJob, ReceiveError
+from zcmigrate.migrate.guest_cli import guest_command
+from zcmigrate.migrate.progress import ProgressDisplay
+from zcmigrate.migrate.source import Destination, SourceJob
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -192,6 +191,3 @@ main.add_command(demo_command)
 main.add_command(status_command)
 main.add_command(cancel_command)
 main.add_command(set_command)
-
-if __name__ == "__main__":
-    main(prog_name=os.environ.get("ZCMIGRATE_PROG", "zcmigrate"))

@@ -14,17 +14,17 @@ from typing import Any
 
 import click
 
-from migrate.cli_types import BandwidthType, SizeType
-from migrate.params import (
+from zcmigrate.migrate.cli_types import BandwidthType, SizeType
+from zcmigrate.migrate.params import (
     DEFAULT_CHANNELS,
     DEFAULT_DOWNTIME_LIMIT_MS,
     DEFAULT_MAX_ITERATIONS,
     MigrationParameters,
     ParameterError,
 )
-from migrate.progress import ProgressDisplay
-from migrate.source import MigrationError, SourceJob
-from migrate.stats import MigrationStats
+from zcmigrate.migrate.progress import ProgressDisplay
+from zcmigrate.migrate.source import MigrationError, SourceJob
+from zcmigrate.migrate.stats import MigrationStats
 
 EXIT_CODES = """\b
 Exit codes:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from migrate.units import parse_bandwidth, parse_size
+from zcmigrate.migrate.units import parse_bandwidth, parse_size
 
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -15,8 +15,8 @@ import threading
 from pathlib import Path
 from typing import Any, Protocol
 
-from migrate.params import ParameterError
-from migrate.stats import MigrationStats
+from zcmigrate.migrate.params import ParameterError
+from zcmigrate.migrate.stats import MigrationStats
 
 MAX_REQUEST = 64 * 1024
 

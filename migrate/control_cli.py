@@ -12,10 +12,10 @@ from typing import Any
 
 import click
 
-from migrate.cli_types import json_option
-from migrate.control import ControlError, default_socket, request
-from migrate.stats import MigrationStats
-from migrate.units import parse_bandwidth
+from zcmigrate.migrate.cli_types import json_option
+from zcmigrate.migrate.control import ControlError, default_socket, request
+from zcmigrate.migrate.stats import MigrationStats
+from zcmigrate.migrate.units import parse_bandwidth
 
 SOCKET_OPT = click.option(
     "--socket", "sock", type=click.Path(path_type=Path), default=None,

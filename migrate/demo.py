@@ -17,13 +17,13 @@ from typing import Any
 
 import click
 
-from migrate import logs
-from migrate.cli_options import migration_options, params_from, run_source
-from migrate.cli_types import json_option
-from migrate.guest import check_oracle, read_device_state
-from migrate.progress import ProgressDisplay
-from migrate.source import Destination, SourceJob
-from migrate.units import format_rate, format_size, parse_bandwidth, parse_size
+from zcmigrate.migrate import logs
+from zcmigrate.migrate.cli_options import migration_options, params_from, run_source
+from zcmigrate.migrate.cli_types import json_option
+from zcmigrate.migrate.guest import check_oracle, read_device_state
+from zcmigrate.migrate.progress import ProgressDisplay
+from zcmigrate.migrate.source import Destination, SourceJob
+from zcmigrate.migrate.units import format_rate, format_size, parse_bandwidth, parse_size
 
 
 def _spawn(args: list[str], cwd: Path, **kw: Any) -> subprocess.Popen[str]:
@@ -88,11 +88,11 @@ def demo_command(size: str, dirty_rate: str, workdir: Path | None, as_json: bool
         f"{'on' if params.multifd_zerocopy else 'off'}, in {base}")
     procs: list[subprocess.Popen[str]] = []
     try:
-        guest = _spawn(["migrate.guest_cli", str(src), "--size", str(nbytes),
+        guest = _spawn(["zcmigrate", "guest", str(src), "--size", str(nbytes),
                         "--dirty-rate", str(rate), "--fill", "half"], base)
         procs.append(guest)
         say(f"source guest: {_wait_line(guest, 'guest running', timeout=120)}")
-        recv = _spawn(["migrate.cli", "receive", str(dst), "--listen", "127.0.0.1:0",
+        recv = _spawn(["zcmigrate", "receive", str(dst), "--listen", "127.0.0.1:0",
                        "--log-format", "json", "--json"], base, stderr=subprocess.DEVNULL)
         procs.append(recv)
         port = int(_wait_line(recv, "listening:").rsplit(":", 1)[1])
@@ -109,7 +109,7 @@ def demo_command(size: str, dirty_rate: str, workdir: Path | None, as_json: bool
         say(f"oracle: {verdict.message}")
         if not verdict.ok:
             raise click.ClickException("the destination image fails the oracle")
-        resumed = _spawn(["migrate.guest_cli", str(dst), "--resume",
+        resumed = _spawn(["zcmigrate", "guest", str(dst), "--resume",
                           "--dirty-rate", str(rate)], base)
         procs.append(resumed)
         say(f"destination guest: {_wait_line(resumed, 'guest running')}")

@@ -21,12 +21,12 @@ from pathlib import Path
 
 import structlog
 
-from channel.errors import AcceptTimeout, ChannelError
-from channel.zcsocket import Channel, Listener
-from migrate.durable import fsync_dir, write_atomic
-from migrate.guest import state_path
-from migrate.mainchannel import MainChannel, MainChannelTimeout
-from migrate.protocol import (
+from zcmigrate.channel.errors import AcceptTimeout, ChannelError
+from zcmigrate.channel.zcsocket import Channel, Listener
+from zcmigrate.migrate.durable import fsync_dir, write_atomic
+from zcmigrate.migrate.guest import state_path
+from zcmigrate.migrate.mainchannel import MainChannel, MainChannelTimeout
+from zcmigrate.migrate.protocol import (
     NONCE_SIZE,
     Hello,
     Record,
@@ -38,10 +38,10 @@ from migrate.protocol import (
     encode_record,
     error_message,
 )
-from migrate.stats import RECEIVE_FIELDS, channel_dict
-from multifd.exiting import Exiting, MultifdError
-from multifd.receiver import ReceiverPool, accept_data_channel
-from multifd.wire import InitTracker, ProtocolError, RemoteProtocolError
+from zcmigrate.migrate.stats import RECEIVE_FIELDS, channel_dict
+from zcmigrate.multifd.exiting import Exiting, MultifdError
+from zcmigrate.multifd.receiver import ReceiverPool, accept_data_channel
+from zcmigrate.multifd.wire import InitTracker, ProtocolError, RemoteProtocolError
 
 log = structlog.get_logger("zcmigrate.destination")
 

@@ -21,8 +21,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, Final
 
-import native
-from migrate.durable import write_atomic
+from zcmigrate import native
+from zcmigrate.migrate.durable import write_atomic
 
 # --------------------------------------------------------------------------- the contract
 #

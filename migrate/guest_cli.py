@@ -12,8 +12,8 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from migrate.cli_types import BandwidthType, SizeType
-from migrate.guest import (
+from zcmigrate.migrate.cli_types import BandwidthType, SizeType
+from zcmigrate.migrate.guest import (
     FILLS,
     DeviceState,
     GuestError,
@@ -21,7 +21,7 @@ from migrate.guest import (
     read_device_state,
     run_guest,
 )
-from migrate.units import format_rate
+from zcmigrate.migrate.units import format_rate
 
 EXIT_OK = 0
 EXIT_ERROR = 1

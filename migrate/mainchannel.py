@@ -8,10 +8,10 @@ from __future__ import annotations
 import select
 import socket
 
-from channel.zcsocket import Channel
-from migrate.protocol import RECORD_HEADER_SIZE, Record, RecordType, decode_record_header
-from multifd.wire import RemoteProtocolError
-from native import lib
+from zcmigrate.channel.zcsocket import Channel
+from zcmigrate.migrate.protocol import RECORD_HEADER_SIZE, Record, RecordType, decode_record_header
+from zcmigrate.multifd.wire import RemoteProtocolError
+from zcmigrate.native import lib
 
 
 class MainChannelTimeout(Exception):

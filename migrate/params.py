@@ -8,8 +8,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from migrate.check import DEFAULT_PAGES_PER_PACKET
-from multifd.wire import MAX_CHANNELS, MAX_PAGES_ALLOC
+from zcmigrate.migrate.check import DEFAULT_PAGES_PER_PACKET
+from zcmigrate.multifd.wire import MAX_CHANNELS, MAX_PAGES_ALLOC
 
 DEFAULT_CHANNELS = 2
 DEFAULT_DOWNTIME_LIMIT_MS = 300  # QEMU's default

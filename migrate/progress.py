@@ -12,8 +12,8 @@ import threading
 import time
 from typing import TextIO
 
-from migrate.stats import MigrationStats
-from migrate.units import format_size
+from zcmigrate.migrate.stats import MigrationStats
+from zcmigrate.migrate.units import format_size
 
 BAR = 24
 

@@ -15,7 +15,7 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
-from multifd.wire import LocalProtocolError, RemoteProtocolError, WireContext
+from zcmigrate.multifd.wire import LocalProtocolError, RemoteProtocolError, WireContext
 
 MAIN_MAGIC = 0x5A434D47  # "ZCMG": a data channel (0x11223344) is never mistaken for it
 MAIN_VERSION = 1

@@ -22,13 +22,13 @@ from pathlib import Path
 
 import structlog
 
-from channel.probe import probe
-from channel.zcsocket import Channel, connect
-from migrate.check import automatic_in_flight_cap
-from migrate.guest import DeviceState, GuestControl, GuestError, control_path
-from migrate.mainchannel import MainChannel, MainChannelTimeout
-from migrate.params import MigrationParameters
-from migrate.protocol import (
+from zcmigrate.channel.probe import probe
+from zcmigrate.channel.zcsocket import Channel, connect
+from zcmigrate.migrate.check import automatic_in_flight_cap
+from zcmigrate.migrate.guest import DeviceState, GuestControl, GuestError, control_path
+from zcmigrate.migrate.mainchannel import MainChannel, MainChannelTimeout
+from zcmigrate.migrate.params import MigrationParameters
+from zcmigrate.migrate.protocol import (
     Hello,
     RecordType,
     auth_mac,
@@ -38,11 +38,11 @@ from migrate.protocol import (
     encode_record,
     error_message,
 )
-from migrate.state import Event, State, StateMachine
-from migrate.stats import MigrationStats, StatsBuilder
-from multifd.exiting import Exiting, MultifdError
-from multifd.sender import SenderPool
-from native import ffi, lib
+from zcmigrate.migrate.state import Event, State, StateMachine
+from zcmigrate.migrate.stats import MigrationStats, StatsBuilder
+from zcmigrate.multifd.exiting import Exiting, MultifdError
+from zcmigrate.multifd.sender import SenderPool
+from zcmigrate.native import ffi, lib
 
 log = structlog.get_logger("zcmigrate.source")
 

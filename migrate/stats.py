@@ -11,8 +11,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from migrate.state import State, StateMachine
-from multifd.stats import ChannelCounters
+from zcmigrate.migrate.state import State, StateMachine
+from zcmigrate.multifd.stats import ChannelCounters
 
 
 @dataclass(frozen=True, slots=True)

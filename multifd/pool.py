@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import structlog
 
-from channel.zcsocket import Channel
-from multifd.exiting import Exiting, MultifdError
-from multifd.wire import WireContext
-from native import ffi
+from zcmigrate.channel.zcsocket import Channel
+from zcmigrate.multifd.exiting import Exiting, MultifdError
+from zcmigrate.multifd.wire import WireContext
+from zcmigrate.native import ffi
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer

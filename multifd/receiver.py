@@ -15,13 +15,13 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from channel.errors import ChannelClosed
-from channel.iovec import IoVec
-from channel.zcsocket import Channel
-from multifd.exiting import Exiting, MultifdError
-from multifd.pool import PoolBase
-from multifd.stats import ChannelCounters, PoolStats
-from multifd.wire import (
+from zcmigrate.channel.errors import ChannelClosed
+from zcmigrate.channel.iovec import IoVec
+from zcmigrate.channel.zcsocket import Channel
+from zcmigrate.multifd.exiting import Exiting, MultifdError
+from zcmigrate.multifd.pool import PoolBase
+from zcmigrate.multifd.stats import ChannelCounters, PoolStats
+from zcmigrate.multifd.wire import (
     HEADER_SIZE,
     INIT_SIZE,
     InitTracker,
@@ -30,7 +30,7 @@ from multifd.wire import (
     decode_header,
     decode_offsets,
 )
-from native import ffi, lib
+from zcmigrate.native import ffi, lib
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer

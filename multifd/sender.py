@@ -15,13 +15,19 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from channel.iovec import IoVec
-from channel.zcsocket import Channel
-from multifd.exiting import Exiting, MultifdError
-from multifd.pool import PoolBase
-from multifd.stats import ChannelCounters, PoolStats, SyncResult
-from multifd.wire import LocalProtocolError, WireContext, encode_init, encode_packet, encode_sync
-from native import ffi, lib
+from zcmigrate.channel.iovec import IoVec
+from zcmigrate.channel.zcsocket import Channel
+from zcmigrate.multifd.exiting import Exiting, MultifdError
+from zcmigrate.multifd.pool import PoolBase
+from zcmigrate.multifd.stats import ChannelCounters, PoolStats, SyncResult
+from zcmigrate.multifd.wire import (
+    LocalProtocolError,
+    WireContext,
+    encode_init,
+    encode_packet,
+    encode_sync,
+)
+from zcmigrate.native import ffi, lib
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer

@@ -8,7 +8,7 @@ counts and errno values it returns.
 import hashlib
 from pathlib import Path
 
-from native._zcnative import ffi, lib
+from zcmigrate.native._zcnative import ffi, lib
 
 ZC_EOF: int = lib.ZC_EOF
 

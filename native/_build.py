@@ -1,4 +1,4 @@
-"""cffi build script for native._zcnative (API mode, out of line), run by setup.py.
+"""cffi build script for zcmigrate.native._zcnative (API mode, out of line), run by setup.py.
 
 It only compiles zcnative.c; it must not import anything of zcmigrate's own.
 """
@@ -28,7 +28,7 @@ ffibuilder.cdef(
     "#define ZC_INTERFACE_HASH ...\n" + _decls
 )
 ffibuilder.set_source(
-    "native._zcnative",
+    "zcmigrate.native._zcnative",
     f'#include "zcnative.h"\n#define ZC_INTERFACE_HASH {interface_hash(HERE / "zcnative.h")}ULL',
     # setup.py runs from the project root; setuptools wants sources relative to it.
     sources=["native/zcnative.c"],

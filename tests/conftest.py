@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from channel.zcsocket import Channel, Listener, connect
+from zcmigrate.channel.zcsocket import Channel, Listener, connect
 
 
 def tcp_pair(

@@ -10,9 +10,9 @@ import sys
 import threading
 import time
 
-from channel.errors import ChannelError
-from channel.probe import probe
-from channel.zcsocket import Listener, connect
+from zcmigrate.channel.errors import ChannelError
+from zcmigrate.channel.probe import probe
+from zcmigrate.channel.zcsocket import Listener, connect
 
 
 def main() -> None:

@@ -1,5 +1,5 @@
 """Real processes for the end-to-end tests: a guest, a receiver, a sender, each a child
-running this checkout's `python -m migrate.cli` (or migrate.guest_cli)."""
+running the installed `python -m zcmigrate` (send, receive or guest)."""
 
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 
 def spawn(*args: str, stdout: Any = subprocess.PIPE, stderr: Any = subprocess.PIPE,
-          module: str = "migrate.cli") -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT, env=ENV,
+          ) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "zcmigrate", *args], cwd=ROOT, env=ENV,
                             stdout=stdout, stderr=stderr, text=True)
 
 
@@ -55,13 +55,13 @@ class Guest:
 
     @classmethod
     def start(cls, image: Path, size: str, dirty_rate: str, fill: str = "half") -> Guest:
-        p = spawn(str(image), "--size", size, "--dirty-rate", dirty_rate, "--fill", fill,
-                  module="migrate.guest_cli")
+        p = spawn("guest", str(image), "--size", size, "--dirty-rate", dirty_rate,
+                  "--fill", fill)
         wait_line(p, "guest running", timeout=120)
         return cls(image, p)
 
     def touched(self) -> int:
-        from migrate.guest import GuestControl
+        from zcmigrate.migrate.guest import GuestControl
 
         with GuestControl.open(self.image) as g:
             return g.touched

@@ -9,7 +9,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Sequence
 
-from multifd.wire import WireContext
+from zcmigrate.multifd.wire import WireContext
 
 # Spelled out again rather than imported: a wrong constant in wire.py must fail the tests.
 MAGIC = 0x11223344

@@ -10,10 +10,10 @@ import time
 
 import pytest
 
-from channel.errors import ChannelClosed, FlushTimeout, ZeroCopyUnsupported
-from channel.iovec import IoVec
-from channel.zcsocket import Channel, Listener, connect
 from tests.conftest import tcp_pair
+from zcmigrate.channel.errors import ChannelClosed, FlushTimeout, ZeroCopyUnsupported
+from zcmigrate.channel.iovec import IoVec
+from zcmigrate.channel.zcsocket import Channel, Listener, connect
 
 MiB = 1 << 20
 

@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 
-from channel.probe import ZeroCopyProbe
-from migrate.check import (
+from zcmigrate.channel.probe import ZeroCopyProbe
+from zcmigrate.migrate.check import (
     DEFAULT_IN_FLIGHT_CAP,
     DEFAULT_PAGES_PER_PACKET,
     OPTMEM_MIN,
@@ -217,7 +217,7 @@ class Run:
 
 def run_check(*args: str, prefix: tuple[str, ...] = (), env: dict[str, str] | None = None,
               as_json: bool = True) -> Run:
-    cmd = [*prefix, sys.executable, "-m", "migrate.check_cli", *args]
+    cmd = [*prefix, sys.executable, "-m", "zcmigrate", "check", *args]
     if as_json:
         cmd.append("--json")
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("ZCMIGRATE_")}

@@ -6,7 +6,7 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from migrate.cli import main
+from zcmigrate.migrate.cli import main
 
 
 def commands() -> list[tuple[str, click.Command]]:

@@ -13,7 +13,7 @@ from tests.migration_procs import ROOT, Guest, Receiver, finish, send, stop, wai
 
 
 def ctl(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "migrate.cli", *args], cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "zcmigrate", *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=30)
 
 

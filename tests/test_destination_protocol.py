@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from migrate.protocol import (
+from tests.migration_procs import Receiver, finish, send
+from zcmigrate.migrate.protocol import (
     RECORD_HEADER_SIZE,
     Hello,
     Record,
@@ -21,8 +22,7 @@ from migrate.protocol import (
     encode_flush,
     encode_record,
 )
-from multifd.wire import WireContext, encode_init, encode_packet, encode_sync
-from tests.migration_procs import Receiver, finish, send
+from zcmigrate.multifd.wire import WireContext, encode_init, encode_packet, encode_sync
 
 UUID = bytes(range(16))
 PAGE = 4096

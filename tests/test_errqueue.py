@@ -2,7 +2,7 @@
 
 import pytest
 
-from channel.errqueue import COUNTER_MOD, CompletionError, CompletionLedger
+from zcmigrate.channel.errqueue import COUNTER_MOD, CompletionError, CompletionLedger
 
 
 def test_in_order_ranges_complete_everything_queued() -> None:

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from multifd.exiting import Exiting, MultifdError
+from zcmigrate.multifd.exiting import Exiting, MultifdError
 
 
 def test_first_error_wins_and_later_ones_are_refused() -> None:

@@ -21,8 +21,8 @@ from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import native
-from migrate.guest import (
+from zcmigrate import native
+from zcmigrate.migrate.guest import (
     CONTROL_FIELDS,
     CONTROL_SIZE,
     DeviceState,
@@ -37,7 +37,7 @@ from migrate.guest import (
     state_path,
     write_device_state,
 )
-from migrate.guest_cli import guest_command
+from zcmigrate.migrate.guest_cli import guest_command
 
 PAGE = 4096
 WAIT_S = 10.0
@@ -61,7 +61,7 @@ def guest_process(image: Path, *args: str) -> Iterator[tuple[subprocess.Popen[by
     Yields the process and everything it printed up to that line.
     """
     proc = subprocess.Popen(
-        [sys.executable, "-m", "migrate.guest_cli", str(image), *args],
+        [sys.executable, "-m", "zcmigrate", "guest", str(image), *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
@@ -203,7 +203,7 @@ def test_guest_process_dirties_pages_at_its_rate_and_fetch_clear_returns_them(
 
             # One guest per image.
             second = subprocess.run(
-                [sys.executable, "-m", "migrate.guest_cli", str(image)],
+                [sys.executable, "-m", "zcmigrate", "guest", str(image)],
                 capture_output=True,
                 timeout=WAIT_S,
             )

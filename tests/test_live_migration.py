@@ -33,7 +33,7 @@ def oracle(image: Path) -> subprocess.CompletedProcess[str]:
 def spawn_args(*args: str) -> list[str]:
     import sys
 
-    return [sys.executable, "-m", "migrate.cli", *args]
+    return [sys.executable, "-m", "zcmigrate", *args]
 
 
 def assert_nothing_committed(dst: Path, *, killed: bool = False) -> None:
@@ -199,7 +199,7 @@ def test_a_failure_after_the_pause_resumes_the_guest_at_the_source(tmp_path: Pat
     import struct
     import threading
 
-    from migrate.protocol import (
+    from zcmigrate.migrate.protocol import (
         RECORD_HEADER_SIZE,
         RecordType,
         decode_record_header,

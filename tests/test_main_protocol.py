@@ -6,7 +6,7 @@ import struct
 
 import pytest
 
-from migrate.protocol import (
+from zcmigrate.migrate.protocol import (
     MAIN_MAGIC,
     MAX_PAYLOAD,
     RECORD_HEADER_SIZE,
@@ -21,7 +21,7 @@ from migrate.protocol import (
     encode_greeting,
     encode_record,
 )
-from multifd.wire import RemoteProtocolError
+from zcmigrate.multifd.wire import RemoteProtocolError
 
 UUID = bytes(range(16))
 

@@ -14,11 +14,11 @@ from collections.abc import Iterator
 
 import pytest
 
-from multifd.exiting import MultifdError
-from multifd.stats import PoolStats
-from multifd.wire import WireContext
 from tests.sequencer import HookKey, HookSchedule, Sequencer
 from tests.test_sender_receiver import Background, make_pools, pool_threads
+from zcmigrate.multifd.exiting import MultifdError
+from zcmigrate.multifd.stats import PoolStats
+from zcmigrate.multifd.wire import WireContext
 
 PAGE = 4096
 NPAGES = 64

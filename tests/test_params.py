@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from migrate.params import MigrationParameters, ParameterError
+from zcmigrate.migrate.params import MigrationParameters, ParameterError
 
 
 def test_defaults_follow_qemu() -> None:

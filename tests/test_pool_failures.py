@@ -13,15 +13,15 @@ from collections.abc import Iterator
 
 import pytest
 
-from channel.zcsocket import Channel
-from multifd.exiting import Exiting, MultifdError
-from multifd.receiver import ReceiverPool, accept_data_channel
-from multifd.sender import SenderPool
-from multifd.wire import InitTracker, RemoteProtocolError, WireContext
 from tests.conftest import tcp_pair
 from tests.packet_factory import PacketFactory
 from tests.sequencer import HookSchedule, Sequencer
 from tests.test_sender_receiver import Background, make_pools, pool_threads
+from zcmigrate.channel.zcsocket import Channel
+from zcmigrate.multifd.exiting import Exiting, MultifdError
+from zcmigrate.multifd.receiver import ReceiverPool, accept_data_channel
+from zcmigrate.multifd.sender import SenderPool
+from zcmigrate.multifd.wire import InitTracker, RemoteProtocolError, WireContext
 
 PAGE = 4096
 MiB = 1 << 20

@@ -9,8 +9,8 @@ from dataclasses import replace
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from migrate.progress import ProgressDisplay
-from migrate.stats import MigrationStats
+from zcmigrate.migrate.progress import ProgressDisplay
+from zcmigrate.migrate.stats import MigrationStats
 
 BASE = MigrationStats(
     status="active", total_time_ms=0, setup_time_ms=1, downtime_ms=None,

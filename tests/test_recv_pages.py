@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from channel.errors import ChannelClosed
-from native import ffi, lib
 from tests.conftest import tcp_pair
+from zcmigrate.channel.errors import ChannelClosed
+from zcmigrate.native import ffi, lib
 
 PAGE = 4096
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from migrate.sdnotify import SD_LISTEN_FDS_START, listen_fds, notify
+from zcmigrate.migrate.sdnotify import SD_LISTEN_FDS_START, listen_fds, notify
 
 ROOT = Path(__file__).resolve().parent.parent
 _UCRED = struct.Struct("iII")  # struct ucred: pid, uid, gid
@@ -156,7 +156,7 @@ def test_malformed_variables_are_an_error_and_are_unset(monkeypatch: pytest.Monk
 # serves one connection on the stream socket to prove it is the parent's listener.
 _ACTIVATED = """
 import json, os, socket
-from migrate.sdnotify import listen_fds
+from zcmigrate.migrate.sdnotify import listen_fds
 socks = listen_fds()
 print(json.dumps({
     "pid": os.getpid(),

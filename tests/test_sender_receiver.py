@@ -18,13 +18,13 @@ from typing import Any, Generic, TypeVar
 
 import pytest
 
-from channel.zcsocket import Channel
-from multifd.exiting import Exiting
-from multifd.receiver import ReceiverPool, accept_data_channel
-from multifd.sender import SenderPool
-from multifd.stats import PoolStats
-from multifd.wire import InitTracker, WireContext
 from tests.conftest import tcp_pair
+from zcmigrate.channel.zcsocket import Channel
+from zcmigrate.multifd.exiting import Exiting
+from zcmigrate.multifd.receiver import ReceiverPool, accept_data_channel
+from zcmigrate.multifd.sender import SenderPool
+from zcmigrate.multifd.stats import PoolStats
+from zcmigrate.multifd.wire import InitTracker, WireContext
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 PAGE = 4096

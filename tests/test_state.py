@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from migrate.state import TERMINAL, TRANSITIONS, Event, InvalidTransition, State, StateMachine
+from zcmigrate.migrate.state import (
+    TERMINAL,
+    TRANSITIONS,
+    Event,
+    InvalidTransition,
+    State,
+    StateMachine,
+)
 
 
 def test_a_successful_migration_walks_setup_active_device_completed() -> None:

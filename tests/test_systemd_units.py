@@ -99,7 +99,7 @@ def _env_example_variables() -> list[str]:
 
 
 def test_the_env_file_example_names_only_variables_zcmigrate_reads() -> None:
-    from migrate.cli import main
+    from zcmigrate.migrate.cli import main
 
     read = {p.envvar for cmd in main.commands.values() for p in cmd.params if p.envvar}
     names = _env_example_variables()
@@ -133,9 +133,9 @@ try:
     sys.exit(78)  # the rule is not in force: the test would prove nothing
 except OSError:
     pass
-import migrate.cli
-from channel.zcsocket import Listener, connect
-from migrate.check import lookup_route
+import zcmigrate.migrate.cli
+from zcmigrate.channel.zcsocket import Listener, connect
+from zcmigrate.migrate.check import lookup_route
 lst = Listener("127.0.0.1", 0)
 got = []
 t = threading.Thread(target=lambda: got.append(lst.accept(10)))

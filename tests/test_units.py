@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from migrate.units import format_rate, format_size, parse_bandwidth, parse_size
+from zcmigrate.migrate.units import format_rate, format_size, parse_bandwidth, parse_size
 
 
 @pytest.mark.parametrize(

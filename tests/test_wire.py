@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from multifd.wire import (
+from tests.packet_factory import PacketFactory
+from zcmigrate.multifd.wire import (
     BLOCK_NAME_SIZE,
     FLAG_SYNC,
     HEADER_SIZE,
@@ -31,7 +32,6 @@ from multifd.wire import (
     encode_packet,
     encode_sync,
 )
-from tests.packet_factory import PacketFactory
 
 UUID = bytes.fromhex("0123456789abcdef0123456789abcdef")
 PAGE = 4096

@@ -12,7 +12,8 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from multifd.wire import (
+from tests.packet_factory import MAGIC, PacketFactory
+from zcmigrate.multifd.wire import (
     HEADER_SIZE,
     MAX_IMAGE_SIZE,
     InitTracker,
@@ -25,7 +26,6 @@ from multifd.wire import (
     encode_init,
     encode_packet,
 )
-from tests.packet_factory import MAGIC, PacketFactory
 
 U64 = 2**64
 U32 = 2**32

@@ -1,0 +1,8 @@
+"""zcmigrate: live migration of a running workload's memory over multifd channels with
+MSG_ZEROCOPY, QEMU's multifd migration as a standalone daemon.
+
+The package's layers are its subpackages, each importing only those below it:
+`zcmigrate.migrate` (the job, the CLI, the guest stand-in), `zcmigrate.multifd` (pages
+and packets), `zcmigrate.channel` (bytes on a socket) and `zcmigrate.native` (C through
+cffi). This module imports none of them, so `import zcmigrate` costs nothing.
+"""
