@@ -5,8 +5,10 @@ Shared by the channel modules; it knows nothing of pages or migrations.
 
 from __future__ import annotations
 
+from zcmigrate import ZcmigrateError
 
-class ChannelError(Exception):
+
+class ChannelError(ZcmigrateError):
     """A channel operation failed; the channel is no longer usable."""
 
 

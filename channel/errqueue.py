@@ -11,10 +11,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from zcmigrate import ZcmigrateError
+
 COUNTER_MOD = 1 << 32
 
 
-class CompletionError(Exception):
+class CompletionError(ZcmigrateError):
     """A completion range that cannot be right: never queued, or completed twice."""
 
 

@@ -10,10 +10,12 @@ import contextlib
 import threading
 from collections.abc import Callable
 
+from zcmigrate import ZcmigrateError
+
 __all__ = ["Exiting", "MultifdError"]
 
 
-class MultifdError(Exception):
+class MultifdError(ZcmigrateError):
     """A multifd pool failed; the message names the channel (when there is one) and the cause."""
 
     def __init__(

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from uuid import UUID
 
+from zcmigrate import ZcmigrateError
+
 __all__ = [
     "BLOCK_NAME_SIZE",
     "FLAG_SYNC",
@@ -75,7 +77,7 @@ if _INIT.size != INIT_SIZE or _HEADER.size != HEADER_SIZE or array("Q").itemsize
     raise ImportError("multifd.wire: struct or array sizes differ from the wire layout")
 
 
-class ProtocolError(Exception):
+class ProtocolError(ZcmigrateError):
     """A multifd data channel's bytes do not follow the wire format."""
 
 
