@@ -32,6 +32,10 @@ class FlushTimeout(ChannelError):
     """flush() gave up waiting for zero-copy completions."""
 
 
+class ReadTimeout(ChannelError):
+    """A read with a deadline did not get its bytes in time."""
+
+
 ENOBUFS_REMEDY = (
     "zero-copy send failed with ENOBUFS twice (after draining the error queue): "
     "the kernel could not pin more pages for this user. Raise the locked-memory limit "

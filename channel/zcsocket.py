@@ -24,6 +24,7 @@ from zcmigrate.channel.errors import (
     ChannelClosed,
     ChannelError,
     FlushTimeout,
+    ReadTimeout,
     ZeroCopyLimitError,
     ZeroCopyUnsupported,
 )
@@ -345,11 +346,81 @@ class Channel:
             )
         raise ChannelError(f"channel {self.name}: read failed: {os.strerror(rc)}")
 
-    def read_exact(self, n: int) -> bytearray:
+    def read_exact(self, n: int, timeout: float | None = None) -> bytearray:
+        """Exactly `n` bytes. With a timeout, ReadTimeout if they are not all here within
+        `timeout` seconds: a peer that sends one byte a second cannot hold us longer."""
         buf = bytearray(n)
-        if n:
+        if not n:
+            return buf
+        if timeout is None:
             self.readv_into([buf])
+            return buf
+        deadline = time.monotonic() + timeout
+        view = memoryview(buf)
+        got = 0
+        while got < n:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self.wait_readable(left):
+                raise ReadTimeout(f"channel {self.name}: {got} of {n} bytes within "
+                                  f"{timeout:g} s")
+            try:
+                k = self._sock.recv_into(view[got:], n - got, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError as e:
+                self._check_open()
+                raise ChannelError(f"channel {self.name}: read failed: "
+                                   f"{e.strerror or e}") from e
+            if k == 0:
+                self._check_open()
+                raise ChannelClosed(f"channel {self.name}: peer closed the connection after "
+                                    f"{got} of {n} bytes")
+            got += k
+            self._bytes_received += k
         return buf
+
+    # ------------------------------------------------------------- readiness
+
+    def wait_readable(self, timeout: float | None) -> bool:
+        """Wait until a read would not block (data, the peer's close, or an error), at most
+        `timeout` seconds (None: until then or shutdown). False on timeout; ChannelClosed
+        once shut down. Waits in short slices, so shutdown() wakes it."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            self._check_open()
+            slice_ms = _WAIT_SLICE_MS
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                slice_ms = max(1, min(slice_ms, int(left * 1000)))
+            revents = lib.zc_poll(self._fd, select.POLLIN, slice_ms)
+            if revents < 0:
+                raise ChannelError(f"channel {self.name}: poll failed: {os.strerror(-revents)}")
+            if revents:
+                self._check_open()
+                return True
+
+    def peek(self, n: int) -> bytes:
+        """Up to `n` bytes that have arrived, without consuming them and without waiting;
+        b"" if the peer has closed. BlockingIOError if nothing is there yet."""
+        self._check_open()
+        try:
+            return self._sock.recv(n, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            raise
+        except OSError as e:
+            raise ChannelClosed(f"channel {self.name}: {e.strerror or e}") from e
+
+    def peer_closed(self) -> bool:
+        """Whether the peer has closed its end (a look, not a read): True also when
+        the connection failed or this channel was shut down."""
+        try:
+            return self.peek(1) == b""
+        except BlockingIOError:
+            return False
+        except ChannelError:
+            return True
 
     # ---------------------------------------------------------------- numbers
 

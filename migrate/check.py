@@ -6,45 +6,34 @@ route to a destination; one verdict with an exit code. It sends nothing and know
 
 from __future__ import annotations
 
-import array
-import fcntl
 import math
 import os
-import socket
-import struct
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
 
 from zcmigrate.channel.probe import ZeroCopyProbe, probe
+from zcmigrate.channel.route import RouteError, RouteFacts, lookup_route
+from zcmigrate.migrate.errors import CheckError
+from zcmigrate.migrate.memlock import (
+    DEFAULT_IN_FLIGHT_CAP,
+    DEFAULT_PAGES_PER_PACKET,
+    PIN_SLACK_PAGES,
+    LockedMemoryBudget,
+    automatic_in_flight_cap,
+    exact_size,
+    limit_text,
+    locked_memory_budget,
+    locked_memory_needed,
+    option_size,
+)
 
 DEFAULT_MULTIFD_CHANNELS = 2
-# Zero-copy bytes in flight per channel; the migration job imports it from here. Two
-# channels at 4 MiB need 8224 KiB with the kernel's slack: just over the stock 8 MiB
-# RLIMIT_MEMLOCK, which is what check tells an unprivileged user.
-DEFAULT_IN_FLIGHT_CAP = 4 << 20
-# Pages per multifd packet (2 MiB of 4 KiB pages: few Python steps per GiB); the
-# migration's default too (migrate/params.py imports it from here).
-DEFAULT_PAGES_PER_PACKET = 512
 # optmem_max's old default (recent kernels default to 128 KiB); below it QEMU's users hit
 # ENOBUFS from the error queue's notification skbs (seed 003).
 OPTMEM_MIN = 20480
-# mm_account_pinned_pages() charges each MSG_ZEROCOPY call (size >> PAGE_SHIFT) + 2 pages:
-# "worst case", the partial pages at either end of an unaligned buffer.
-PIN_SLACK_PAGES = 2
-
-_KIB = 1 << 10
 _MIB = 1 << 20
-_IFF_LOOPBACK = 0x8
-_ARPHRD_LOOPBACK = 772
-_RTN_LOCAL = 2
-_SIOCETHTOOL = 0x8946
-_ETHTOOL_GSG = 0x18
-# Interfaces that hand every MSG_ZEROCOPY skb to a local receiver, which costs the
-# deferred copy (seed 004, "Loopback"): veth ends in another namespace's stack, tun
-# in a local process.
-_ALWAYS_COPY_KINDS = frozenset({"veth", "tun"})
 
 
 class Verdict(IntEnum):
@@ -71,10 +60,6 @@ VERDICT_TABLE: tuple[tuple[int, str], ...] = (
 )
 
 
-class CheckError(Exception):
-    """The check itself could not be made (as opposed to a verdict against zero copy)."""
-
-
 @dataclass(frozen=True, slots=True)
 class Finding:
     verdict: Verdict
@@ -83,259 +68,6 @@ class Finding:
     def to_dict(self) -> dict[str, Any]:
         return {"code": int(self.verdict), "name": self.verdict.name.lower(),
                 "message": self.message}
-
-
-def exact_size(n: int) -> str:
-    """A byte count exactly, in the largest binary unit that divides it: "8224 KiB"."""
-    for unit, factor in (("GiB", 1 << 30), ("MiB", _MIB), ("KiB", _KIB)):
-        if n and n % factor == 0:
-            return f"{n // factor} {unit}"
-    return f"{n} B"
-
-
-def option_size(n: int) -> str:
-    """A byte count as an option value to copy: "4080K", "4M", "4097"."""
-    for unit, factor in (("G", 1 << 30), ("M", _MIB), ("K", _KIB)):
-        if n and n % factor == 0:
-            return f"{n // factor}{unit}"
-    return str(n)
-
-
-def _limit_text(n: int | None) -> str:
-    return "unlimited" if n is None else exact_size(n)
-
-
-# ------------------------------------------------------------------ locked memory
-
-
-def calls_in_flight(in_flight_cap: int, packet_bytes: int) -> int:
-    """Zero-copy calls one channel may have in flight: one per packet inside the cap.
-
-    A cap below the packet size splits packets into cap-sized calls, one in flight at a
-    time. Short packets (the end of a pass) can add calls, each with its own slack,
-    beside full ones: this estimate leaves that to the channel's ENOBUFS rule (seed 003).
-    """
-    return max(1, math.ceil(in_flight_cap / packet_bytes))
-
-
-def locked_memory_needed(channels: int, in_flight_cap: int, page_size: int,
-                         pages_per_packet: int) -> int:
-    """Bytes the kernel may charge to RLIMIT_MEMLOCK at once for this configuration."""
-    calls = calls_in_flight(in_flight_cap, pages_per_packet * page_size)
-    return channels * (in_flight_cap + calls * PIN_SLACK_PAGES * page_size)
-
-
-def largest_fitting_cap(limit: int, channels: int, page_size: int,
-                        pages_per_packet: int) -> int | None:
-    """The largest page-aligned in-flight cap whose need fits `limit`, None if none does."""
-    per_channel = limit // channels
-    packet = pages_per_packet * page_size
-    slack = PIN_SLACK_PAGES * page_size
-    best = 0
-    # With k calls in flight the cap may reach k packets, less the slack of k calls:
-    # min(k * packet, per_channel - k * slack) peaks where the two meet, at
-    # k = per_channel / (packet + slack); try the whole numbers either side.
-    k0 = max(1, per_channel // (packet + slack))
-    for k in (k0, k0 + 1):
-        cap = min(k * packet, per_channel - k * slack)
-        cap -= cap % page_size
-        if cap > 0:
-            best = max(best, cap)
-    return best or None
-
-
-@dataclass(frozen=True, slots=True)
-class LockedMemoryBudget:
-    channels: int
-    in_flight_cap: int            # bytes per channel
-    page_size: int                # the kernel's page, the unit it charges in
-    pages_per_packet: int
-    calls_per_channel: int
-    needed: int                   # bytes charged at most, all channels together
-    limit: int | None             # RLIMIT_MEMLOCK soft limit; None = unlimited
-    hard_limit: int | None
-    cap_ipc_lock: bool            # pinned pages are not charged at all
-    fits: bool
-    largest_fitting_cap: int | None  # per channel, under the current limit
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def locked_memory_budget(facts: ZeroCopyProbe, channels: int, in_flight_cap: int,
-                         page_size: int, pages_per_packet: int) -> LockedMemoryBudget:
-    if channels < 1 or in_flight_cap < 1 or page_size < 1 or pages_per_packet < 1:
-        raise ValueError("channels, in-flight cap, page size and pages per packet must be >= 1")
-    needed = locked_memory_needed(channels, in_flight_cap, page_size, pages_per_packet)
-    limit = facts.memlock_soft
-    # The kernel skips the charge entirely for CAP_IPC_LOCK (mm_account_pinned_pages).
-    fits = facts.cap_ipc_lock or limit is None or needed <= limit
-    return LockedMemoryBudget(
-        channels=channels,
-        in_flight_cap=in_flight_cap,
-        page_size=page_size,
-        pages_per_packet=pages_per_packet,
-        calls_per_channel=calls_in_flight(in_flight_cap, pages_per_packet * page_size),
-        needed=needed,
-        limit=limit,
-        hard_limit=facts.memlock_hard,
-        cap_ipc_lock=facts.cap_ipc_lock,
-        fits=fits,
-        largest_fitting_cap=(
-            None if limit is None
-            else largest_fitting_cap(limit, channels, page_size, pages_per_packet)
-        ),
-    )
-
-
-def automatic_in_flight_cap(facts: ZeroCopyProbe, channels: int,
-                            pages_per_packet: int) -> int | None:
-    """The in-flight cap `send` and `check` use unless told: none where no limit applies
-    (CAP_IPC_LOCK, or RLIMIT_MEMLOCK unlimited), else DEFAULT_IN_FLIGHT_CAP shrunk to what
-    fits the limit. ValueError, naming the remedies, when not even one page fits."""
-    limit = facts.memlock_soft
-    if facts.cap_ipc_lock or limit is None:
-        return None
-    page_size = os.sysconf("SC_PAGE_SIZE")
-    fit = largest_fitting_cap(limit, channels, page_size, pages_per_packet)
-    if fit is None:
-        raise ValueError(
-            f"the locked-memory limit of {exact_size(limit)} is too small for zero copy on "
-            f"{channels} channels: raise LimitMEMLOCK, grant CAP_IPC_LOCK, or set "
-            "multifd-zerocopy off"
-        )
-    return min(DEFAULT_IN_FLIGHT_CAP, fit)
-
-
-# -------------------------------------------------------------------------- route
-
-
-@dataclass(frozen=True, slots=True)
-class RouteFacts:
-    destination: str              # as given
-    address: str                  # what it resolved to, the first getaddrinfo answer
-    ifindex: int
-    ifname: str
-    kind: str                     # "loopback", "veth" or "other"
-    info_kind: str | None         # IFLA_INFO_KIND as the kernel names it; None: a device
-    local: bool                   # the route is of type local: the address is this host's
-    gateway: str | None
-    scatter_gather: bool | None   # ETHTOOL_GSG of the interface; None: not known
-    always_copies: bool
-    reason: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def split_host(destination: str) -> str:
-    """The host of "HOST", "HOST:PORT", "[V6]:PORT" or a bare IPv6 address."""
-    if destination.startswith("["):
-        host, sep, _ = destination[1:].partition("]")
-        if not sep:
-            raise CheckError(f"destination {destination!r}: missing ']'")
-        return host
-    if destination.count(":") == 1:
-        return destination.partition(":")[0]
-    return destination
-
-
-def resolve(destination: str) -> str:
-    host = split_host(destination)
-    try:
-        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
-    except socket.gaierror as e:
-        raise CheckError(f"cannot resolve destination {host!r}: {e.strerror}") from e
-    # The first answer is the one a connect() would try first.
-    return str(infos[0][4][0])
-
-
-def scatter_gather(ifname: str) -> bool | None:
-    """Whether the interface does scatter-gather (`ethtool -k`), None if it cannot say.
-
-    Without it TCP copies every MSG_ZEROCOPY send and flags it COPIED (seed 004).
-    """
-    value = array.array("I", [_ETHTOOL_GSG, 0])
-    # struct ifreq: the name, then ifr_data pointing at struct ethtool_value.
-    ifreq = struct.pack("16sP", ifname.encode(), value.buffer_info()[0]).ljust(40, b"\0")
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            fcntl.ioctl(s.fileno(), _SIOCETHTOOL, ifreq)
-    except OSError:
-        return None  # no ethtool ops (EOPNOTSUPP), or no IPv4 sockets allowed
-    return bool(value[1])
-
-
-def _classify(ifname: str, flags: int, arphrd: int, info_kind: str | None,
-              local: bool) -> tuple[str, bool, bool | None, str]:
-    """(kind, always_copies, scatter_gather, reason) for the interface a route leaves by."""
-    if local or flags & _IFF_LOOPBACK or arphrd == _ARPHRD_LOOPBACK or ifname == "lo":
-        return ("loopback", True, None,
-                "the destination is this host: loopback always copies "
-                "(seed 004, 'Loopback': deferred copy to a local socket)")
-    if info_kind in _ALWAYS_COPY_KINDS:
-        kind = "veth" if info_kind == "veth" else "other"
-        return (kind, True, None,
-                f"{info_kind} hands packets to a local stack: always copies "
-                "(seed 004, 'Loopback': deferred copy)")
-    sg = scatter_gather(ifname)
-    if sg is False:
-        return ("other", True, sg,
-                f"{ifname} has no scatter-gather: the kernel copies every zero-copy send")
-    if sg is True:
-        return ("other", False, sg,
-                f"{ifname} does scatter-gather: zero copy can pay off "
-                "(flush() still reports any copy)")
-    return ("other", False, sg,
-            f"{ifname}: scatter-gather support decides "
-            f"(`ethtool -k {ifname} | grep scatter-gather`)")
-
-
-def lookup_route(destination: str) -> RouteFacts:
-    """Which interface the route to `destination` leaves by, and whether it copies."""
-    # Imported here: pyroute2 is slow to import, and the migration job imports this
-    # module for DEFAULT_IN_FLIGHT_CAP alone.
-    from pyroute2 import IPRoute
-    from pyroute2.netlink.exceptions import NetlinkError
-
-    address = resolve(destination)
-    with IPRoute() as ipr:
-        try:
-            routes = ipr.route("get", dst=address)
-        except NetlinkError as e:
-            raise CheckError(f"no route to {destination} ({address}): "
-                             f"{os.strerror(e.code)}") from e
-        route = next(iter(routes))
-        oif = route.get("RTA_OIF")
-        if oif is None:
-            # A multipath route spreads connections over several interfaces.
-            raise CheckError(f"the route to {destination} ({address}) has no single "
-                             "output interface (multipath?); check each next hop's address")
-        ifindex = int(oif)
-        try:
-            link = next(iter(ipr.link("get", index=ifindex)))
-        except NetlinkError as e:
-            raise CheckError(f"route to {address} leaves by interface {ifindex}, "
-                             f"which cannot be read: {os.strerror(e.code)}") from e
-    linkinfo = link.get("IFLA_LINKINFO")
-    info_kind = linkinfo.get("IFLA_INFO_KIND") if linkinfo is not None else None
-    ifname = str(link.get("IFLA_IFNAME"))
-    local = route["type"] == _RTN_LOCAL
-    kind, copies, sg, reason = _classify(ifname, int(link["flags"]), int(link["ifi_type"]),
-                                         info_kind, local)
-    return RouteFacts(
-        destination=destination,
-        address=address,
-        ifindex=ifindex,
-        ifname=ifname,
-        kind=kind,
-        info_kind=info_kind,
-        local=local,
-        gateway=route.get("RTA_GATEWAY"),
-        scatter_gather=sg,
-        always_copies=copies,
-        reason=reason,
-    )
 
 
 # ------------------------------------------------------------------------ verdict
@@ -347,7 +79,7 @@ def _memlock_remedy(b: LockedMemoryBudget) -> str:
     raise_to = option_size(math.ceil(b.needed / _MIB) * _MIB)
     remedies = [f"raise LimitMEMLOCK to {raise_to}"]
     if b.hard_limit is None or b.hard_limit >= b.needed:
-        remedies[0] += f" (the hard limit {_limit_text(b.hard_limit)} allows it: ulimit -l)"
+        remedies[0] += f" (the hard limit {limit_text(b.hard_limit)} allows it: ulimit -l)"
     remedies.append("or grant CAP_IPC_LOCK")
     if b.largest_fitting_cap is not None:
         remedies.append(f"or use --in-flight-cap {option_size(b.largest_fitting_cap)} or less")
@@ -366,7 +98,7 @@ def assess(facts: ZeroCopyProbe, budget: LockedMemoryBudget,
                                     budget.pages_per_packet)
         findings.append(Finding(
             Verdict.MEMLOCK_THROTTLES,
-            f"zero copy: works, but RLIMIT_MEMLOCK ({_limit_text(budget.limit)}) holds the "
+            f"zero copy: works, but RLIMIT_MEMLOCK ({limit_text(budget.limit)}) holds the "
             f"in-flight cap to {exact_size(budget.in_flight_cap)} per channel instead of "
             f"{exact_size(DEFAULT_IN_FLIGHT_CAP)}, so senders wait for completions; raise "
             f"LimitMEMLOCK to {option_size(full)} or grant CAP_IPC_LOCK for full speed",
@@ -384,7 +116,7 @@ def assess(facts: ZeroCopyProbe, budget: LockedMemoryBudget,
             f"({exact_size(budget.in_flight_cap)} in-flight cap + "
             f"{budget.calls_per_channel} calls x {PIN_SLACK_PAGES} pages slack) = "
             f"{exact_size(budget.needed)} needed, RLIMIT_MEMLOCK is "
-            f"{_limit_text(budget.limit)}; {_memlock_remedy(budget)}",
+            f"{limit_text(budget.limit)}; {_memlock_remedy(budget)}",
         ))
     if route is not None and route.always_copies:
         findings.append(Finding(
@@ -431,8 +163,8 @@ class CheckReport:
         p, b, r = self.probe, self.budget, self.route
         yield ("kernel: SO_ZEROCOPY on TCP: "
                + ("supported" if p.tcp_zero_copy else f"refused ({p.tcp_zero_copy_error})"))
-        yield (f"locked memory: RLIMIT_MEMLOCK soft {_limit_text(p.memlock_soft)}, hard "
-               f"{_limit_text(p.memlock_hard)}; CAP_IPC_LOCK "
+        yield (f"locked memory: RLIMIT_MEMLOCK soft {limit_text(p.memlock_soft)}, hard "
+               f"{limit_text(p.memlock_hard)}; CAP_IPC_LOCK "
                + ("held: pinned pages are not charged" if p.cap_ipc_lock else "not held"))
         verdict = "fits" if b.fits else "does not fit"
         if b.fits and b.cap_ipc_lock:
@@ -471,7 +203,10 @@ def run_check(channels: int = DEFAULT_MULTIFD_CHANNELS,
         in_flight_cap = in_flight_cap or DEFAULT_IN_FLIGHT_CAP
     page_size = os.sysconf("SC_PAGE_SIZE")
     budget = locked_memory_budget(facts, channels, in_flight_cap, page_size, pages_per_packet)
-    route = lookup_route(destination) if destination else None
+    try:
+        route = lookup_route(destination) if destination else None
+    except RouteError as e:
+        raise CheckError(str(e)) from e
     return CheckReport(facts, budget, route,
                        assess(facts, budget, route, automatic_cap=automatic))
 

@@ -12,13 +12,13 @@ import click
 
 from zcmigrate.migrate.check import (
     DEFAULT_MULTIFD_CHANNELS,
-    DEFAULT_PAGES_PER_PACKET,
     EXIT_CHECK_FAILED,
     VERDICT_TABLE,
-    CheckError,
     run_check,
 )
 from zcmigrate.migrate.cli_types import SizeType, json_option
+from zcmigrate.migrate.errors import CheckError
+from zcmigrate.migrate.memlock import DEFAULT_PAGES_PER_PACKET
 from zcmigrate.multifd.wire import MAX_CHANNELS, MAX_PAGES_ALLOC
 
 _EPILOG = "\b\nExit codes (the most severe finding wins):\n" + "\n".join(

@@ -15,15 +15,15 @@ from typing import Any
 import click
 
 from zcmigrate.migrate.cli_types import BandwidthType, SizeType
+from zcmigrate.migrate.errors import MigrationError, ParameterError
 from zcmigrate.migrate.params import (
     DEFAULT_CHANNELS,
     DEFAULT_DOWNTIME_LIMIT_MS,
     DEFAULT_MAX_ITERATIONS,
     MigrationParameters,
-    ParameterError,
 )
 from zcmigrate.migrate.progress import ProgressDisplay
-from zcmigrate.migrate.source import MigrationError, SourceJob
+from zcmigrate.migrate.source import SourceJob
 from zcmigrate.migrate.stats import MigrationStats
 
 EXIT_CODES = """\b

@@ -15,7 +15,7 @@ import threading
 from pathlib import Path
 from typing import Any, Protocol
 
-from zcmigrate.migrate.params import ParameterError
+from zcmigrate.migrate.errors import ControlError, ParameterError
 from zcmigrate.migrate.stats import MigrationStats
 
 MAX_REQUEST = 64 * 1024
@@ -25,10 +25,6 @@ class Controlled(Protocol):
     def snapshot(self) -> MigrationStats: ...
     def cancel(self, reason: str = ...) -> bool: ...
     def set_parameter(self, name: str, value: int) -> None: ...
-
-
-class ControlError(Exception):
-    pass
 
 
 def runtime_dir() -> Path:

@@ -10,33 +10,38 @@ from __future__ import annotations
 
 import contextlib
 import hmac
-import mmap
 import os
 import secrets
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import structlog
 
 from zcmigrate.channel.errors import AcceptTimeout, ChannelError
 from zcmigrate.channel.zcsocket import Channel, Listener
-from zcmigrate.migrate.durable import fsync_dir, write_atomic
-from zcmigrate.migrate.guest import state_path
-from zcmigrate.migrate.mainchannel import MainChannel, MainChannelTimeout
+from zcmigrate.migrate.errors import ReceiveCancelled, ReceiveError
+from zcmigrate.migrate.imagefiles import state_path
+from zcmigrate.migrate.incoming import IncomingImage
+from zcmigrate.migrate.mainchannel import MainChannel
 from zcmigrate.migrate.protocol import (
     NONCE_SIZE,
+    Cancel,
+    CommitAck,
+    DeviceStateRecord,
+    EndOfRam,
+    Error,
+    Greeting,
     Hello,
+    HelloAck,
+    MultifdFlush,
     Record,
-    RecordType,
+    Role,
+    Writeback,
+    WritebackDone,
     auth_mac,
-    decode_flush,
-    encode_error,
-    encode_greeting,
-    encode_record,
-    error_message,
 )
 from zcmigrate.migrate.stats import RECEIVE_FIELDS, channel_dict
 from zcmigrate.multifd.exiting import Exiting, MultifdError
@@ -46,16 +51,6 @@ from zcmigrate.multifd.wire import InitTracker, ProtocolError, RemoteProtocolErr
 log = structlog.get_logger("zcmigrate.destination")
 
 HANDSHAKE_TIMEOUT = 30.0
-
-
-class ReceiveError(Exception):
-    """The incoming migration failed; nothing was committed."""
-
-    exit_code = 1
-
-
-class ReceiveCancelled(ReceiveError):
-    exit_code = 4
 
 
 @dataclass
@@ -91,8 +86,7 @@ class ReceiveResult:
         }
 
 
-def incoming_path(image: Path) -> Path:
-    return image.with_name(image.name + ".incoming")
+R = TypeVar("R", bound=Record)
 
 
 class DestinationJob:
@@ -115,11 +109,10 @@ class DestinationJob:
         self.exiting = Exiting()
         self._main: MainChannel | None = None
         self._pool: ReceiverPool | None = None
-        self._map: mmap.mmap | None = None
-        self._fd = -1
-        self._incoming = incoming_path(self.image)
-        self._created = False
-        self._writeback: threading.Thread | None = None
+        self._incoming = IncomingImage(self.image)
+        self._syncs = 0
+        self._committed = False
+        self._uuid = ""
         self.log = log.bind(image=str(self.image))
 
     def cancel(self, reason: str = "stopped") -> None:
@@ -130,9 +123,8 @@ class DestinationJob:
             self._main.shutdown()
 
     def run(self) -> ReceiveResult:
-        t0 = time.monotonic()
         try:
-            return self._run(t0)
+            return self._run()
         except BaseException as e:
             err = self._fail(e)
             raise err from e
@@ -141,83 +133,62 @@ class DestinationJob:
 
     # ----------------------------------------------------------------- main
 
-    def _run(self, t0: float) -> ReceiveResult:
+    def _check_exiting(self) -> None:
+        if self.exiting.is_set():
+            err = self.exiting.error
+            raise err if err is not None else ReceiveError("stopped")
+
+    def _expect(self, kind: type[R]) -> R:
+        """The next record, which the table allows only as `kind` or ERROR here."""
+        assert self._main is not None
+        rec = self._main.recv(HANDSHAKE_TIMEOUT, abort=self._check_exiting)
+        if isinstance(rec, Error):
+            raise ReceiveError(f"source gave up: {rec.message}")
+        if not isinstance(rec, kind):  # the table admits nothing else; a bug if it did
+            raise ReceiveError(f"expected {kind.TYPE.name}, got {rec.TYPE.name}")
+        return rec
+
+    def _run(self) -> ReceiveResult:
         self.status("waiting for a migration")
-        main = MainChannel(self.listener.accept(timeout=self.accept_timeout, name="main"))
+        main = MainChannel(self.listener.accept(timeout=self.accept_timeout, name="main"),
+                           Role.DESTINATION)
         self._main = main
         t0 = time.monotonic()  # the migration starts when its main channel arrives
         nonce = secrets.token_bytes(NONCE_SIZE)
-        main.send(encode_greeting(nonce))
-        rec = main.recv(timeout=HANDSHAKE_TIMEOUT)
-        if rec.type is RecordType.ERROR:
-            raise ReceiveError(f"source gave up: {error_message(rec)}")
-        hello = Hello.decode(rec)
+        main.send(Greeting(nonce))
+        hello = self._expect(Hello)
         if self.auth_key is not None:
             expected = auth_mac(self.auth_key, nonce, hello.uuid)
             if not hmac.compare_digest(expected, hello.auth):
                 raise RemoteProtocolError("authentication failed: the source does not hold "
                                           "this receiver's key")
         ctx = hello.context()
-        uuid = hello.uuid.hex()
+        uuid = self._uuid = hello.uuid.hex()
         self.log = self.log.bind(uuid=uuid[:8])
-        self._create_incoming(ctx.image_size)
-        main.send(encode_record(RecordType.HELLO_ACK))
+        self._incoming.create(ctx.image_size)
+        main.send(HelloAck())
         self.status(f"migration {uuid[:8]}: {ctx.image_size >> 20} MiB, {ctx.channels} channels")
         self.log.info("hello", channels=ctx.channels, image_size=ctx.image_size,
                       page_size=ctx.page_size, zero_copy=hello.zero_copy)
 
         channels = self._accept_data_channels(InitTracker(ctx), ctx.channels)
-        assert self._map is not None
-        self._pool = ReceiverPool(channels, ctx, self._map, known_zero=True,
+        self._pool = ReceiverPool(channels, ctx, self._incoming.mapping, known_zero=True,
                                   exiting=self.exiting)
         self._pool.start()
 
-        final_seen = end_seen = False
-        syncs = 0
-        while True:
-            rec = self._next_record(main)
-            if rec.type is RecordType.MULTIFD_FLUSH:
-                iteration, final = decode_flush(rec)
-                if final_seen:
-                    raise RemoteProtocolError("MULTIFD_FLUSH after the final one")
-                # Every data channel must reach this SYNC before any moves past it: a
-                # page of the next iteration never lands before one of this iteration.
-                self._pool.sync(timeout=None)
-                syncs += 1
-                final_seen = final
-                if not final:
-                    self._start_writeback()
-                self.status(f"migration {uuid[:8]}: iteration {iteration} synced")
-            elif rec.type is RecordType.WRITEBACK:
-                if final_seen:
-                    raise RemoteProtocolError("WRITEBACK after the final MULTIFD_FLUSH")
-                # Everything received is in place (the source sends this right after a
-                # sync): make it durable now, while the source guest still runs.
-                if self._writeback is not None:
-                    self._writeback.join()
-                os.fdatasync(self._fd)
-                main.send(encode_record(RecordType.WRITEBACK_DONE))
-            elif rec.type is RecordType.END_OF_RAM:
-                if not final_seen:
-                    raise RemoteProtocolError("END_OF_RAM before the final MULTIFD_FLUSH")
-                end_seen = True
-            elif rec.type is RecordType.DEVICE_STATE:
-                # The device state is applied only after every data channel has reached
-                # the final sync (the invariant, point 3).
-                if not (final_seen and end_seen):
-                    raise RemoteProtocolError(
-                        "DEVICE_STATE before the final sync of every data channel"
-                    )
-                self.status(f"migration {uuid[:8]}: committing")
-                self._commit(rec.payload)
-                main.send(encode_record(RecordType.COMMIT_ACK))
-                break
-            elif rec.type is RecordType.CANCEL:
-                raise ReceiveCancelled("the source cancelled the migration")
-            elif rec.type is RecordType.ERROR:
-                raise ReceiveError(f"the source failed: {error_message(rec)}")
-            else:
-                raise RemoteProtocolError(f"main channel: unexpected {rec.type.name}")
+        # What each record makes us do; the conversation table has already refused any
+        # record that is out of order, so no handler checks what came before.
+        handlers: dict[type[Record], Callable[[Record], None]] = {
+            MultifdFlush: self._on_flush,
+            Writeback: self._on_writeback,
+            EndOfRam: self._on_end_of_ram,
+            DeviceStateRecord: self._on_device_state,
+            Cancel: self._on_cancel,
+            Error: self._on_error,
+        }
+        while not self._committed:
+            rec = main.recv(None, abort=self._check_exiting)
+            handlers[type(rec)](rec)
 
         stats = self._pool.statistics()
         per = [channel_dict(c, RECEIVE_FIELDS) for c in stats.channels]
@@ -231,24 +202,54 @@ class DestinationJob:
             normal_pages=sum(c["normal_pages"] for c in per),
             zero_pages=sum(c["zero_pages"] for c in per),
             bytes_received=sum(c["bytes"] for c in per),
-            syncs=syncs,
+            syncs=self._syncs,
             total_time_ms=(time.monotonic() - t0) * 1000,
             per_channel=per,
         )
         self.log.info("committed", normal=result.normal_pages, zero=result.zero_pages,
-                      syncs=syncs)
+                      syncs=self._syncs)
         self.status(f"migration {uuid[:8]}: committed")
         return result
 
-    def _next_record(self, main: MainChannel) -> Record:
-        """The next main-channel record; a failed data channel ends the wait too."""
-        while True:
-            try:
-                return main.recv(timeout=0.25)
-            except MainChannelTimeout:
-                if self.exiting.is_set():
-                    err = self.exiting.error
-                    raise (err if err is not None else ReceiveError("stopped")) from None
+    # ------------------------------------------------------- record handlers
+
+    def _on_flush(self, rec: Record) -> None:
+        assert isinstance(rec, MultifdFlush) and self._pool is not None
+        # Every data channel must reach this SYNC before any moves past it: a page of the
+        # next iteration never lands before one of this iteration.
+        self._pool.sync(timeout=None)
+        self._syncs += 1
+        self._incoming.start_writeback()
+        self.status(f"migration {self._uuid[:8]}: iteration {rec.iteration} synced")
+
+    def _on_writeback(self, rec: Record) -> None:
+        assert self._main is not None
+        # Everything received is in place (the source sends this right after a sync):
+        # make it durable now, while the source guest still runs.
+        self._incoming.writeback()
+        self._main.send(WritebackDone())
+
+    def _on_end_of_ram(self, rec: Record) -> None:
+        assert isinstance(rec, EndOfRam) and self._pool is not None
+        # The final sync: every channel's last pages are in place once it is through.
+        self._pool.sync(timeout=None)
+        self._syncs += 1
+
+    def _on_device_state(self, rec: Record) -> None:
+        assert isinstance(rec, DeviceStateRecord) and self._main is not None
+        # The table lets the device state in only after END_OF_RAM, whose sync every data
+        # channel has passed: it is applied after the final sync (the invariant, point 3).
+        self.status(f"migration {self._uuid[:8]}: committing")
+        self._incoming.commit(rec.data)
+        self._committed = True
+        self._main.send(CommitAck())
+
+    def _on_cancel(self, rec: Record) -> None:
+        raise ReceiveCancelled("the source cancelled the migration")
+
+    def _on_error(self, rec: Record) -> None:
+        assert isinstance(rec, Error)
+        raise ReceiveError(f"the source failed: {rec.message}")
 
     def _accept_data_channels(self, tracker: InitTracker, n: int) -> list[Channel]:
         """The N data channels of this migration, by id; strangers are turned away."""
@@ -288,60 +289,6 @@ class DestinationJob:
             raise
         return [got[i] for i in range(n)]
 
-    # ------------------------------------------------------------- storage
-
-    def _create_incoming(self, size: int) -> None:
-        parent = self.image.parent
-        if not parent.is_dir():
-            raise ReceiveError(f"destination directory {parent} does not exist")
-        with contextlib.suppress(FileNotFoundError):
-            self._incoming.unlink()  # a leftover of a failed migration: never committed
-        try:
-            fd = os.open(self._incoming, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
-                         0o600)
-        except OSError as e:
-            raise ReceiveError(f"cannot create {self._incoming}: {e.strerror}") from e
-        self._fd = fd
-        self._created = True
-        try:
-            # A sparse file reads as zero: pages sent as zero need no write at all.
-            os.ftruncate(fd, size)
-            self._map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        except OSError as e:
-            raise ReceiveError(f"cannot size {self._incoming} to {size} bytes: {e.strerror}") \
-                from e
-
-    def _start_writeback(self) -> None:
-        """Write received pages back in the background, so the commit's fsync has little
-        left to do while the guest is paused (downtime). fdatasync releases the GIL."""
-        if self._writeback is not None and self._writeback.is_alive():
-            return
-        fd = self._fd
-
-        def writeback() -> None:
-            with contextlib.suppress(OSError):
-                os.fdatasync(fd)
-
-        self._writeback = threading.Thread(target=writeback, name="writeback", daemon=True)
-        self._writeback.start()
-
-    def _commit(self, device_state: bytes) -> None:
-        """Make image and device state durable, then swap them in (the commit point)."""
-        assert self._map is not None
-        if self._writeback is not None:
-            self._writeback.join()
-        self._map.flush()
-        os.fsync(self._fd)
-        state_file = state_path(self.image)
-        # No window where a new image sits beside an old state: the old state goes
-        # first, so a crash in between leaves an image without a state (uncommitted).
-        with contextlib.suppress(FileNotFoundError):
-            state_file.unlink()
-        os.replace(self._incoming, self.image)
-        self._created = False
-        fsync_dir(self.image.parent)
-        write_atomic(state_file, device_state)
-
     # ------------------------------------------------------------- failure
 
     def _pending_cancel(self) -> bool:
@@ -351,10 +298,10 @@ class DestinationJob:
             return False
         with contextlib.suppress(Exception):
             while True:
-                rec = self._main.recv(timeout=0.5)
-                if rec.type is RecordType.CANCEL:
+                rec = self._main.recv(0.5)
+                if isinstance(rec, Cancel):
                     return True
-                if rec.type is RecordType.ERROR:
+                if isinstance(rec, Error):
                     return False
         return False
 
@@ -369,11 +316,8 @@ class DestinationJob:
             cause = self.exiting.error or exc
             err = ReceiveError(f"migration failed: {cause}")
         self.exiting.set(err, "destination")
-        if self._main is not None and not self._main.closed and not isinstance(
-            exc, ReceiveCancelled
-        ):
-            with contextlib.suppress(Exception):
-                self._main.send(encode_error(str(err)))
+        if self._main is not None and not isinstance(exc, ReceiveCancelled):
+            self._main.send_error(str(err))
         self.log.error("receive failed, nothing committed", error=str(err))
         self.status(f"failed: {err}")
         return err
@@ -383,16 +327,4 @@ class DestinationJob:
             self._pool.close()
         if self._main is not None:
             self._main.close()
-        if self._map is not None:
-            with contextlib.suppress(BufferError):
-                self._map.close()
-        if self._writeback is not None:
-            self._writeback.join()
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-        if self._created:
-            # Discard: what was received is worth nothing without the device state.
-            with contextlib.suppress(FileNotFoundError):
-                self._incoming.unlink()
-            self._created = False
+        self._incoming.close()

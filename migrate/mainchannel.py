@@ -1,57 +1,108 @@
-"""The main channel's I/O: records from migrate/protocol.py over a channel.Channel.
+"""The main channel's I/O: the records of migrate/protocol.py over a channel.Channel, each
+checked against the conversation table (migrate/conversation.py) in both directions.
 
-Framing only; what a record means is the job's business. It knows nothing of pages.
+Framing, deadlines and order only; what a record means is the job's business. It knows
+nothing of pages or guests.
 """
 
 from __future__ import annotations
 
-import select
-import socket
+import contextlib
+import time
+from collections.abc import Callable
 
+from zcmigrate import ZcmigrateError
+from zcmigrate.channel.errors import ReadTimeout
 from zcmigrate.channel.zcsocket import Channel
-from zcmigrate.migrate.protocol import RECORD_HEADER_SIZE, Record, RecordType, decode_record_header
+from zcmigrate.migrate.conversation import Conversation, Phase
+from zcmigrate.migrate.protocol import (
+    DEVICE_STATE_MAX,
+    RECORD_HEADER_SIZE,
+    Error,
+    Record,
+    RecordType,
+    Role,
+    decode_header,
+    decode_record,
+)
 from zcmigrate.multifd.wire import RemoteProtocolError
-from zcmigrate.native import lib
+
+# A record that has begun to arrive must arrive whole within this: its sender wrote it in
+# one go, so only a dead or hostile peer takes longer.
+RECORD_TIMEOUT = 10.0
+# How often a wait for the next record looks at its abort check (a cancel, a failed pool).
+_SLICE = 0.25
 
 
-class MainChannelTimeout(Exception):
-    pass
+class MainChannelTimeout(ZcmigrateError):
+    """No record within the time the caller allowed."""
 
 
 class MainChannel:
-    def __init__(self, channel: Channel) -> None:
+    def __init__(self, channel: Channel, role: Role, *,
+                 device_state_max: int = DEVICE_STATE_MAX) -> None:
         self.channel = channel
+        self.conversation = Conversation(role)
+        self._device_state_max = device_state_max
 
-    def send(self, data: bytes) -> None:
-        self.channel.write_all(data)
+    @property
+    def phase(self) -> Phase:
+        return self.conversation.phase
 
-    def recv(self, timeout: float | None = None) -> Record:
-        """The next record; MainChannelTimeout if none starts within `timeout` seconds."""
-        if timeout is not None:
-            # Wait for the first byte only: a record that has started arrives whole.
-            rev = lib.zc_poll(self.channel.fileno(), select.POLLIN, max(0, int(timeout * 1000)))
-            if rev == 0:
-                raise MainChannelTimeout(f"no record within {timeout:g} s")
-        head = self.channel.read_exact(RECORD_HEADER_SIZE)
-        rtype, length = decode_record_header(head)
-        payload = bytes(self.channel.read_exact(length)) if length else b""
-        return Record(rtype, payload)
+    def send(self, record: Record) -> None:
+        """Send `record`; LocalProtocolError (nothing sent) if the table forbids it now."""
+        self.conversation.send(record)
+        self.channel.write_all(record.encode())
 
-    def expect(self, *types: RecordType, timeout: float | None = None) -> Record:
-        rec = self.recv(timeout)
-        if rec.type not in types and rec.type not in (RecordType.ERROR, RecordType.CANCEL):
-            names = " or ".join(t.name for t in types)
-            raise RemoteProtocolError(f"main channel: expected {names}, got {rec.type.name}")
-        return rec
+    def recv(self, timeout: float | None = None, *,
+             abort: Callable[[], None] | None = None) -> Record:
+        """The next record, checked against the table.
+
+        MainChannelTimeout if none starts within `timeout` seconds (None: no limit). While
+        waiting, `abort()` is called every quarter second: it raises to end the wait (a
+        cancel, a failed data channel). A record that has started must be whole within
+        RECORD_TIMEOUT; its length is checked against its type's limit before it is read.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if abort is not None:
+                abort()
+            wait = _SLICE if abort is not None else None
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise MainChannelTimeout(f"no record from the {self._peer} within "
+                                             f"{timeout:g} s")
+                wait = left if wait is None else min(wait, left)
+            if self.channel.wait_readable(wait):
+                break
+        try:
+            head = self.channel.read_exact(RECORD_HEADER_SIZE, RECORD_TIMEOUT)
+            rtype, length = decode_header(head, self._device_state_max)
+            payload = bytes(self.channel.read_exact(length, RECORD_TIMEOUT)) if length else b""
+        except ReadTimeout as e:
+            raise RemoteProtocolError(f"main channel: a record from the {self._peer} stalled "
+                                      f"half-way ({e})") from None
+        record = decode_record(rtype, payload)
+        self.conversation.receive(record)
+        return record
+
+    @property
+    def _peer(self) -> str:
+        return self.conversation.role.peer.value
+
+    def send_error(self, message: str) -> bool:
+        """Tell the peer we give up, if the table allows it (never once the commit has
+        started) and the channel still works; True if sent. Never raises."""
+        if self.closed or not self.conversation.may_send(RecordType.ERROR):
+            return False
+        with contextlib.suppress(ZcmigrateError, OSError):
+            self.send(Error(message))
+            return True
+        return False
 
     def peer_closed(self) -> bool:
-        """Whether the peer has closed the connection (a look, not a read)."""
-        try:
-            return self.channel.socket.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
-        except BlockingIOError:
-            return False
-        except OSError:
-            return True
+        return self.channel.peer_closed()
 
     def shutdown(self) -> None:
         self.channel.shutdown()
@@ -62,4 +113,3 @@ class MainChannel:
     @property
     def closed(self) -> bool:
         return self.channel.is_shut_down
-

@@ -8,16 +8,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from zcmigrate.migrate.check import DEFAULT_PAGES_PER_PACKET
+from zcmigrate.migrate.errors import ParameterError
+from zcmigrate.migrate.memlock import DEFAULT_PAGES_PER_PACKET
 from zcmigrate.multifd.wire import MAX_CHANNELS, MAX_PAGES_ALLOC
 
 DEFAULT_CHANNELS = 2
 DEFAULT_DOWNTIME_LIMIT_MS = 300  # QEMU's default
 DEFAULT_MAX_ITERATIONS = 30
-
-
-class ParameterError(ValueError):
-    """A parameter out of range; the message names it and says what is allowed."""
 
 
 @dataclass(slots=True)

@@ -1,8 +1,10 @@
-"""The main channel's records: greeting, hello, flush, end of RAM, device state, commit, error.
+"""The main channel's records: one frozen class per record type, and their bytes.
 
 Sans-I/O like multifd/wire.py: bytes in, records out, and the reverse; it never touches
-a socket. Every record is a 12-byte big-endian header (magic, version, type, length)
-and a payload. docs/protocol.md is the reference. It must not know threads or guests.
+a socket. Every record is a 12-byte big-endian header (magic, version, type, length) and
+a payload, JSON for all but the device state. Which record may come when is the table in
+migrate/conversation.py. docs/protocol.md is the reference. It must not know threads,
+guests or the CLI.
 """
 
 from __future__ import annotations
@@ -12,19 +14,23 @@ import hashlib
 import hmac
 import json
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar, TypeVar
 
 from zcmigrate.multifd.wire import LocalProtocolError, RemoteProtocolError, WireContext
 
 MAIN_MAGIC = 0x5A434D47  # "ZCMG": a data channel (0x11223344) is never mistaken for it
-MAIN_VERSION = 1
+MAIN_VERSION = 2
 RECORD_HEADER = struct.Struct(">IHHI")
 RECORD_HEADER_SIZE = RECORD_HEADER.size
-# The largest record we accept: the device state is small (a guest's registers), and a
-# length field from the network must not make us allocate gigabytes.
-MAX_PAYLOAD = 16 << 20
 NONCE_SIZE = 32
+ERROR_MESSAGE_MAX = 4096
+# The device state is small (a guest's registers); its bound is the one size a receiver
+# may raise (decode_header's device_state_max), every other record's is fixed here. No
+# sender sends more than the hard bound.
+DEVICE_STATE_MAX = 1 << 20
+DEVICE_STATE_HARD_MAX = 64 << 20
 
 
 class RecordType(enum.IntEnum):
@@ -32,7 +38,7 @@ class RecordType(enum.IntEnum):
     HELLO = 2  # src -> dst: migration UUID, parameters, image and page size, auth MAC
     HELLO_ACK = 3  # dst -> src: the destination is ready for the data channels
     MULTIFD_FLUSH = 4  # src -> dst: every data channel has sent SYNC for this iteration
-    END_OF_RAM = 5  # src -> dst: no page follows
+    END_OF_RAM = 5  # src -> dst: every data channel has sent its final SYNC; no page follows
     DEVICE_STATE = 6  # src -> dst: the paused guest's device state
     COMMIT_ACK = 7  # dst -> src: image and device state are durable
     ERROR = 8  # either way: the sender gives up, with a message
@@ -41,34 +47,35 @@ class RecordType(enum.IntEnum):
     WRITEBACK_DONE = 11  # dst -> src: done; the commit has only the last pages left
 
 
-@dataclass(frozen=True, slots=True)
-class Record:
-    type: RecordType
-    payload: bytes
+class Role(enum.Enum):
+    """Which end of the main channel: every record type is sent by one of them (or both)."""
 
-    def json(self) -> dict[str, Any]:
-        """The payload as a JSON object; RemoteProtocolError if it is not one."""
-        try:
-            obj = json.loads(self.payload)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise RemoteProtocolError(f"{self.type.name}: payload is not JSON: {e}") from e
-        if not isinstance(obj, dict):
-            raise RemoteProtocolError(f"{self.type.name}: payload is not a JSON object")
-        return obj
+    SOURCE = "source"
+    DESTINATION = "destination"
+
+    @property
+    def peer(self) -> Role:
+        return Role.DESTINATION if self is Role.SOURCE else Role.SOURCE
 
 
-def encode_record(rtype: RecordType, payload: bytes = b"") -> bytes:
-    if len(payload) > MAX_PAYLOAD:
-        raise LocalProtocolError(f"{rtype.name}: payload of {len(payload)} bytes is too large")
-    return RECORD_HEADER.pack(MAIN_MAGIC, MAIN_VERSION, int(rtype), len(payload)) + payload
+BOTH = frozenset(Role)
 
 
-def encode_json(rtype: RecordType, obj: dict[str, Any]) -> bytes:
-    return encode_record(rtype, json.dumps(obj, sort_keys=True, separators=(",", ":")).encode())
+# ------------------------------------------------------------------ framing
 
 
-def decode_record_header(data: bytes | bytearray | memoryview) -> tuple[RecordType, int]:
-    """Check a record header; return its type and payload length."""
+def encode_header(rtype: RecordType, length: int) -> bytes:
+    return RECORD_HEADER.pack(MAIN_MAGIC, MAIN_VERSION, int(rtype), length)
+
+
+def decode_header(data: bytes | bytearray | memoryview,
+                  device_state_max: int = DEVICE_STATE_MAX) -> tuple[RecordType, int]:
+    """Check a record header; return its type and payload length.
+
+    The length is checked against the record type's own bound before anything is read or
+    allocated for it: a peer cannot make us allocate more than a few KiB, or the device
+    state's configured bound.
+    """
     if len(data) != RECORD_HEADER_SIZE:
         raise RemoteProtocolError(
             f"main channel: truncated record header ({len(data)} of {RECORD_HEADER_SIZE} bytes)"
@@ -86,14 +93,111 @@ def decode_record_header(data: bytes | bytearray | memoryview) -> tuple[RecordTy
         kind = RecordType(rtype)
     except ValueError:
         raise RemoteProtocolError(f"main channel: unknown record type {rtype}") from None
-    if length > MAX_PAYLOAD:
+    limit = RECORDS[kind].limit(device_state_max)
+    if length > limit:
         raise RemoteProtocolError(
-            f"main channel: {kind.name} claims {length} bytes, more than {MAX_PAYLOAD}"
+            f"main channel: {kind.name} claims {length} bytes, more than its limit of {limit}"
         )
     return kind, length
 
 
-# ------------------------------------------------------------------ handshake
+def _json_object(what: str, payload: bytes) -> dict[str, Any]:
+    """The payload as a JSON object; RemoteProtocolError, in our words, for anything else
+    (not UTF-8, not JSON, an integer of thousands of digits, nesting that would overflow
+    Python's recursion limit)."""
+    try:
+        obj = json.loads(payload.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise RemoteProtocolError(f"{what}: payload is not UTF-8 ({e.reason})") from None
+    except json.JSONDecodeError as e:
+        raise RemoteProtocolError(f"{what}: payload is not JSON ({e.msg} at {e.pos})") from None
+    except ValueError:
+        # int() refuses more than sys.get_int_max_str_digits() digits.
+        raise RemoteProtocolError(f"{what}: payload holds a number too long to be one") from None
+    except RecursionError:
+        raise RemoteProtocolError(f"{what}: payload is nested too deeply") from None
+    if not isinstance(obj, dict):
+        raise RemoteProtocolError(f"{what}: payload is not a JSON object")
+    return obj
+
+
+T = TypeVar("T")
+
+
+def _field(what: str, obj: dict[str, Any], name: str, kind: type[T]) -> T:
+    v = obj.get(name)
+    # bool is an int subclass; a JSON true must not pass as a count.
+    if not isinstance(v, kind) or (kind is int and isinstance(v, bool)):
+        raise RemoteProtocolError(f"{what}: field {name!r} missing or not {kind.__name__}")
+    if isinstance(v, int) and not 0 <= v < 1 << 64:
+        # Checked here, so no message of ours ever prints a number of 600 digits.
+        raise RemoteProtocolError(f"{what}: field {name!r} is not an unsigned 64-bit number")
+    return v
+
+
+def _hex(what: str, text: str, size: int) -> bytes:
+    try:
+        raw = bytes.fromhex(text)
+    except ValueError:
+        raise RemoteProtocolError(f"{what}: not hex") from None
+    if len(raw) != size:
+        raise RemoteProtocolError(f"{what}: {len(raw)} bytes, expected {size}")
+    return raw
+
+
+def _dumps(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+
+
+# ------------------------------------------------------------------ records
+
+
+class Record:
+    """Common behaviour of the record classes; each sets TYPE, SENDERS and MAX_PAYLOAD."""
+
+    __slots__ = ()
+    TYPE: ClassVar[RecordType]
+    SENDERS: ClassVar[frozenset[Role]]
+    MAX_PAYLOAD: ClassVar[int] = 256
+
+    @classmethod
+    def limit(cls, device_state_max: int) -> int:
+        return cls.MAX_PAYLOAD
+
+    def payload(self) -> bytes:
+        return b""
+
+    @classmethod
+    def from_payload(cls, payload: bytes) -> Record:
+        if payload:
+            raise RemoteProtocolError(f"{cls.TYPE.name}: {len(payload)} bytes of payload, "
+                                      "expected none")
+        return cls()
+
+    def encode(self) -> bytes:
+        """The whole record: header and payload."""
+        data = self.payload()
+        if len(data) > self.limit(DEVICE_STATE_HARD_MAX):
+            raise LocalProtocolError(f"{self.TYPE.name}: payload of {len(data)} bytes is "
+                                     "too large")
+        return encode_header(self.TYPE, len(data)) + data
+
+
+@dataclass(frozen=True, slots=True)
+class Greeting(Record):
+    TYPE: ClassVar[RecordType] = RecordType.GREETING
+    SENDERS: ClassVar[frozenset[Role]] = frozenset({Role.DESTINATION})
+
+    nonce: bytes
+
+    def payload(self) -> bytes:
+        return _dumps({"version": MAIN_VERSION, "nonce": self.nonce.hex()})
+
+    @classmethod
+    def from_payload(cls, payload: bytes) -> Greeting:
+        obj = _json_object("GREETING", payload)
+        return cls(nonce=_hex("GREETING: nonce", _field("GREETING", obj, "nonce", str),
+                              NONCE_SIZE))
 
 
 def auth_mac(key: bytes, nonce: bytes, uuid: bytes) -> str:
@@ -102,8 +206,12 @@ def auth_mac(key: bytes, nonce: bytes, uuid: bytes) -> str:
 
 
 @dataclass(frozen=True, slots=True)
-class Hello:
+class Hello(Record):
     """What the source proposes: the migration's identity and the agreed parameters."""
+
+    TYPE: ClassVar[RecordType] = RecordType.HELLO
+    SENDERS: ClassVar[frozenset[Role]] = frozenset({Role.SOURCE})
+    MAX_PAYLOAD: ClassVar[int] = 4096
 
     uuid: bytes
     channels: int
@@ -129,94 +237,167 @@ class Hello:
         except LocalProtocolError as e:
             raise RemoteProtocolError(f"HELLO: {e}") from e
 
-    def encode(self) -> bytes:
-        return encode_json(
-            RecordType.HELLO,
-            {
-                "uuid": self.uuid.hex(),
-                "channels": self.channels,
-                "page-size": self.page_size,
-                "image-size": self.image_size,
-                "pages-alloc": self.pages_alloc,
-                "block": self.block,
-                "multifd-zerocopy": self.zero_copy,
-                "zero-page-detection": self.zero_page_detection,
-                "auth": self.auth,
-            },
-        )
+    def payload(self) -> bytes:
+        return _dumps({
+            "uuid": self.uuid.hex(),
+            "channels": self.channels,
+            "page-size": self.page_size,
+            "image-size": self.image_size,
+            "pages-alloc": self.pages_alloc,
+            "block": self.block,
+            "multifd-zerocopy": self.zero_copy,
+            "zero-page-detection": self.zero_page_detection,
+            "auth": self.auth,
+        })
 
     @classmethod
-    def decode(cls, record: Record) -> Hello:
-        if record.type is not RecordType.HELLO:
-            raise RemoteProtocolError(f"expected HELLO, got {record.type.name}")
-        obj = record.json()
+    def from_payload(cls, payload: bytes) -> Hello:
+        obj = _json_object("HELLO", payload)
 
-        def field(name: str, kind: type) -> Any:
-            v = obj.get(name)
-            # bool is an int subclass; a JSON true must not pass as a channel count.
-            if not isinstance(v, kind) or (kind is int and isinstance(v, bool)):
-                raise RemoteProtocolError(f"HELLO: field {name!r} missing or not {kind.__name__}")
-            return v
+        def f(name: str, kind: type[T]) -> T:
+            return _field("HELLO", obj, name, kind)
 
-        try:
-            uuid = bytes.fromhex(field("uuid", str))
-        except ValueError:
-            raise RemoteProtocolError("HELLO: uuid is not hex") from None
-        if len(uuid) != 16:
-            raise RemoteProtocolError(f"HELLO: uuid has {len(uuid)} bytes, expected 16")
         hello = cls(
-            uuid=uuid,
-            channels=field("channels", int),
-            page_size=field("page-size", int),
-            image_size=field("image-size", int),
-            pages_alloc=field("pages-alloc", int),
-            block=field("block", str),
-            zero_copy=field("multifd-zerocopy", bool),
-            zero_page_detection=field("zero-page-detection", bool),
-            auth=field("auth", str),
+            uuid=_hex("HELLO: uuid", f("uuid", str), 16),
+            channels=f("channels", int),
+            page_size=f("page-size", int),
+            image_size=f("image-size", int),
+            pages_alloc=f("pages-alloc", int),
+            block=f("block", str),
+            zero_copy=f("multifd-zerocopy", bool),
+            zero_page_detection=f("zero-page-detection", bool),
+            auth=f("auth", str),
         )
         hello.context()  # every parameter in range, or the peer hears why
         return hello
 
 
-def encode_greeting(nonce: bytes) -> bytes:
-    return encode_json(RecordType.GREETING, {"version": MAIN_VERSION, "nonce": nonce.hex()})
+@dataclass(frozen=True, slots=True)
+class HelloAck(Record):
+    TYPE: ClassVar[RecordType] = RecordType.HELLO_ACK
+    SENDERS: ClassVar[frozenset[Role]] = frozenset({Role.DESTINATION})
 
 
-def decode_greeting(record: Record) -> bytes:
-    if record.type is RecordType.ERROR:
-        raise RemoteProtocolError(f"destination refused: {error_message(record)}")
-    if record.type is not RecordType.GREETING:
-        raise RemoteProtocolError(f"expected GREETING, got {record.type.name}")
-    nonce = record.json().get("nonce")
-    try:
-        raw = bytes.fromhex(nonce) if isinstance(nonce, str) else b""
-    except ValueError:
-        raw = b""
-    if len(raw) != NONCE_SIZE:
-        raise RemoteProtocolError("GREETING: nonce missing or not 32 hex-encoded bytes")
-    return raw
+@dataclass(frozen=True, slots=True)
+class MultifdFlush(Record):
+    """Every data channel has sent the SYNC of precopy iteration `iteration`."""
+
+    TYPE: ClassVar[RecordType] = RecordType.MULTIFD_FLUSH
+    SENDERS: ClassVar[frozenset[Role]] = frozenset({Role.SOURCE})
+
+    iteration: int
+
+    def payload(self) -> bytes:
+        return _dumps({"iteration": self.iteration})
+
+    @classmethod
+    def from_payload(cls, payload: bytes) -> MultifdFlush:
+        it = _field("MULTIFD_FLUSH", _json_object("MULTIFD_FLUSH", payload), "iteration", int)
+        if it < 1:
+            raise RemoteProtocolError(f"MULTIFD_FLUSH: iteration {it}, expected at least 1")
+        return cls(iteration=it)
 
 
-def encode_error(message: str) -> bytes:
-    return encode_json(RecordType.ERROR, {"message": message[:4096]})
+@dataclass(frozen=True, slots=True)
+class EndOfRam(Record):
+    """Every data channel has sent its final SYNC (iteration `iteration`): the last pages
+    are on their way and no page follows them."""
+
+    TYPE: ClassVar[RecordType] = RecordType.END_OF_RAM
+    SENDERS: ClassVar[frozenset[Role]] = frozenset({Role.SOURCE})
+
+    iteration: int
+
+    def payload(self) -> bytes:
+        return _dumps({"iteration": self.iteration})
+
+    @classmethod
+    def from_payload(cls, payload: bytes) -> EndOfRam:
+        it = _field("END_OF_RAM", _json_object("END_OF_RAM", payload), "iteration", int)
+        if it < 1:
+            raise RemoteProtocolError(f"END_OF_RAM: iteration {it}, expected at least 1")
+        return cls(iteration=it)
 
 
-def error_message(record: Record) -> str:
-    try:
-        msg = record.json().get("message")
-    except RemoteProtocolError:
-        msg = None
-    return msg if isinstance(msg, str) else "(no message)"
+@dataclass(frozen=True, slots=True)
+class DeviceStateRecord(Record):
+    """The paused guest's device state, as opaque bytes (the guest decodes it)."""
+
+    TYPE: ClassVar[RecordType] = RecordType.DEVICE_STATE
+    SENDERS: ClassVar[frozenset[Role]] = frozenset({Role.SOURCE})
+
+    data: bytes
+
+    @classmethod
+    def limit(cls, device_state_max: int) -> int:
+        return device_state_max
+
+    def payload(self) -> bytes:
+        return self.data
+
+    @classmethod
+    def from_payload(cls, payload: bytes) -> DeviceStateRecord:
+        return cls(data=payload)
 
 
-def encode_flush(iteration: int, final: bool = False) -> bytes:
-    return encode_json(RecordType.MULTIFD_FLUSH, {"iteration": iteration, "final": final})
+@dataclass(frozen=True, slots=True)
+class CommitAck(Record):
+    TYPE: ClassVar[RecordType] = RecordType.COMMIT_ACK
+    SENDERS: ClassVar[frozenset[Role]] = frozenset({Role.DESTINATION})
 
 
-def decode_flush(record: Record) -> tuple[int, bool]:
-    obj = record.json()
-    it, final = obj.get("iteration"), obj.get("final")
-    if not isinstance(it, int) or isinstance(it, bool) or it < 0 or not isinstance(final, bool):
-        raise RemoteProtocolError("MULTIFD_FLUSH: iteration or final missing or malformed")
-    return it, final
+@dataclass(frozen=True, slots=True)
+class Error(Record):
+    """The sender gives up; the message says why, for the other end's user."""
+
+    TYPE: ClassVar[RecordType] = RecordType.ERROR
+    SENDERS: ClassVar[frozenset[Role]] = BOTH
+    MAX_PAYLOAD: ClassVar[int] = 2 * ERROR_MESSAGE_MAX  # JSON escaping may double it
+
+    message: str
+
+    def payload(self) -> bytes:
+        return _dumps({"message": self.message[:ERROR_MESSAGE_MAX]})
+
+    @classmethod
+    def from_payload(cls, payload: bytes) -> Error:
+        try:
+            msg = _json_object("ERROR", payload).get("message")
+        except RemoteProtocolError:
+            msg = None
+        # An error record that cannot say why is still an error: the peer gave up.
+        return cls(message=msg[:ERROR_MESSAGE_MAX] if isinstance(msg, str)
+                   else "(no message)")
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel(Record):
+    TYPE: ClassVar[RecordType] = RecordType.CANCEL
+    SENDERS: ClassVar[frozenset[Role]] = frozenset({Role.SOURCE})
+
+
+@dataclass(frozen=True, slots=True)
+class Writeback(Record):
+    TYPE: ClassVar[RecordType] = RecordType.WRITEBACK
+    SENDERS: ClassVar[frozenset[Role]] = frozenset({Role.SOURCE})
+
+
+@dataclass(frozen=True, slots=True)
+class WritebackDone(Record):
+    TYPE: ClassVar[RecordType] = RecordType.WRITEBACK_DONE
+    SENDERS: ClassVar[frozenset[Role]] = frozenset({Role.DESTINATION})
+
+
+RECORDS: dict[RecordType, type[Record]] = {
+    cls.TYPE: cls
+    for cls in (Greeting, Hello, HelloAck, MultifdFlush, EndOfRam, DeviceStateRecord,
+                CommitAck, Error, Cancel, Writeback, WritebackDone)
+}
+if set(RECORDS) != set(RecordType):
+    raise ImportError("migrate.protocol: a record type has no class")
+
+
+def decode_record(rtype: RecordType, payload: bytes) -> Record:
+    """The record of type `rtype` from its payload; RemoteProtocolError if malformed."""
+    decode: Callable[[bytes], Record] = RECORDS[rtype].from_payload
+    return decode(payload)

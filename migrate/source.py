@@ -19,25 +19,41 @@ from array import array
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import structlog
 
 from zcmigrate.channel.probe import probe
 from zcmigrate.channel.zcsocket import Channel, connect
-from zcmigrate.migrate.check import automatic_in_flight_cap
+from zcmigrate.migrate.convergence import Action, Convergence, Iteration
+from zcmigrate.migrate.errors import (
+    CommitUncertain,
+    MigrationCancelled,
+    MigrationError,
+    NotConverging,
+)
 from zcmigrate.migrate.guest import DeviceState, GuestControl, GuestError, control_path
 from zcmigrate.migrate.mainchannel import MainChannel, MainChannelTimeout
+from zcmigrate.migrate.memlock import automatic_in_flight_cap
 from zcmigrate.migrate.params import MigrationParameters
 from zcmigrate.migrate.protocol import (
+    Cancel,
+    CommitAck,
+    DeviceStateRecord,
+    EndOfRam,
+    Error,
+    Greeting,
     Hello,
+    HelloAck,
+    MultifdFlush,
+    Record,
     RecordType,
+    Role,
+    Writeback,
+    WritebackDone,
     auth_mac,
-    decode_greeting,
-    encode_error,
-    encode_flush,
-    encode_record,
-    error_message,
 )
+from zcmigrate.migrate.ratelimit import RateLimiter
 from zcmigrate.migrate.state import Event, State, StateMachine
 from zcmigrate.migrate.stats import MigrationStats, StatsBuilder
 from zcmigrate.multifd.exiting import Exiting, MultifdError
@@ -49,35 +65,17 @@ log = structlog.get_logger("zcmigrate.source")
 # Pages handed to the pool per step: the unit of rate limiting, progress and of
 # checking for a cancel. 8 MiB of 4 KiB pages.
 CHUNK_PAGES = 2048
-# Iterations in a row whose dirty rate reaches the bandwidth before we call it hopeless.
-HOPELESS_ITERATIONS = 3
 STATIC_DEVICE_STATE = b'{"kind":"static-image","version":1}'
-
-
-class MigrationError(Exception):
-    """The migration did not complete; the message says why and what was done about it."""
-
-    exit_code = 1
-
-
-class MigrationCancelled(MigrationError):
-    exit_code = 4
-
-
-class NotConverging(MigrationError):
-    exit_code = 5
-
-
-class CommitUncertain(MigrationError):
-    """The device state left but no commit came back: the destination may own the guest."""
-
-    exit_code = 6
+HANDSHAKE_TIMEOUT = 30.0
 
 
 @dataclass(frozen=True, slots=True)
 class Destination:
     host: str
     port: int
+
+
+R = TypeVar("R", bound=Record)
 
 
 class SourceJob:
@@ -195,17 +193,14 @@ class SourceJob:
         ctx = hello.context()
         cap = self._in_flight_cap()
 
-        main = MainChannel(connect(self.dest.host, self.dest.port, name="main"))
+        main = MainChannel(connect(self.dest.host, self.dest.port, name="main"), Role.SOURCE)
         self._main = main
-        nonce = decode_greeting(main.recv(timeout=30))
+        greeting = self._expect(Greeting, HANDSHAKE_TIMEOUT, "the destination's greeting")
         if self.auth_key is not None:
-            hello = dataclasses.replace(hello, auth=auth_mac(self.auth_key, nonce, self.uuid))
-        main.send(hello.encode())
-        rec = main.recv(timeout=30)
-        if rec.type is RecordType.ERROR:
-            raise MigrationError(f"destination refused the migration: {error_message(rec)}")
-        if rec.type is not RecordType.HELLO_ACK:
-            raise MigrationError(f"destination answered {rec.type.name} to HELLO")
+            hello = dataclasses.replace(
+                hello, auth=auth_mac(self.auth_key, greeting.nonce, self.uuid))
+        main.send(hello)
+        self._expect(HelloAck, HANDSHAKE_TIMEOUT, "the answer to HELLO")
 
         chans: list[Channel] = []
         try:
@@ -266,6 +261,21 @@ class SourceJob:
             err = self.exiting.error
             raise err if err is not None else MigrationError("stopped")
 
+    def _expect(self, kind: type[R], timeout: float, what: str, *,
+                abortable: bool = True) -> R:
+        """The next main-channel record, which the table allows only as `kind` or ERROR
+        here; MigrationError with the destination's own words for an ERROR."""
+        assert self._main is not None
+        try:
+            rec = self._main.recv(timeout, abort=self._check_exiting if abortable else None)
+        except MainChannelTimeout:
+            raise MigrationError(f"no {what} within {timeout:g} s") from None
+        if isinstance(rec, Error):
+            raise MigrationError(f"the destination failed: {rec.message}")
+        if not isinstance(rec, kind):  # the table admits nothing else; a bug if it did
+            raise MigrationError(f"expected {kind.TYPE.name}, got {rec.TYPE.name}")
+        return rec
+
     def _precopy(self) -> tuple[array[int], bytes]:
         """Iterate while the guest runs; return the last dirty pages and the device state,
         with the guest paused (or the whole image and no guest, for a static image)."""
@@ -281,27 +291,33 @@ class SourceJob:
             self._fetch_dirty(guest, fresh)
         offsets = array("Q", range(0, npages * ps, ps))
         start = time.monotonic()
-        hopeless = 0
+        judge = Convergence(max_iterations=self.params.max_iterations,
+                            timeout=self.params.timeout)
         iteration = 0
         while True:
             iteration += 1
             t0 = time.monotonic()
             self.stats.begin_iteration(iteration, len(offsets) * ps)
             self._send(offsets, rate_limited=True)
-            self._sync(iteration, final=False)
+            self._sync(iteration)
             elapsed = max(time.monotonic() - t0, 1e-6)
             bandwidth = self.stats.end_iteration(len(offsets) * ps, elapsed)
             if guest is None:
                 return array("Q"), STATIC_DEVICE_STATE
             dirty_pages = self._fetch_dirty(guest, fresh)
-            dirty_bytes = dirty_pages * ps
-            expected_ms = dirty_bytes / bandwidth * 1000.0
+            decision = judge.decide(
+                Iteration(number=iteration, sent_bytes=len(offsets) * ps, elapsed=elapsed,
+                          dirty_bytes=dirty_pages * ps, bandwidth=bandwidth,
+                          since_start=time.monotonic() - start),
+                self.params.downtime_limit,
+            )
+            expected_ms = decision.expected_downtime_ms
             self.stats.dirty_sync(dirty_pages, elapsed, expected_ms)
             self._report()
             self.log.info("iteration", iteration=iteration, sent=len(offsets) * ps,
-                          dirty=dirty_bytes, bandwidth=int(bandwidth),
+                          dirty=dirty_pages * ps, bandwidth=int(bandwidth),
                           expected_downtime_ms=round(expected_ms, 1))
-            if expected_ms <= self.params.downtime_limit:
+            if decision.action is Action.SWITCH_OVER:
                 # Converged. The destination's commit makes the image durable while the
                 # guest is paused: have it write back what it holds now, while the guest
                 # still runs, so the pause pays only for the last pages.
@@ -316,21 +332,11 @@ class SourceJob:
                                               ps, ffi.from_buffer("uint64_t[]", offsets_buf))
                 self.stats.dirty_sync(count, 0.0, expected_ms)
                 return offsets_buf[:count], state.encode()
-            dirty_rate = dirty_bytes / elapsed
-            hopeless = hopeless + 1 if dirty_rate >= bandwidth * 0.95 else 0
-            reason = None
-            if hopeless >= HOPELESS_ITERATIONS:
-                reason = (f"the guest dirties {_mib(dirty_rate)}/s, as fast as or faster than "
-                          f"the migration moves pages ({_mib(bandwidth)}/s)")
-            elif iteration >= self.params.max_iterations:
-                reason = f"{iteration} iterations (max-iterations) did not bring it there"
-            elif self.params.timeout and time.monotonic() - start > self.params.timeout:
-                reason = f"{self.params.timeout:g} s (timeout) did not bring it there"
-            if reason:
+            if decision.action is Action.GIVE_UP:
                 raise NotConverging(
                     f"migration cannot converge: expected downtime {expected_ms:.0f} ms stays "
-                    f"above downtime-limit {self.params.downtime_limit} ms; {reason}. Raise "
-                    "max-bandwidth or downtime-limit, or lower the guest's dirty rate. "
+                    f"above downtime-limit {self.params.downtime_limit} ms; {decision.reason}. "
+                    "Raise max-bandwidth or downtime-limit, or lower the guest's dirty rate. "
                     "The guest keeps running here."
                 )
             count = lib.zc_bitmap_offsets(ffi.from_buffer("uint64_t[]", fresh), npages, ps,
@@ -339,23 +345,9 @@ class SourceJob:
 
     def _writeback(self) -> None:
         assert self._main is not None
-        self._main.send(encode_record(RecordType.WRITEBACK))
-        deadline = time.monotonic() + self.params.commit_timeout
-        while True:
-            self._check_exiting()
-            try:
-                rec = self._main.recv(timeout=0.2)
-                break
-            except MainChannelTimeout:
-                if time.monotonic() >= deadline:
-                    raise MigrationError(
-                        f"the destination did not write back its image within "
-                        f"{self.params.commit_timeout:g} s; is its disk that slow?"
-                    ) from None
-        if rec.type is RecordType.ERROR:
-            raise MigrationError(f"destination failed: {error_message(rec)}")
-        if rec.type is not RecordType.WRITEBACK_DONE:
-            raise MigrationError(f"destination answered {rec.type.name} to WRITEBACK")
+        self._main.send(Writeback())
+        self._expect(WritebackDone, self.params.commit_timeout,
+                     "answer to WRITEBACK (is the destination's disk that slow?)")
 
     def _fetch_dirty(self, guest: GuestControl, out: array[int]) -> int:
         """Fetch and clear the guest's dirty bitmap atomically, word by word (in C)."""
@@ -367,37 +359,27 @@ class SourceJob:
         assert self._pool is not None
         ps = self.page_size
         queued = 0
-        # The rate is measured from a reference point that moves whenever max-bandwidth
-        # changes, so a new limit applies from now on, not retroactively.
-        ref_t, ref_q, ref_limit = time.monotonic(), 0, self.params.max_bandwidth
+        pacing = RateLimiter(lambda: self.params.max_bandwidth)
         for i in range(0, len(offsets), CHUNK_PAGES):
             self._check_exiting()
             chunk = offsets[i:i + CHUNK_PAGES]
             self._pool.send_pages(chunk)
             queued += len(chunk) * ps
             self.stats.queued(len(chunk) * ps)
-            while rate_limited:
-                limit = self.params.max_bandwidth
-                if limit != ref_limit:
-                    ref_t, ref_q, ref_limit = time.monotonic(), queued, limit
-                if not limit:
-                    break
-                ahead = ref_t + (queued - ref_q) / limit - time.monotonic()
-                if ahead <= 0:
-                    break
+            while rate_limited and (ahead := pacing.delay(queued)) > 0:
                 # Short naps: a cancel or a changed limit takes effect within 0.1 s.
                 if self.exiting.wait(min(ahead, 0.1)):
                     self._check_exiting()
             self._report()
 
-    def _sync(self, iteration: int, *, final: bool) -> None:
+    def _sync(self, iteration: int, *, final: bool = False) -> None:
         assert self._pool is not None and self._main is not None
         # Every channel sends SYNC after this iteration's pages and flushes its zero-copy
         # sends, so no page of the next iteration can overtake one of this iteration on
         # the destination (the invariant, point 2). Only then the main channel moves on.
         res = self._pool.sync()
         self.stats.synced(res.copied_channels)
-        self._main.send(encode_flush(iteration, final))
+        self._main.send(EndOfRam(iteration) if final else MultifdFlush(iteration))
 
     def _pause(self, guest: GuestControl) -> DeviceState:
         self._check_exiting()
@@ -421,28 +403,18 @@ class SourceJob:
             self.stats.paused()
         self.stats.begin_iteration(self.stats.iterations + 1, len(final) * self.page_size)
         self._send(final, rate_limited=False)  # downtime: max-bandwidth does not apply
+        # END_OF_RAM goes with the final sync, and the device state only after it: after
+        # the final sync and flush of every data channel (the invariant, point 3).
         self._sync(self.stats.iterations, final=True)
-        # The device state goes out only now, after the final sync and flush of every
-        # data channel (the invariant, point 3).
-        self._main.send(encode_record(RecordType.END_OF_RAM))
         with self._lock:
             self._check_exiting()
             self._device_sent = True
-        self._main.send(encode_record(RecordType.DEVICE_STATE, device_state))
-        deadline = time.monotonic() + self.params.commit_timeout
-        while True:
-            try:
-                rec = self._main.recv(timeout=min(0.2, max(0.0, deadline - time.monotonic())))
-                break
-            except MainChannelTimeout:
-                if time.monotonic() >= deadline:
-                    raise CommitUncertain(
-                        f"no commit from the destination within {self.params.commit_timeout:g} s"
-                    ) from None
-        if rec.type is RecordType.ERROR:
-            raise MigrationError(f"destination failed to commit: {error_message(rec)}")
-        if rec.type is not RecordType.COMMIT_ACK:
-            raise MigrationError(f"destination answered {rec.type.name} to the device state")
+        self._main.send(DeviceStateRecord(device_state))
+        try:
+            self._expect(CommitAck, self.params.commit_timeout, "commit from the destination",
+                         abortable=False)
+        except MigrationError as e:
+            raise CommitUncertain(str(e)) from None
         self.stats.committed()
         self.log.info("committed", downtime_ms=round(self.stats.downtime_ms or 0, 1))
         if self._guest is not None:
@@ -482,10 +454,12 @@ class SourceJob:
             except GuestError as e:
                 err = MigrationError(f"{err}; and the guest could not be resumed: {e}")
         if self._main is not None and not self._main.closed:
-            with contextlib.suppress(Exception):
-                rec = (encode_record(RecordType.CANCEL) if cancelled
-                       else encode_error(str(err)))
-                self._main.send(rec)
+            # The table lets neither record through once the device state has left.
+            if cancelled and self._main.conversation.may_send(RecordType.CANCEL):
+                with contextlib.suppress(Exception):
+                    self._main.send(Cancel())
+            elif not cancelled:
+                self._main.send_error(str(err))
         self.sm.try_fire(Event.CANCEL if cancelled else Event.ERROR)
         self.stats.failed(str(err))
         self.log.error("migration ended", status=self.sm.state.value, error=str(err),
@@ -511,10 +485,6 @@ def _or_words(a: array[int], b: array[int]) -> array[int]:
     out = array("Q")
     out.frombytes(merged.to_bytes(n, "little"))
     return out
-
-
-def _mib(rate: float) -> str:
-    return f"{rate / (1 << 20):.1f} MiB"
 
 
 __all__ = [

@@ -21,22 +21,19 @@ from typing import Any
 import pytest
 
 from zcmigrate.channel.probe import ZeroCopyProbe
-from zcmigrate.migrate.check import (
+from zcmigrate.channel.route import RouteFacts, split_host
+from zcmigrate.migrate.check import OPTMEM_MIN, Verdict, assess
+from zcmigrate.migrate.memlock import (
     DEFAULT_IN_FLIGHT_CAP,
     DEFAULT_PAGES_PER_PACKET,
-    OPTMEM_MIN,
     PIN_SLACK_PAGES,
     LockedMemoryBudget,
-    RouteFacts,
-    Verdict,
-    assess,
     calls_in_flight,
     exact_size,
     largest_fitting_cap,
     locked_memory_budget,
     locked_memory_needed,
     option_size,
-    split_host,
 )
 
 ROOT = Path(__file__).resolve().parent.parent

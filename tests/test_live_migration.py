@@ -201,10 +201,11 @@ def test_a_failure_after_the_pause_resumes_the_guest_at_the_source(tmp_path: Pat
 
     from zcmigrate.migrate.protocol import (
         RECORD_HEADER_SIZE,
+        Greeting,
+        HelloAck,
         RecordType,
-        decode_record_header,
-        encode_greeting,
-        encode_record,
+        WritebackDone,
+        decode_header,
     )
 
     src = tmp_path / "src.img"
@@ -232,19 +233,19 @@ def test_a_failure_after_the_pause_resumes_the_guest_at_the_source(tmp_path: Pat
     def fake_destination() -> None:
         main, _ = lsock.accept()
         conns.append(main)
-        main.sendall(encode_greeting(bytes(32)))
-        rtype, n = decode_record_header(recv_exact(main, RECORD_HEADER_SIZE))
+        main.sendall(Greeting(bytes(32)).encode())
+        _, n = decode_header(recv_exact(main, RECORD_HEADER_SIZE))
         recv_exact(main, n)
-        main.sendall(encode_record(RecordType.HELLO_ACK))
+        main.sendall(HelloAck().encode())
         for _ in range(2):
             d, _ = lsock.accept()
             conns.append(d)
             threading.Thread(target=drain, args=(d,), daemon=True).start()
         while True:
-            rtype, n = decode_record_header(recv_exact(main, RECORD_HEADER_SIZE))
+            rtype, n = decode_header(recv_exact(main, RECORD_HEADER_SIZE))
             recv_exact(main, n)
             if rtype is RecordType.WRITEBACK:
-                main.sendall(encode_record(RecordType.WRITEBACK_DONE))
+                main.sendall(WritebackDone().encode())
                 break
         for c in conns:  # reset, not close: the source's next write fails at once
             c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))

@@ -2,26 +2,31 @@
 
 from __future__ import annotations
 
+import json
 import struct
 
 import pytest
 
 from zcmigrate.migrate.protocol import (
+    DEVICE_STATE_MAX,
     MAIN_MAGIC,
-    MAX_PAYLOAD,
+    MAIN_VERSION,
     RECORD_HEADER_SIZE,
+    RECORDS,
+    DeviceStateRecord,
+    EndOfRam,
+    Error,
+    Greeting,
     Hello,
+    HelloAck,
+    MultifdFlush,
     Record,
     RecordType,
     auth_mac,
-    decode_flush,
-    decode_greeting,
-    decode_record_header,
-    encode_flush,
-    encode_greeting,
-    encode_record,
+    decode_header,
+    decode_record,
 )
-from zcmigrate.multifd.wire import RemoteProtocolError
+from zcmigrate.multifd.wire import LocalProtocolError, RemoteProtocolError
 
 UUID = bytes(range(16))
 
@@ -33,75 +38,124 @@ def _hello(**kw: object) -> Hello:
     return Hello(**base)  # type: ignore[arg-type]
 
 
-def _hello_payload(old: bytes, new: bytes) -> Record:
-    return Record(RecordType.HELLO, _hello().encode()[RECORD_HEADER_SIZE:].replace(old, new))
-
-
-def _record(data: bytes) -> Record:
-    rtype, length = decode_record_header(data[:RECORD_HEADER_SIZE])
+def _roundtrip(data: bytes) -> Record:
+    rtype, length = decode_header(data[:RECORD_HEADER_SIZE])
     assert len(data) == RECORD_HEADER_SIZE + length
-    return Record(rtype, data[RECORD_HEADER_SIZE:])
+    return decode_record(rtype, data[RECORD_HEADER_SIZE:])
+
+
+def _hello_payload(old: bytes, new: bytes) -> bytes:
+    return _hello().encode()[RECORD_HEADER_SIZE:].replace(old, new)
 
 
 def test_record_header_is_big_endian_magic_version_type_length() -> None:
-    data = encode_record(RecordType.END_OF_RAM, b"xy")
-    assert data == struct.pack(">IHHI", MAIN_MAGIC, 1, 5, 2) + b"xy"
+    data = EndOfRam(3).encode()
+    payload = b'{"iteration":3}'
+    assert data == struct.pack(">IHHI", MAIN_MAGIC, MAIN_VERSION, 5, len(payload)) + payload
 
 
-def test_hello_round_trips_and_yields_the_wire_context() -> None:
-    hello = _hello()
-    back = Hello.decode(_record(hello.encode()))
-    assert back == hello
-    ctx = back.context()
+def test_every_record_type_has_one_class_that_round_trips() -> None:
+    samples: list[Record] = [Greeting(bytes(range(32))), _hello(), HelloAck(),
+                             MultifdFlush(2), EndOfRam(3), DeviceStateRecord(b"\x00\xff"),
+                             Error("disk full")]
+    samples += [cls() for cls in RECORDS.values()
+                if cls not in {type(s) for s in samples}]  # the records with no fields
+    assert {type(s) for s in samples} == set(RECORDS.values())
+    for record in samples:
+        assert _roundtrip(record.encode()) == record
+
+
+def test_hello_yields_the_wire_context() -> None:
+    ctx = _hello().context()
     assert (ctx.channels, ctx.page_size, ctx.pages_alloc) == (2, 4096, 512)
 
 
 @pytest.mark.parametrize(
     ("header", "match"),
     [
-        (struct.pack(">IHHI", 0x11223344, 1, 2, 0), "bad magic"),
-        (struct.pack(">IHHI", MAIN_MAGIC, 2, 2, 0), "version 2"),
-        (struct.pack(">IHHI", MAIN_MAGIC, 1, 99, 0), "unknown record type 99"),
-        (struct.pack(">IHHI", MAIN_MAGIC, 1, 6, MAX_PAYLOAD + 1), "more than"),
-        (struct.pack(">IHHI", MAIN_MAGIC, 1, 6, 0)[:7], "truncated"),
+        (struct.pack(">IHHI", 0x11223344, MAIN_VERSION, 2, 0), "bad magic"),
+        (struct.pack(">IHHI", MAIN_MAGIC, 99, 2, 0), "version 99"),
+        (struct.pack(">IHHI", MAIN_MAGIC, MAIN_VERSION, 99, 0), "unknown record type 99"),
+        (struct.pack(">IHHI", MAIN_MAGIC, MAIN_VERSION, 6, DEVICE_STATE_MAX + 1),
+         "DEVICE_STATE claims"),
+        (struct.pack(">IHHI", MAIN_MAGIC, MAIN_VERSION, 2, 4097), "HELLO claims 4097"),
+        (struct.pack(">IHHI", MAIN_MAGIC, MAIN_VERSION, 3, 257), "HELLO_ACK claims"),
+        (struct.pack(">IHHI", MAIN_MAGIC, MAIN_VERSION, 6, 0)[:7], "truncated"),
     ],
 )
-def test_bad_record_headers_are_rejected(header: bytes, match: str) -> None:
+def test_bad_record_headers_are_rejected_before_any_payload_is_read(header: bytes,
+                                                                    match: str) -> None:
     with pytest.raises(RemoteProtocolError, match=match):
-        decode_record_header(header)
+        decode_header(header)
+
+
+def test_the_device_state_bound_is_the_receivers_to_set() -> None:
+    header = struct.pack(">IHHI", MAIN_MAGIC, MAIN_VERSION, 6, 5000)
+    assert decode_header(header, device_state_max=5000) == (RecordType.DEVICE_STATE, 5000)
+    with pytest.raises(RemoteProtocolError, match="limit of 4999"):
+        decode_header(header, device_state_max=4999)
 
 
 @pytest.mark.parametrize(
     ("payload", "match"),
     [
         (b"not json", "not JSON"),
+        (b"\xff\xfe", "not UTF-8"),
         (b"[1,2]", "not a JSON object"),
-        (b'{"uuid": "00"}', "uuid has 1 bytes"),
+        (b'{"uuid": "00"}', "uuid: 1 bytes"),
         (b'{"uuid": "zz"}', "not hex"),
+        (b'{"channels": ' + b"9" * 5000 + b"}", "too long"),
+        (_hello_payload(b'"channels":2', b'"channels":' + b"9" * 600), "'channels' is not an "
+         "unsigned 64-bit number"),
+        (b"[" * 5000 + b"]" * 5000, "nested too deeply|not JSON"),
     ],
 )
-def test_malformed_hello_is_rejected(payload: bytes, match: str) -> None:
-    with pytest.raises(RemoteProtocolError, match=match):
-        Hello.decode(Record(RecordType.HELLO, payload))
+def test_malformed_hello_is_rejected_in_our_words(payload: bytes, match: str) -> None:
+    with pytest.raises(RemoteProtocolError, match=match) as info:
+        Hello.from_payload(payload)
+    # Never Python's own messages: they name no field and no fix.
+    assert "set_int_max_str_digits" not in str(info.value)
+    assert "recursion" not in str(info.value)
 
 
 def test_hello_with_a_bool_for_a_number_is_rejected() -> None:
     with pytest.raises(RemoteProtocolError, match="channels"):
-        Hello.decode(_hello_payload(b'"channels":2', b'"channels":true'))
+        Hello.from_payload(_hello_payload(b'"channels":2', b'"channels":true'))
 
 
 def test_hello_with_parameters_out_of_range_is_the_peers_fault() -> None:
     with pytest.raises(RemoteProtocolError, match="HELLO"):
-        Hello.decode(_hello_payload(b'"page-size":4096', b'"page-size":4095'))
+        Hello.from_payload(_hello_payload(b'"page-size":4096', b'"page-size":4095'))
     with pytest.raises(RemoteProtocolError, match="HELLO"):
-        Hello.decode(_hello_payload(b'"channels":2', b'"channels":0'))
+        Hello.from_payload(_hello_payload(b'"channels":2', b'"channels":0'))
 
 
 def test_greeting_carries_a_32_byte_nonce() -> None:
-    nonce = bytes(range(32))
-    assert decode_greeting(_record(encode_greeting(nonce))) == nonce
     with pytest.raises(RemoteProtocolError, match="nonce"):
-        decode_greeting(Record(RecordType.GREETING, b'{"nonce": "00"}'))
+        Greeting.from_payload(b'{"nonce": "00"}')
+
+
+def test_a_record_without_fields_refuses_a_payload() -> None:
+    with pytest.raises(RemoteProtocolError, match="HELLO_ACK: 1 bytes of payload"):
+        HelloAck.from_payload(b"x")
+
+
+def test_flush_and_end_of_ram_need_a_positive_iteration() -> None:
+    for cls in (MultifdFlush, EndOfRam):
+        with pytest.raises(RemoteProtocolError, match="iteration"):
+            cls.from_payload(b'{"iteration": 0}')
+        with pytest.raises(RemoteProtocolError, match="iteration"):
+            cls.from_payload(b"{}")
+
+
+def test_an_error_record_that_cannot_say_why_is_still_an_error() -> None:
+    assert Error.from_payload(b"garbage") == Error("(no message)")
+    assert Error.from_payload(json.dumps({"message": "x" * 10000}).encode()).message == "x" * 4096
+
+
+def test_we_refuse_to_encode_a_record_beyond_its_limit() -> None:
+    with pytest.raises(LocalProtocolError, match="HELLO"):
+        _hello(block="b" * 200, auth="a" * 5000).encode()
 
 
 def test_auth_mac_depends_on_key_nonce_and_migration() -> None:
@@ -110,11 +164,3 @@ def test_auth_mac_depends_on_key_nonce_and_migration() -> None:
     assert a != auth_mac(b"j" * 16, n, UUID)
     assert a != auth_mac(b"k" * 16, b"\x01" * 32, UUID)
     assert a != auth_mac(b"k" * 16, n, bytes(16))
-
-
-def test_flush_record_round_trips_and_rejects_garbage() -> None:
-    assert decode_flush(_record(encode_flush(3, final=True))) == (3, True)
-    with pytest.raises(RemoteProtocolError):
-        decode_flush(Record(RecordType.MULTIFD_FLUSH, b'{"iteration": -1, "final": false}'))
-    with pytest.raises(RemoteProtocolError):
-        decode_flush(Record(RecordType.MULTIFD_FLUSH, b'{"iteration": 1}'))

@@ -135,7 +135,7 @@ except OSError:
     pass
 import zcmigrate.migrate.cli
 from zcmigrate.channel.zcsocket import Listener, connect
-from zcmigrate.migrate.check import lookup_route
+from zcmigrate.channel.route import lookup_route
 lst = Listener("127.0.0.1", 0)
 got = []
 t = threading.Thread(target=lambda: got.append(lst.accept(10)))

@@ -1,0 +1,64 @@
+"""The migration layer's errors under zcmigrate.ZcmigrateError, each with its exit code.
+
+One place for what each way of ending means to a user (and to the CLI's exit status);
+it knows no sockets, threads or click.
+"""
+
+from __future__ import annotations
+
+from zcmigrate import ZcmigrateError
+
+# Exit codes, shared by every command; `send` and `receive` document theirs in --help.
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_ORACLE_FAILED = 3
+EXIT_CANCELLED = 4
+EXIT_NOT_CONVERGING = 5
+EXIT_COMMIT_UNCERTAIN = 6
+
+
+class MigrationError(ZcmigrateError):
+    """The migration did not complete; the message says why and what was done about it.
+
+    Raised by the source: the guest there is intact and running (or resumable)."""
+
+    exit_code = EXIT_FAILED
+
+
+class MigrationCancelled(MigrationError):
+    exit_code = EXIT_CANCELLED
+
+
+class NotConverging(MigrationError):
+    exit_code = EXIT_NOT_CONVERGING
+
+
+class CommitUncertain(MigrationError):
+    """The device state left but no commit came back: the destination may own the guest."""
+
+    exit_code = EXIT_COMMIT_UNCERTAIN
+
+
+class ReceiveError(ZcmigrateError):
+    """The incoming migration failed; nothing was committed."""
+
+    exit_code = EXIT_FAILED
+
+
+class ReceiveCancelled(ReceiveError):
+    exit_code = EXIT_CANCELLED
+
+
+class ParameterError(ZcmigrateError, ValueError):
+    """A parameter out of range; the message names it and says what is allowed."""
+
+    exit_code = EXIT_USAGE
+
+
+class ControlError(ZcmigrateError):
+    """No migration answers on the control socket, or it answered nonsense."""
+
+
+class CheckError(ZcmigrateError):
+    """The check itself could not be made (as opposed to a verdict against zero copy)."""
