@@ -16,9 +16,10 @@ from typing import Any
 
 import click
 
+from zcmigrate.channel import sdnotify
 from zcmigrate.channel.errors import ChannelError
 from zcmigrate.channel.zcsocket import Listener, format_hostport
-from zcmigrate.migrate import logs, sdnotify
+from zcmigrate.migrate import logs
 from zcmigrate.migrate.check_cli import check_command
 from zcmigrate.migrate.cli_options import (
     AUTH_KEY,

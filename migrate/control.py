@@ -7,18 +7,14 @@ It knows the job only through the small Controlled protocol below.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import socket
-import threading
 from pathlib import Path
 from typing import Any, Protocol
 
+from zcmigrate.channel.local import LineServer, LocalSocketError, request_line
 from zcmigrate.migrate.errors import ControlError, ParameterError
 from zcmigrate.migrate.stats import MigrationStats
-
-MAX_REQUEST = 64 * 1024
 
 
 class Controlled(Protocol):
@@ -49,47 +45,18 @@ class ControlServer:
     def __init__(self, path: str | os.PathLike[str], job: Controlled) -> None:
         self.path = Path(path)
         self.job = job
-        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            if _alive(self.path):
-                raise ControlError(f"{self.path} is in use by another migration; "
-                                   "pass --control-socket to choose another path")
-            self.path.unlink()
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o177)
         try:
-            self._sock.bind(str(self.path))
-        finally:
-            os.umask(old)
-        self._sock.listen(8)
-        self._closed = threading.Event()
-        self._thread = threading.Thread(target=self._serve, name="control", daemon=True)
-        self._thread.start()
+            self._server = LineServer(self.path, self._handle, error_reply=_error_line)
+        except LocalSocketError as e:
+            raise ControlError(f"control socket: {e}; pass --control-socket to choose "
+                               "another path") from e
 
-    def _serve(self) -> None:
-        while not self._closed.is_set():
-            try:
-                conn, _ = self._sock.accept()
-            except OSError:
-                return
-            with conn:
-                conn.settimeout(5.0)
-                with contextlib.suppress(OSError, ValueError):
-                    self._handle(conn)
-
-    def _handle(self, conn: socket.socket) -> None:
-        buf = b""
-        while b"\n" not in buf and len(buf) < MAX_REQUEST:
-            chunk = conn.recv(4096)
-            if not chunk:
-                break
-            buf += chunk
+    def _handle(self, line: bytes) -> bytes:
         try:
-            req = json.loads(buf.split(b"\n", 1)[0] or b"null")
-            reply = self.dispatch(req)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            reply = {"ok": False, "error": "request is not JSON"}
-        conn.sendall(json.dumps(reply).encode() + b"\n")
+            req = json.loads(line or b"null")
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, ValueError):
+            return _error_line("request is not JSON")
+        return json.dumps(self.dispatch(req)).encode()
 
     def dispatch(self, req: Any) -> dict[str, Any]:
         if not isinstance(req, dict) or not isinstance(req.get("cmd"), str):
@@ -114,47 +81,24 @@ class ControlServer:
         return {"ok": False, "error": f"unknown command {cmd!r}"}
 
     def close(self) -> None:
-        self._closed.set()
-        with contextlib.suppress(OSError):
-            self._sock.shutdown(socket.SHUT_RDWR)
-        self._sock.close()
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
-        self._thread.join(2)
+        self._server.close()
 
 
-def _alive(path: Path) -> bool:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        s.connect(str(path))
-    except OSError:
-        return False
-    finally:
-        s.close()
-    return True
+def _error_line(message: str) -> bytes:
+    return json.dumps({"ok": False, "error": message}).encode()
 
 
 def request(path: str | os.PathLike[str], req: dict[str, Any], timeout: float = 10.0
             ) -> dict[str, Any]:
     """One request to the migration serving `path`; ControlError if there is none."""
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(timeout)
     try:
-        try:
-            s.connect(str(path))
-        except OSError as e:
-            raise ControlError(f"no migration is running on {path} ({e.strerror})") from e
-        s.sendall(json.dumps(req).encode() + b"\n")
-        buf = b""
-        while not buf.endswith(b"\n"):
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            buf += chunk
-    finally:
-        s.close()
+        reply_line = request_line(Path(path), json.dumps(req).encode(), timeout)
+    except LocalSocketError as e:
+        raise ControlError(f"no migration is running on {path}: {e}") from e
     try:
-        reply: dict[str, Any] = json.loads(buf)
-    except json.JSONDecodeError as e:
+        reply = json.loads(reply_line)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ControlError(f"bad reply from {path}") from e
+    if not isinstance(reply, dict):
+        raise ControlError(f"bad reply from {path}")
     return reply

@@ -5,8 +5,6 @@ It knows pages and packets; it must not know guests, the CLI, systemd or the mai
 
 from __future__ import annotations
 
-import select
-import socket
 import threading
 import time
 from array import array
@@ -15,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from zcmigrate.channel.errors import ChannelClosed
+from zcmigrate.channel.errors import ChannelClosed, ChannelError, ReadTimeout
 from zcmigrate.channel.iovec import IoVec
 from zcmigrate.channel.zcsocket import Channel
 from zcmigrate.multifd.exiting import Exiting, MultifdError
@@ -56,36 +54,18 @@ def accept_data_channel(channel: Channel, tracker: InitTracker, timeout: float) 
     does not come within `timeout` seconds or the peer closes first. The destination uses the
     id to order its channels (ReceiverPool takes them with index == id).
     """
-    deadline = time.monotonic() + timeout
-    poller = select.poll()
-    poller.register(channel.fileno(), select.POLLIN | select.POLLRDHUP)
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise MultifdError(f"data channel {channel.name}: no init record within {timeout:g} s")
-        # Short slices, so a shutdown() from another thread is noticed.
-        events = poller.poll(max(1, int(min(left, 0.1) * 1000)))
-        if not events:
-            continue
-        hung_up = any(ev & (select.POLLRDHUP | select.POLLHUP) for _, ev in events)
-        if channel.is_shut_down:
-            raise MultifdError(f"data channel {channel.name}: shut down before its init record")
-        try:
-            # Peek, not read: a blocking read of 64 bytes could not honour the timeout.
-            got = channel.socket.recv(INIT_SIZE, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-        except BlockingIOError:
-            continue
-        except OSError as e:
-            raise MultifdError(f"data channel {channel.name}: reading the init record failed: "
-                               f"{e.strerror or e}", cause=e) from e
-        if len(got) == INIT_SIZE:
-            break
-        if hung_up or not got:
-            raise MultifdError(f"data channel {channel.name}: the peer closed it after "
-                               f"{len(got)} of the {INIT_SIZE} bytes of its init record")
-        time.sleep(0.001)  # part of it is here; poll would not wait for the rest
-    record = tracker.accept(channel.read_exact(INIT_SIZE))
-    return record.channel_id
+    try:
+        data = channel.read_exact(INIT_SIZE, timeout)
+    except ReadTimeout:
+        raise MultifdError(f"data channel {channel.name}: no init record within "
+                           f"{timeout:g} s") from None
+    except ChannelClosed as e:
+        raise MultifdError(f"data channel {channel.name}: closed before its init record "
+                           f"({e})", cause=e) from e
+    except ChannelError as e:
+        raise MultifdError(f"data channel {channel.name}: reading the init record failed: "
+                           f"{e}", cause=e) from e
+    return tracker.accept(data).channel_id
 
 
 class _Worker:

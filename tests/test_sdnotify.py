@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from zcmigrate.migrate.sdnotify import SD_LISTEN_FDS_START, listen_fds, notify
+from zcmigrate.channel.sdnotify import SD_LISTEN_FDS_START, listen_fds, notify
 
 ROOT = Path(__file__).resolve().parent.parent
 _UCRED = struct.Struct("iII")  # struct ucred: pid, uid, gid
@@ -87,7 +87,7 @@ def test_a_child_process_notifies_with_its_own_credentials(
     # which must be the main process for NotifyAccess=main to accept it.
     child = subprocess.Popen(
         [sys.executable, "-c",
-         "from migrate.sdnotify import notify; "
+         "from zcmigrate.channel.sdnotify import notify; "
          "import sys; sys.exit(0 if notify('READY=1', 'STATUS=receiving guest1') else 3)"],
         cwd=ROOT,
     )
@@ -156,7 +156,7 @@ def test_malformed_variables_are_an_error_and_are_unset(monkeypatch: pytest.Monk
 # serves one connection on the stream socket to prove it is the parent's listener.
 _ACTIVATED = """
 import json, os, socket
-from zcmigrate.migrate.sdnotify import listen_fds
+from zcmigrate.channel.sdnotify import listen_fds
 socks = listen_fds()
 print(json.dumps({
     "pid": os.getpid(),

@@ -1,6 +1,6 @@
 """A tiny sd_notify(3) and sd_listen_fds(3) client: readiness and status to systemd, and the
 sockets systemd passed us by socket activation. No dependency beyond the standard library;
-it knows nothing of migrations, only the systemd protocol.
+it knows nothing of migrations, only the systemd protocol over datagram sockets.
 """
 
 from __future__ import annotations
