@@ -279,44 +279,36 @@ class HelloAck(Record):
 
 
 @dataclass(frozen=True, slots=True)
-class MultifdFlush(Record):
+class _IterationRecord(Record):
+    iteration: int
+
+    def payload(self) -> bytes:
+        return _dumps({"iteration": self.iteration})
+
+    @classmethod
+    def from_payload(cls, payload: bytes) -> _IterationRecord:
+        name = cls.TYPE.name
+        it = _field(name, _json_object(name, payload), "iteration", int)
+        if it < 1:
+            raise RemoteProtocolError(f"{name}: iteration {it}, expected at least 1")
+        return cls(iteration=it)
+
+
+@dataclass(frozen=True, slots=True)
+class MultifdFlush(_IterationRecord):
     """Every data channel has sent the SYNC of precopy iteration `iteration`."""
 
     TYPE: ClassVar[RecordType] = RecordType.MULTIFD_FLUSH
     SENDERS: ClassVar[frozenset[Role]] = frozenset({Role.SOURCE})
 
-    iteration: int
-
-    def payload(self) -> bytes:
-        return _dumps({"iteration": self.iteration})
-
-    @classmethod
-    def from_payload(cls, payload: bytes) -> MultifdFlush:
-        it = _field("MULTIFD_FLUSH", _json_object("MULTIFD_FLUSH", payload), "iteration", int)
-        if it < 1:
-            raise RemoteProtocolError(f"MULTIFD_FLUSH: iteration {it}, expected at least 1")
-        return cls(iteration=it)
-
 
 @dataclass(frozen=True, slots=True)
-class EndOfRam(Record):
+class EndOfRam(_IterationRecord):
     """Every data channel has sent its final SYNC (iteration `iteration`): the last pages
     are on their way and no page follows them."""
 
     TYPE: ClassVar[RecordType] = RecordType.END_OF_RAM
     SENDERS: ClassVar[frozenset[Role]] = frozenset({Role.SOURCE})
-
-    iteration: int
-
-    def payload(self) -> bytes:
-        return _dumps({"iteration": self.iteration})
-
-    @classmethod
-    def from_payload(cls, payload: bytes) -> EndOfRam:
-        it = _field("END_OF_RAM", _json_object("END_OF_RAM", payload), "iteration", int)
-        if it < 1:
-            raise RemoteProtocolError(f"END_OF_RAM: iteration {it}, expected at least 1")
-        return cls(iteration=it)
 
 
 @dataclass(frozen=True, slots=True)
