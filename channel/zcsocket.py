@@ -38,6 +38,8 @@ _DRAIN_BATCH = 64
 # How long a blocked flush or in-flight wait sleeps in poll before it looks at the
 # shutdown flag again: the bound on how late shutdown() wakes it.
 _WAIT_SLICE_MS = 100
+# Seconds within which a dead peer is found by default (keepalive and user timeout).
+DEFAULT_PEER_TIMEOUT = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +74,7 @@ class Channel:
         zero_copy: bool = False,
         in_flight_cap: int | None = None,
         name: str = "",
+        peer_timeout: float | None = DEFAULT_PEER_TIMEOUT,
     ) -> None:
         self._sock = sock
         self._fd = sock.fileno()
@@ -100,6 +103,8 @@ class Channel:
             with contextlib.suppress(OSError):
                 # Headers and sync packets are small: send them at once (QEMU does too).
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if peer_timeout is not None:
+                set_peer_timeout(sock, peer_timeout)
         if zero_copy:
             try:
                 sock.setsockopt(socket.SOL_SOCKET, SO_ZEROCOPY, 1)
@@ -260,16 +265,31 @@ class Channel:
     def _wait_in_flight(self, at_most: int, deadline: float | None = None) -> None:
         """Wait until no more than `at_most` bytes of zero-copy sends are in flight."""
         waited = False
+        error_pending = False
         while True:
-            self._drain()
+            completed = self._drain()
             if self._ledger.in_flight_bytes <= at_most or self._ledger.in_flight_calls == 0:
                 return
+            if error_pending and not completed:
+                # POLLERR with nothing on the error queue: the connection itself failed
+                # (reset, or TCP_USER_TIMEOUT), and poll would report it for ever.
+                self._raise_socket_error()
             if not waited:
                 self._in_flight_waits += 1
                 waited = True
-            self._wait_errqueue(deadline)
+            error_pending = bool(self._wait_errqueue(deadline) & select.POLLERR)
 
-    def _wait_errqueue(self, deadline: float | None) -> None:
+    def _raise_socket_error(self) -> None:
+        self._check_open()
+        err = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            if err in (errno.EPIPE, errno.ECONNRESET):
+                raise ChannelClosed(f"channel {self.name}: the connection was reset "
+                                    f"({os.strerror(err)})")
+            raise ChannelError(f"channel {self.name}: the connection failed: "
+                               f"{os.strerror(err)}")
+
+    def _wait_errqueue(self, deadline: float | None) -> int:
         self._check_open()
         timeout_ms = _WAIT_SLICE_MS
         if deadline is not None:
@@ -289,6 +309,7 @@ class Channel:
             # The peer hung up: completions still come as the kernel frees the
             # buffers, but poll no longer blocks; do not spin on it.
             time.sleep(0.001)
+        return int(revents)
 
     def flush(self, timeout: float | None = None) -> int:
         """Wait until every zero-copy send has completed.
@@ -452,8 +473,26 @@ def _describe(sock: socket.socket) -> str:
 # ------------------------------------------------------------------ TCP set-up
 
 
+def set_peer_timeout(sock: socket.socket, seconds: float) -> None:
+    """Let the kernel find a dead peer within `seconds`: keepalive probes when the
+    connection is idle (a host that lost power never sends a FIN), and TCP_USER_TIMEOUT
+    when sent data stays unacknowledged or the peer's window stays shut (a peer that
+    stopped reading). Either way the socket then fails with ETIMEDOUT, which wakes every
+    blocked read and write on it. A peer that is alive but silent is the callers' to
+    notice: their reads have deadlines."""
+    t = max(3, int(seconds))
+    idle, interval = max(1, t // 3), max(1, t // 6)
+    count = max(1, (t - idle) // interval)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, count)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, t * 1000)
+
+
 def connect(host: str, port: int, *, zero_copy: bool = False, timeout: float = 10.0,
-            in_flight_cap: int | None = None, name: str = "") -> Channel:
+            in_flight_cap: int | None = None, name: str = "",
+            peer_timeout: float | None = DEFAULT_PEER_TIMEOUT) -> Channel:
     """Connect over TCP (IPv4 or IPv6, whichever the name resolves to first)."""
     try:
         sock = socket.create_connection((host, port), timeout=timeout)
@@ -461,7 +500,8 @@ def connect(host: str, port: int, *, zero_copy: bool = False, timeout: float = 1
         where = format_hostport(host, port)
         raise ChannelError(f"cannot connect to {where}: {e.strerror or e}") from e
     sock.settimeout(None)  # blocking from here on: shutdown() is what wakes a waiter
-    return Channel(sock, zero_copy=zero_copy, in_flight_cap=in_flight_cap, name=name)
+    return Channel(sock, zero_copy=zero_copy, in_flight_cap=in_flight_cap, name=name,
+                   peer_timeout=peer_timeout)
 
 
 class Listener:
@@ -503,7 +543,7 @@ class Listener:
         return self._sock.fileno()
 
     def accept(self, timeout: float | None = None, *, zero_copy: bool = False,
-               name: str = "") -> Channel:
+               name: str = "", peer_timeout: float | None = DEFAULT_PEER_TIMEOUT) -> Channel:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             if self._shut.is_set():
@@ -518,7 +558,8 @@ class Listener:
                 except BlockingIOError:
                     continue
                 sock.settimeout(None)
-                return Channel(sock, zero_copy=zero_copy, name=name)
+                return Channel(sock, zero_copy=zero_copy, name=name,
+                               peer_timeout=peer_timeout)
 
     def shutdown(self) -> None:
         self._shut.set()

@@ -50,6 +50,10 @@ class ReceiveCancelled(ReceiveError):
     exit_code = EXIT_CANCELLED
 
 
+class ImageBusy(ZcmigrateError):
+    """Another process owns the image (a migration, a receiver, a running guest)."""
+
+
 class ParameterError(ZcmigrateError, ValueError):
     """A parameter out of range; the message names it and says what is allowed."""
 

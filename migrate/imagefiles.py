@@ -1,6 +1,7 @@
 """Every file that lives beside an image, named in one place: IMAGE.guest (the guest's
 control block and dirty bitmap), IMAGE.state (the committed device state), IMAGE.incoming
-(a destination's pages before the commit). It knows names, not contents.
+(a destination's pages before the commit), IMAGE.lock (held by the one migration that owns
+IMAGE). It knows names, not contents.
 """
 
 from __future__ import annotations
@@ -27,3 +28,8 @@ def state_path(image: str | os.PathLike[str]) -> Path:
 def incoming_path(image: str | os.PathLike[str]) -> Path:
     """`IMAGE.incoming`: a destination's pages before the commit renames it to IMAGE."""
     return _beside(image, ".incoming")
+
+
+def lock_path(image: str | os.PathLike[str]) -> Path:
+    """`IMAGE.lock`: flocked by the one migration, sending or receiving, that owns IMAGE."""
+    return _beside(image, ".lock")
