@@ -13,7 +13,8 @@ from typing import Any
 import click
 
 from zcmigrate.migrate.cli_types import json_option
-from zcmigrate.migrate.control import ControlError, default_socket, request
+from zcmigrate.migrate.control import ControlError, request
+from zcmigrate.migrate.imagefiles import default_socket
 from zcmigrate.migrate.stats import MigrationStats
 from zcmigrate.migrate.units import parse_bandwidth
 

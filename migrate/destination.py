@@ -24,7 +24,7 @@ import structlog
 from zcmigrate.channel.errors import AcceptTimeout, ChannelError
 from zcmigrate.channel.zcsocket import Channel, Listener
 from zcmigrate.migrate.durable import fsync_dir, write_atomic
-from zcmigrate.migrate.guest import state_path
+from zcmigrate.migrate.imagefiles import incoming_path, state_path
 from zcmigrate.migrate.mainchannel import MainChannel, MainChannelTimeout
 from zcmigrate.migrate.protocol import (
     NONCE_SIZE,
@@ -89,10 +89,6 @@ class ReceiveResult:
             "total-time": round(self.total_time_ms),
             "multifd": {"channels": self.per_channel},
         }
-
-
-def incoming_path(image: Path) -> Path:
-    return image.with_name(image.name + ".incoming")
 
 
 class DestinationJob:

@@ -24,6 +24,10 @@ from typing import Any, Final
 from zcmigrate import native
 from zcmigrate.migrate.durable import write_atomic
 
+# Re-exported for callers that name the guest's files through the guest (source.py).
+from zcmigrate.migrate.imagefiles import control_path as control_path
+from zcmigrate.migrate.imagefiles import state_path as state_path
+
 # --------------------------------------------------------------------------- the contract
 #
 # `<image>.guest`, the control file shared by the guest and the migration:
@@ -126,18 +130,6 @@ class GuestRequest(enum.IntEnum):
     PAUSE = 1
     RESUME = 2
     EXIT = 3
-
-
-def control_path(image: str | os.PathLike[str]) -> Path:
-    """`<image>.guest`: the control block and dirty bitmap of the guest on `image`."""
-    p = Path(image)
-    return p.with_name(p.name + ".guest")
-
-
-def state_path(image: str | os.PathLike[str]) -> Path:
-    """`<image>.state`: the device state a destination committed for `image`."""
-    p = Path(image)
-    return p.with_name(p.name + ".state")
 
 
 def bitmap_words(npages: int) -> int:

@@ -30,14 +30,13 @@ from zcmigrate.migrate.guest import (
     GuestError,
     GuestState,
     check_oracle,
-    control_path,
     create_image,
     read_device_state,
     run_guest,
-    state_path,
     write_device_state,
 )
 from zcmigrate.migrate.guest_cli import guest_command
+from zcmigrate.migrate.imagefiles import control_path, state_path
 
 PAGE = 4096
 WAIT_S = 10.0
