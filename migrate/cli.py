@@ -32,12 +32,13 @@ from zcmigrate.migrate.cli_options import (
     run_source,
 )
 from zcmigrate.migrate.cli_types import json_option
-from zcmigrate.migrate.control import ControlServer, default_socket
+from zcmigrate.migrate.control import ControlServer
 from zcmigrate.migrate.control_cli import cancel_command, set_command, status_command
 from zcmigrate.migrate.demo import demo_command
 from zcmigrate.migrate.destination import DestinationJob
 from zcmigrate.migrate.errors import ControlError, ReceiveError
 from zcmigrate.migrate.guest_cli import guest_command
+from zcmigrate.migrate.imagefiles import default_socket
 from zcmigrate.migrate.progress import ProgressDisplay
 from zcmigrate.migrate.source import Destination, SourceJob
 

@@ -23,22 +23,6 @@ class Controlled(Protocol):
     def set_parameter(self, name: str, value: int) -> None: ...
 
 
-def runtime_dir() -> Path:
-    """Where control sockets live: $ZCMIGRATE_RUNTIME_DIR, else $XDG_RUNTIME_DIR/zcmigrate,
-    else /run/zcmigrate for root and /tmp/zcmigrate-<uid> for others."""
-    env = os.environ.get("ZCMIGRATE_RUNTIME_DIR")
-    if env:
-        return Path(env)
-    xdg = os.environ.get("XDG_RUNTIME_DIR")
-    if xdg:
-        return Path(xdg) / "zcmigrate"
-    return Path("/run/zcmigrate") if os.geteuid() == 0 else Path(f"/tmp/zcmigrate-{os.getuid()}")
-
-
-def default_socket(image: str | os.PathLike[str]) -> Path:
-    return runtime_dir() / f"{Path(image).name}.sock"
-
-
 class ControlServer:
     """Serves `job` on a Unix socket from a daemon thread until close()."""
 

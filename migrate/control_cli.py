@@ -13,8 +13,9 @@ from typing import Any
 import click
 
 from zcmigrate.migrate.cli_types import json_option
-from zcmigrate.migrate.control import default_socket, request
+from zcmigrate.migrate.control import request
 from zcmigrate.migrate.errors import ControlError
+from zcmigrate.migrate.imagefiles import default_socket
 from zcmigrate.migrate.stats import MigrationStats
 from zcmigrate.migrate.units import parse_bandwidth
 

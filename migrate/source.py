@@ -57,8 +57,8 @@ from zcmigrate.migrate.ratelimit import RateLimiter
 from zcmigrate.migrate.state import Event, State, StateMachine
 from zcmigrate.migrate.stats import MigrationStats, StatsBuilder
 from zcmigrate.multifd.exiting import Exiting, MultifdError
+from zcmigrate.multifd.pages import dirty_offsets, fetch_clear_dirty, or_words
 from zcmigrate.multifd.sender import SenderPool
-from zcmigrate.native import ffi, lib
 
 log = structlog.get_logger("zcmigrate.source")
 
@@ -327,9 +327,8 @@ class SourceJob:
                 state = self._pause(guest)
                 more = array("Q", bytes(8 * nwords))
                 self._fetch_dirty(guest, more)
-                merged = _or_words(fresh, more)
-                count = lib.zc_bitmap_offsets(ffi.from_buffer("uint64_t[]", merged), npages,
-                                              ps, ffi.from_buffer("uint64_t[]", offsets_buf))
+                merged = or_words(fresh, more)
+                count = dirty_offsets(merged, npages, ps, offsets_buf)
                 self.stats.dirty_sync(count, 0.0, expected_ms)
                 return offsets_buf[:count], state.encode()
             if decision.action is Action.GIVE_UP:
@@ -339,8 +338,7 @@ class SourceJob:
                     "Raise max-bandwidth or downtime-limit, or lower the guest's dirty rate. "
                     "The guest keeps running here."
                 )
-            count = lib.zc_bitmap_offsets(ffi.from_buffer("uint64_t[]", fresh), npages, ps,
-                                          ffi.from_buffer("uint64_t[]", offsets_buf))
+            count = dirty_offsets(fresh, npages, ps, offsets_buf)
             offsets = offsets_buf[:count]
 
     def _writeback(self) -> None:
@@ -351,9 +349,7 @@ class SourceJob:
 
     def _fetch_dirty(self, guest: GuestControl, out: array[int]) -> int:
         """Fetch and clear the guest's dirty bitmap atomically, word by word (in C)."""
-        bm = ffi.cast("uint64_t *", guest.bitmap_address)
-        return int(lib.zc_bitmap_fetch_clear(bm, guest.nwords,
-                                             ffi.from_buffer("uint64_t[]", out)))
+        return fetch_clear_dirty(guest.bitmap_address, guest.nwords, out)
 
     def _send(self, offsets: array[int], *, rate_limited: bool) -> None:
         assert self._pool is not None
@@ -478,13 +474,6 @@ class SourceJob:
                 self._map.close()
 
 
-def _or_words(a: array[int], b: array[int]) -> array[int]:
-    """Bitwise OR of two bitmaps, at C speed through Python's big integers."""
-    n = len(a) * 8
-    merged = int.from_bytes(a.tobytes(), "little") | int.from_bytes(b.tobytes(), "little")
-    out = array("Q")
-    out.frombytes(merged.to_bytes(n, "little"))
-    return out
 
 
 __all__ = [

@@ -7,6 +7,7 @@ import contextlib
 import json
 import mmap
 import os
+import re
 import selectors
 import signal
 import subprocess
@@ -21,7 +22,7 @@ from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from zcmigrate import native
+from zcmigrate import ZcmigrateError, native
 from zcmigrate.migrate.guest import (
     CONTROL_FIELDS,
     CONTROL_SIZE,
@@ -30,14 +31,13 @@ from zcmigrate.migrate.guest import (
     GuestError,
     GuestState,
     check_oracle,
-    control_path,
     create_image,
     read_device_state,
     run_guest,
-    state_path,
     write_device_state,
 )
 from zcmigrate.migrate.guest_cli import guest_command
+from zcmigrate.migrate.imagefiles import control_path, state_path
 
 PAGE = 4096
 WAIT_S = 10.0
@@ -533,3 +533,20 @@ def test_command_rejects_bad_options_with_usage_errors(tmp_path: Path) -> None:
     both = runner.invoke(guest_command, [image, "--check", "--resume"])
     assert both.exit_code == 2
     assert "ZCMIGRATE_GUEST_SIZE" in runner.invoke(guest_command, ["--help"]).stdout
+
+
+def test_guest_errors_are_zcmigrate_errors_with_the_generic_exit_code() -> None:
+    assert issubclass(GuestError, ZcmigrateError)
+    assert GuestError("x").exit_code == 1
+
+
+def test_the_layout_table_and_the_fields_agree() -> None:
+    """The offset table in layout.py is the contract readers see: it must say what the
+    code does, row for row (a new field is one enum member and one row)."""
+    from zcmigrate.migrate.guest import layout
+
+    rows = re.findall(r"^#\s+(\d+)\s+([a-z_]+)\s", Path(layout.__file__).read_text(), re.M)
+    table = {name: int(offset) for offset, name in rows}
+    assert table.pop("bitmap") == layout.BITMAP_OFFSET
+    assert table == CONTROL_FIELDS
+    assert len(CONTROL_FIELDS) == layout.HEADER_WORDS

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tomllib
 import zipfile
 from pathlib import Path
 
@@ -74,3 +75,16 @@ def test_an_editable_install_runs_from_another_directory(tmp_path: Path) -> None
     assert Path(native_file).parent == clone / "native"
     assert Path(migrate_file).parent == clone / "migrate"
     assert eof == "-1"
+
+
+def test_every_subpackage_is_listed_for_the_wheel() -> None:
+    """pyproject.toml lists the packages by hand (package-dir maps the checkout's root):
+    a folder left out of the list would be missing from wheels while an editable install
+    still found it."""
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    listed = set(config["tool"]["setuptools"]["packages"])
+    found = {"zcmigrate"}
+    for layer in ("migrate", "multifd", "channel", "native"):
+        for init in (ROOT / layer).rglob("__init__.py"):
+            found.add(".".join(("zcmigrate", *init.parent.relative_to(ROOT).parts)))
+    assert listed == found

@@ -1,0 +1,71 @@
+"""The guest stand-in: a process that increments byte 0 of every page of a shared image
+and marks each write in a dirty bitmap it shares with the migration; the migration's
+handle on it, its device state and the oracle. It must not know about channels, sockets
+or packets.
+
+One module per concern: layout (the control file's contract), device (the device
+state), image (creating and opening images), oracle (the end-to-end check), workload (the
+running guest) and handle (GuestControl, the migration's side). This module re-exports
+what callers use, so they import from `zcmigrate.migrate.guest`.
+"""
+
+from zcmigrate.migrate.guest.device import (
+    DEVICE_KIND,
+    DEVICE_STATE_MAX_BYTES,
+    DEVICE_VERSION,
+    DeviceState,
+    read_device_state,
+    write_device_state,
+)
+from zcmigrate.migrate.guest.errors import GuestError
+from zcmigrate.migrate.guest.handle import GuestControl
+from zcmigrate.migrate.guest.image import FILLS, create_image
+from zcmigrate.migrate.guest.layout import (
+    BITMAP_OFFSET,
+    CONTROL_FIELDS,
+    CONTROL_MAGIC,
+    CONTROL_SIZE,
+    CONTROL_VERSION,
+    MAX_IMAGE_BYTES,
+    MAX_PAGE_SIZE,
+    MIN_PAGE_SIZE,
+    GuestRequest,
+    GuestState,
+    bitmap_words,
+)
+from zcmigrate.migrate.guest.oracle import OracleVerdict, check_oracle
+from zcmigrate.migrate.guest.workload import TICK_NS, run_guest
+
+# The files beside an image are named in migrate/imagefiles.py; these two are re-exported
+# for callers that reach the guest's files through the guest (source.py).
+from zcmigrate.migrate.imagefiles import control_path, state_path
+
+__all__ = [
+    "BITMAP_OFFSET",
+    "CONTROL_FIELDS",
+    "CONTROL_MAGIC",
+    "CONTROL_SIZE",
+    "CONTROL_VERSION",
+    "DEVICE_KIND",
+    "DEVICE_STATE_MAX_BYTES",
+    "DEVICE_VERSION",
+    "FILLS",
+    "MAX_IMAGE_BYTES",
+    "MAX_PAGE_SIZE",
+    "MIN_PAGE_SIZE",
+    "TICK_NS",
+    "DeviceState",
+    "GuestControl",
+    "GuestError",
+    "GuestRequest",
+    "GuestState",
+    "OracleVerdict",
+    "bitmap_words",
+    "check_oracle",
+    "control_path",
+    "create_image",
+    "read_device_state",
+    "run_guest",
+    "state_path",
+    "write_device_state",
+]
