@@ -147,7 +147,7 @@ def test_a_replay_is_refused_naming_expected_and_got() -> None:
 def test_reordering_is_refused_before_decryption() -> None:
     s, o = pair()
     a, b = s.seal(b"a"), s.seal(b"b")
-    with pytest.raises(OutOfOrder, match="expected packet counter 0, got 1 .*reordering"):
+    with pytest.raises(OutOfOrder, match=r"expected packet counter 0, got 1 .*reordering"):
         o.open(1, b)
     assert isinstance(OutOfOrder("x"), ChannelError)
     # The stream is dead after any failure, even for the packet it was waiting for.
