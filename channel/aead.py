@@ -207,7 +207,7 @@ class Sealer(_Aead):
 
     def seal_into(self, data: Buffer, out: Buffer, tag: Buffer, *, aad: Buffer = b"") -> int:
         """Seal `data` into `out` (the same buffer: in place) and its tag into `tag` (16
-        writable bytes); return the counter used."""
+        writable bytes, or a cffi pointer to them); return the counter used."""
         with _Pins() as pins:
             data_c, n = pins.readable(data)
             out_c, cap = pins.writable(out)
@@ -229,7 +229,8 @@ class Sealer(_Aead):
                     out: Buffer, tag: Buffer, *, aad: Buffer = b"") -> int:
         """Seal `count` blocks of `block_size` bytes read at `offsets` (a uint64_t array or
         pointer) in the mapping [base, base+size) straight into `out`, one pass in C, and
-        the tag into `tag`; return the counter used. Offsets outside the mapping, or an
+        the tag into `tag` (16 bytes, or a cffi pointer to them, e.g. just past the
+        ciphertext in `out`); return the counter used. Offsets outside the mapping, or an
         `out` too small, raise AeadError with nothing read or written."""
         with _Pins() as pins:
             if isinstance(offsets, ffi.CData):
@@ -394,6 +395,9 @@ class _Pins:
         return c, len(c)
 
     def tag_out(self, tag: Buffer) -> Any:
+        """A writable 16-byte tag: a bare cffi pointer is taken to point at 16 bytes."""
+        if isinstance(tag, ffi.CData) and ffi.typeof(tag).kind == "pointer":
+            return tag
         tag_c, n = self.writable(tag)
         if n < TAG_LEN:
             raise ValueError(f"tag buffer of {n} bytes, expected {TAG_LEN}")

@@ -304,3 +304,21 @@ def test_offsets_shorter_than_the_count_are_refused_in_python() -> None:
     with pytest.raises(ValueError, match="1 offsets for 2 blocks"):
         s.seal_gather(0, PAGE, array("Q", [0]), 2, PAGE, bytearray(2 * PAGE),
                       bytearray(TAG_LEN))
+
+
+def test_the_c_path_takes_a_cffi_array_and_a_tag_pointer_just_past_the_ciphertext() -> None:
+    image = mmap.mmap(-1, 8 * PAGE)
+    image[:] = os.urandom(len(image))
+    img_c = ffi.from_buffer("uint8_t[]", image)
+    base = int(ffi.cast("uintptr_t", img_c))
+    offsets = ffi.new("uint64_t[]", [2 * PAGE, 0])
+    out = ffi.new("uint8_t[]", 2 * PAGE + TAG_LEN)
+    s, o = pair()
+    try:
+        s.seal_gather(base, len(image), offsets, 2, PAGE, out, out + 2 * PAGE)
+        o.open_into(0, ffi.buffer(out, 2 * PAGE), ffi.buffer(out, 2 * PAGE),
+                    ffi.buffer(out + 2 * PAGE, TAG_LEN))
+        assert ffi.buffer(out, 2 * PAGE)[:] == image[2 * PAGE:3 * PAGE] + image[:PAGE]
+    finally:
+        ffi.release(img_c)
+        image.close()
