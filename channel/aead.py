@@ -100,9 +100,12 @@ class SessionKeys:
     start at 0 every session) by replaying an old hello. info = label || migration UUID ||
     direction || channel kind || channel id, fixed-length fields: a key per direction and
     per channel, for this migration only.
+
+    Each stream gets one Sealer: a second would start its counter at 0 again under the
+    same key, and GCM under a repeated nonce gives away the authentication key.
     """
 
-    __slots__ = ("_salt", "_shared", "migration_uuid")
+    __slots__ = ("_lock", "_salt", "_sealed", "_shared", "migration_uuid")
 
     def __init__(self, shared_key: bytes, source_nonce: bytes, destination_nonce: bytes,
                  migration_uuid: UUID | bytes) -> None:
@@ -121,6 +124,8 @@ class SessionKeys:
         self._shared = bytes(shared_key)
         self._salt = bytes(source_nonce) + bytes(destination_nonce)
         self.migration_uuid = bytes(uuid)
+        self._sealed: set[StreamId] = set()
+        self._lock = threading.Lock()
 
     def key(self, stream: StreamId) -> bytes:
         """The 32-byte AES-256-GCM key of one stream."""
@@ -128,8 +133,14 @@ class SessionKeys:
         return hkdf_sha256(self._shared, salt=self._salt, info=info, length=KEY_LEN)
 
     def sealer(self, direction: Direction, channel: int | None) -> Sealer:
-        """The sealer of a stream (the end that sends in `direction`); channel None: main."""
+        """The sealer of a stream (the end that sends in `direction`); channel None: main.
+        Only one per stream and session: a second raises AeadError."""
         stream = StreamId(direction, channel)
+        with self._lock:
+            if stream in self._sealed:
+                raise AeadError(f"{stream}: this session already gave out its sealer; a "
+                                "second would seal under the same nonces")
+            self._sealed.add(stream)
         return Sealer(self.key(stream), stream.prefix, name=str(stream))
 
     def opener(self, direction: Direction, channel: int | None) -> Opener:
@@ -176,7 +187,8 @@ class _Aead:
 class Sealer(_Aead):
     """Seals one stream: nonce = 4-byte prefix || 64-bit big-endian counter.
 
-    The counter starts at `first_counter` (0 for a new key) and moves on with every seal
+    The counter starts at `first_counter` (0 for a new key: anything else is for tests
+    of the limit, and two sealers of one key must never exist) and moves on with every seal
     that reached the cipher, failed or not, so a nonce is never used twice. It never wraps:
     once 2**64 - 1 has been used every later seal raises NonceExhausted and seals nothing
     (a new session derives new keys). One thread seals at a time: build a header with

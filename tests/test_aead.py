@@ -322,3 +322,15 @@ def test_the_c_path_takes_a_cffi_array_and_a_tag_pointer_just_past_the_ciphertex
     finally:
         ffi.release(img_c)
         image.close()
+
+
+def test_a_session_gives_out_one_sealer_per_stream() -> None:
+    keys = session()
+    keys.sealer(S2D, 0)
+    with pytest.raises(AeadError, match="already gave out its sealer"):
+        keys.sealer(S2D, 0)
+    keys.sealer(S2D, 1)
+    keys.sealer(D2S, 0)
+    keys.sealer(S2D, None)
+    keys.opener(S2D, 0)
+    keys.opener(S2D, 0)  # opening twice reuses no nonce
