@@ -187,7 +187,7 @@ class SendPool:
         ch = self._channel
         first = ch.zero_copy_calls()
         try:
-            return ch.writev([buf.view[:nbytes]], header=header, zero_copy=self._zero_copy)
+            sent = ch.writev([buf.view[:nbytes]], header=header, zero_copy=self._zero_copy)
         finally:
             # Even a writev that failed half-way may have made calls that pin the buffer.
             buf.calls = (first, ch.zero_copy_calls())
@@ -195,7 +195,8 @@ class SendPool:
             self._in_flight.append(buf)
             self._sends += 1
             self._peak = max(self._peak, len(self._in_flight))
-            self.reclaim()
+        self.reclaim()
+        return sent
 
     def reclaim(self) -> int:
         """Move every buffer whose calls have all completed to the free list (reading the
