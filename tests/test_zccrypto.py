@@ -12,6 +12,7 @@ import mmap
 import os
 import threading
 from array import array
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -375,3 +376,13 @@ def test_hkdf_refuses_lengths_past_255_blocks_and_empty_input_key_material() -> 
     assert hkdf(b"s", b"k", b"i", 8161)[0] == lib.ZCC_EINVAL
     assert hkdf(b"s", b"k", b"i", 0)[0] == lib.ZCC_EINVAL
     assert hkdf(b"s", b"", b"i", 32)[0] == lib.ZCC_EINVAL
+
+
+def test_the_stale_build_fingerprint_covers_both_headers() -> None:
+    """native/__init__.py refuses a build older than either header (an editable install
+    keeps the old .so after a header changes)."""
+    native = Path(__file__).resolve().parent.parent / "native"
+    h = hashlib.sha256()
+    for name in ("zcnative.h", "zccrypto.h"):
+        h.update((native / name).read_bytes())
+    assert int(h.hexdigest()[:12], 16) == lib.ZC_INTERFACE_HASH
