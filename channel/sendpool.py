@@ -1,8 +1,7 @@
-"""Page-aligned send buffers for zero-copy sends of bytes we wrote ourselves (ciphertext).
+"""Page-aligned send buffers for zero-copy sends of bytes we wrote ourselves (ciphertext),
+each reused only after every MSG_ZEROCOPY call that carried it completed (seed 004).
 
-A buffer returns to the free list only once the kernel has reported completion of every
-MSG_ZEROCOPY call that carried bytes of it (seed 004, "Notifications": until then the
-kernel may still read it). It knows buffers and the channel's call numbers, not their bytes.
+It knows buffers and the channel's call numbers, not what the bytes are.
 """
 
 from __future__ import annotations
