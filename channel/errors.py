@@ -36,6 +36,29 @@ class ReadTimeout(ChannelError):
     """A read with a deadline did not get its bytes in time."""
 
 
+class AeadError(ChannelError):
+    """A seal or open could not be done: bad arguments, bytes outside a mapping, or
+    libcrypto failed. The stream it belongs to is no longer usable."""
+
+
+class AuthenticationFailed(AeadError):
+    """A sealed record or packet did not verify: tampered with, sealed under another key
+    or for another stream. Its buffer holds zeros, never unverified plaintext."""
+
+
+class OutOfOrder(AeadError):
+    """A sealed packet came with a counter other than the next one expected: a replay,
+    a reordering or a loss."""
+
+
+class NonceExhausted(AeadError):
+    """A key has sealed under every counter it has: it seals nothing more."""
+
+
+class SendBufferTimeout(ChannelError):
+    """No send buffer came free in time: zero-copy completions are not arriving."""
+
+
 ENOBUFS_REMEDY = (
     "zero-copy send failed with ENOBUFS twice (after draining the error queue): "
     "the kernel could not pin more pages for this user. Raise the locked-memory limit "

@@ -108,6 +108,26 @@ class CompletionLedger:
         return copied
 
     @property
+    def calls_queued(self) -> int:
+        """Zero-copy calls queued so far: the number the next call will get (from 0)."""
+        return self._queued
+
+    def calls_completed(self, first: int, end: int) -> bool:
+        """Whether the calls numbered [first, end) have all completed.
+
+        Calls are numbered in the order queued, from 0, so `calls_queued` read before and
+        after a send names the calls that carried its bytes. A call older than 2**32
+        later ones shares its counter value with one of them: the answer can then only
+        err towards "not yet", never towards reusing a buffer early.
+        """
+        if not 0 <= first <= end <= self._queued:
+            raise ValueError(f"calls [{first}, {end}) outside the {self._queued} queued")
+        if not self._outstanding:
+            return True
+        shift = (self._next - self._queued) % COUNTER_MOD  # start_at() moved the counter
+        return not any((k + shift) % COUNTER_MOD in self._outstanding for k in range(first, end))
+
+    @property
     def in_flight_calls(self) -> int:
         return len(self._outstanding)
 

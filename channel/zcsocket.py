@@ -327,6 +327,34 @@ class Channel:
             self._flushes_copied += 1
         return 1 if copied else 0
 
+    def zero_copy_calls(self) -> int:
+        """How many zero-copy send calls this channel has made. Read it before and after a
+        writev(zero_copy=True): the calls numbered [before, after) carried its buffers (the
+        one writer thread makes no other call in between)."""
+        with self._ledger_lock:
+            return self._ledger.calls_queued
+
+    def zero_copy_completed(self, first: int, end: int, timeout: float = 0.0) -> bool:
+        """Whether the zero-copy calls numbered [first, end) have all completed, so the
+        buffers they carried may be overwritten (seed 004: not before the notification).
+
+        Reads the error queue; waits up to `timeout` seconds for them (False if they are
+        still out then), in slices, so that shutdown() wakes it with ChannelClosed.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._ledger_lock:
+                if self._ledger.calls_completed(first, end):
+                    return True
+            self._drain()
+            with self._ledger_lock:
+                if self._ledger.calls_completed(first, end):
+                    return True
+            if time.monotonic() >= deadline:
+                return False
+            with contextlib.suppress(FlushTimeout):  # the deadline: checked above
+                self._wait_errqueue(deadline)
+
     # -------------------------------------------------------------------- read
 
     def readv_into(self, buffers: IoVec | Iterable[Any]) -> int:

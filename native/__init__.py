@@ -1,6 +1,7 @@
 """C through cffi: the per-page hot loops of zcmigrate, with no policy.
 
-`lib` holds the functions of zcnative.c and `ffi` the cffi handle for their buffers.
+`lib` holds the functions of zcnative.c and zccrypto.c (AES-GCM and HKDF through
+OpenSSL), and `ffi` the cffi handle for their buffers.
 Nothing here knows about channels, packets or migrations; callers interpret the
 counts and errno values it returns.
 """
@@ -12,15 +13,18 @@ from zcmigrate.native._zcnative import ffi, lib
 
 ZC_EOF: int = lib.ZC_EOF
 
-_header = Path(__file__).with_name("zcnative.h")
-if _header.exists():
-    # An editable install keeps an old build after zcnative.h changes: calls would fail
+# The headers _build.py fed to cffi, in its order (its HEADERS).
+_headers = [Path(__file__).with_name(name) for name in ("zcnative.h", "zccrypto.h")]
+if all(h.exists() for h in _headers):
+    # An editable install keeps an old build after a header changes: calls would fail
     # with baffling argument errors. Say what to do instead.
-    _want = int(hashlib.sha256(_header.read_bytes()).hexdigest()[:12], 16)
-    if _want != lib.ZC_INTERFACE_HASH:
+    _hash = hashlib.sha256()
+    for _h in _headers:
+        _hash.update(_h.read_bytes())
+    if int(_hash.hexdigest()[:12], 16) != lib.ZC_INTERFACE_HASH:
         raise ImportError(
-            "native/_zcnative was built from another version of native/zcnative.h: "
-            "rebuild it with `pip install -e .` (or `pip install .`)"
+            "native/_zcnative was built from another version of native/zcnative.h or "
+            "native/zccrypto.h: rebuild it with `pip install -e .` (or `pip install .`)"
         )
 
 __all__ = ["ZC_EOF", "ffi", "lib"]

@@ -1,6 +1,7 @@
 """cffi build script for zcmigrate.native._zcnative (API mode, out of line), run by setup.py.
 
-It only compiles zcnative.c; it must not import anything of zcmigrate's own.
+It compiles zcnative.c and zccrypto.c into one module, linked with libcrypto; it must not
+import anything of zcmigrate's own.
 """
 
 import hashlib
@@ -9,17 +10,26 @@ from pathlib import Path
 from cffi import FFI
 
 HERE = Path(__file__).resolve().parent
+# Both interfaces end up in one cdef; native/__init__.py hashes the same files in the
+# same order to refuse a stale build.
+HEADERS = ("zcnative.h", "zccrypto.h")
 
-# cffi's cdef takes plain declarations: drop the header's preprocessor lines and
+# cffi's cdef takes plain declarations: drop the headers' preprocessor lines and
 # give struct iovec, which the C side takes from <sys/uio.h>.
 _decls = "\n".join(
-    line for line in (HERE / "zcnative.h").read_text().splitlines() if not line.startswith("#")
+    line
+    for name in HEADERS
+    for line in (HERE / name).read_text().splitlines()
+    if not line.startswith("#")
 )
 
 
-def interface_hash(header: Path) -> int:
+def interface_hash(headers: list[Path]) -> int:
     """A fingerprint of the C interface; native/__init__.py compares it at import."""
-    return int(hashlib.sha256(header.read_bytes()).hexdigest()[:12], 16)
+    h = hashlib.sha256()
+    for header in headers:
+        h.update(header.read_bytes())
+    return int(h.hexdigest()[:12], 16)
 
 
 ffibuilder = FFI()
@@ -29,10 +39,13 @@ ffibuilder.cdef(
 )
 ffibuilder.set_source(
     "zcmigrate.native._zcnative",
-    f'#include "zcnative.h"\n#define ZC_INTERFACE_HASH {interface_hash(HERE / "zcnative.h")}ULL',
+    '#include "zcnative.h"\n#include "zccrypto.h"\n'
+    f"#define ZC_INTERFACE_HASH {interface_hash([HERE / n for n in HEADERS])}ULL",
     # setup.py runs from the project root; setuptools wants sources relative to it.
-    sources=["native/zcnative.c"],
+    sources=["native/zcnative.c", "native/zccrypto.c"],
     include_dirs=["native"],
+    # AES-GCM and HKDF come from OpenSSL's libcrypto (ARCHITECTURE.md, "Trust").
+    libraries=["crypto"],
     extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],
 )
 

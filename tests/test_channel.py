@@ -283,3 +283,48 @@ def _catch(errors: list[BaseException], fn: object) -> None:
         fn()  # type: ignore[operator]
     except BaseException as e:
         errors.append(e)
+
+
+def test_a_writev_names_its_zero_copy_calls_and_learns_when_they_complete() -> None:
+    """zero_copy_calls() before and after a writev names the calls that carried its
+    buffers; zero_copy_completed() says when the kernel is done with them (a send pool
+    may then reuse them, seed 004), waiting up to its timeout."""
+    tx, peer = _stalled_pair()
+    data = mmap.mmap(-1, 128 * 1024)
+    first = tx.zero_copy_calls()
+    tx.writev([b"header"], zero_copy=False)
+    assert tx.zero_copy_calls() == first  # no zero-copy call, nothing to wait for
+    tx.writev([data], header=b"hdr", zero_copy=True)
+    end = tx.zero_copy_calls()
+    assert end > first
+    started = time.monotonic()
+    assert tx.zero_copy_completed(first, end, timeout=0.3) is False  # the peer reads nothing
+    assert 0.25 < time.monotonic() - started < 1.0
+    peer.setblocking(True)
+    got = 0
+    while got < len(data) + 9:
+        got += len(peer.recv(1 << 16))
+    assert tx.zero_copy_completed(first, end, timeout=5) is True
+    assert tx.zero_copy_completed(first, first) is True
+    tx.close()
+    peer.close()
+
+
+def test_shutdown_wakes_a_thread_waiting_for_given_zero_copy_calls() -> None:
+    tx, peer = _stalled_pair()
+    data = mmap.mmap(-1, 128 * 1024)
+    tx.writev([data], zero_copy=True)
+    end = tx.zero_copy_calls()
+    errors: list[BaseException] = []
+    t = threading.Thread(target=lambda: _catch(errors, lambda: tx.zero_copy_completed(
+        0, end, timeout=60)))
+    t.start()
+    time.sleep(0.3)
+    assert t.is_alive()
+    started = time.monotonic()
+    tx.shutdown()
+    t.join(1.0)
+    assert not t.is_alive() and time.monotonic() - started < 1.0
+    assert isinstance(errors[0], ChannelClosed)
+    tx.close()
+    peer.close()

@@ -89,3 +89,40 @@ def test_bytes_in_flight_follow_completions() -> None:
     assert led.in_flight_bytes == 8292
     led.complete(2, 2, copied=False)
     assert led.in_flight_bytes == 8192
+
+
+def test_calls_named_by_number_complete_out_of_order() -> None:
+    """calls_queued before and after a send names its calls; calls_completed says when
+    every one of them is back (what a send pool needs before it reuses a buffer)."""
+    led = CompletionLedger()
+    assert led.calls_queued == 0
+    led.queue(2, 2)  # one send of two calls: [0, 2)
+    led.queue(1, 1)  # another: [2, 3)
+    assert led.calls_queued == 3
+    led.complete(2, 2, copied=True)
+    assert led.calls_completed(2, 3)
+    assert not led.calls_completed(0, 2)
+    led.complete(1, 1, copied=True)
+    assert not led.calls_completed(0, 2)  # one of the two is still out
+    led.complete(0, 0, copied=True)
+    assert led.calls_completed(0, 2) and led.calls_completed(0, 3)
+    assert led.calls_completed(3, 3)  # no call at all: nothing to wait for
+
+
+def test_call_numbers_keep_counting_across_the_kernels_wrap() -> None:
+    led = CompletionLedger()
+    led.start_at(COUNTER_MOD - 2)
+    led.queue(4, 4)  # kernel counters 2**32-2, 2**32-1, 0, 1
+    led.complete(COUNTER_MOD - 2, COUNTER_MOD - 1, copied=False)
+    assert led.calls_completed(0, 2) and not led.calls_completed(2, 4)
+    led.complete(0, 1, copied=False)
+    assert led.calls_completed(0, 4)
+
+
+def test_calls_not_made_yet_cannot_be_asked_about() -> None:
+    led = CompletionLedger()
+    led.queue(1, 1)
+    with pytest.raises(ValueError, match="outside the 1 queued"):
+        led.calls_completed(0, 2)
+    with pytest.raises(ValueError):
+        led.calls_completed(1, 0)

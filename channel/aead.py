@@ -1,0 +1,426 @@
+"""Keys and nonces of an encrypted migration: HKDF session keys, AES-256-GCM sealers, openers.
+
+The one module that owns key material and nonce counters (the cipher itself is OpenSSL's,
+called from native/zccrypto.c). It knows bytes and keys, not pages, packets or records.
+"""
+
+from __future__ import annotations
+
+import enum
+import secrets
+import threading
+from dataclasses import dataclass
+from typing import Any
+from uuid import UUID
+
+from zcmigrate.channel.errors import (
+    AeadError,
+    AuthenticationFailed,
+    NonceExhausted,
+    OutOfOrder,
+)
+from zcmigrate.native import ffi, lib
+
+KEY_LEN: int = lib.ZCC_KEY_LEN  # AES-256, and the shared key's length too
+NONCE_LEN: int = lib.ZCC_NONCE_LEN
+TAG_LEN: int = lib.ZCC_TAG_LEN
+PREFIX_LEN = 4  # the fixed field of the nonce; the other 8 bytes are the counter
+HELLO_NONCE_LEN = 32  # each end's fresh contribution to a session
+COUNTER_LIMIT = 1 << 64  # counters 0 .. 2**64 - 1, each used once per key
+MAX_CHANNEL = 0xFFFF
+
+# HKDF's info starts with this label, so keys for anything else derived from the same
+# shared key can never collide with ours (RFC 5869 3.2: info binds keys to a context).
+_INFO_LABEL = b"zcmigrate session key v1\x00"
+_KIND_MAIN = 0
+_KIND_DATA = 1
+
+Buffer = Any  # bytes-like, or a cffi array/buffer (ffi.buffer(ptr, n) for a bare pointer)
+
+
+class Direction(enum.IntEnum):
+    """Who seals: each direction has its own keys, so neither end's packets can be
+    reflected back to it as the other's."""
+
+    SOURCE_TO_DESTINATION = 0
+    DESTINATION_TO_SOURCE = 1
+
+
+@dataclass(frozen=True, slots=True)
+class StreamId:
+    """One sealed stream of a session: a direction on the main channel (channel None) or
+    on data channel `channel`."""
+
+    direction: Direction
+    channel: int | None
+
+    def __post_init__(self) -> None:
+        if self.channel is not None and not 0 <= self.channel <= MAX_CHANNEL:
+            raise ValueError(f"data channel {self.channel}, expected 0..{MAX_CHANNEL}")
+
+    @property
+    def prefix(self) -> bytes:
+        """The nonce's fixed field: distinct for every stream of a session, so that no
+        two streams could share a nonce even if they shared a key (SP 800-38D 8.2.1)."""
+        kind = _KIND_MAIN if self.channel is None else _KIND_DATA
+        return bytes((int(self.direction), kind)) + (self.channel or 0).to_bytes(2, "big")
+
+    def __str__(self) -> str:
+        where = "main channel" if self.channel is None else f"data channel {self.channel}"
+        arrow = ("source->destination" if self.direction is Direction.SOURCE_TO_DESTINATION
+                 else "destination->source")
+        return f"{where} {arrow}"
+
+
+def hkdf_sha256(ikm: Buffer, *, salt: Buffer = b"", info: Buffer = b"",
+                length: int = KEY_LEN) -> bytes:
+    """HKDF-SHA256 extract-then-expand (RFC 5869) by OpenSSL; `length` up to 8160 bytes."""
+    if not 0 < length <= lib.ZCC_HKDF_MAX:
+        raise ValueError(f"HKDF length {length}, expected 1..{lib.ZCC_HKDF_MAX}")
+    ikm, salt, info = bytes(ikm), bytes(salt), bytes(info)
+    if not ikm:
+        raise ValueError("HKDF input key material is empty")
+    out = ffi.new("uint8_t[]", length)
+    rc = int(lib.zcc_hkdf_sha256(salt, len(salt), ikm, len(ikm), info, len(info), out, length))
+    if rc:
+        raise AeadError(f"HKDF-SHA256 failed: {_describe(rc)}")
+    return bytes(ffi.buffer(out))
+
+
+def fresh_nonce() -> bytes:
+    """One end's contribution to a session: 32 bytes from the OS's CSPRNG."""
+    return secrets.token_bytes(HELLO_NONCE_LEN)
+
+
+class SessionKeys:
+    """The keys of one migration, derived from the shared key with HKDF-SHA256.
+
+    salt = source nonce || destination nonce: both ends contribute freshness, so neither
+    can make the other reuse a session's keys (and with them its nonces, whose counters
+    start at 0 every session) by replaying an old hello. info = label || migration UUID ||
+    direction || channel kind || channel id, fixed-length fields: a key per direction and
+    per channel, for this migration only.
+
+    Each stream gets one Sealer: a second would start its counter at 0 again under the
+    same key, and GCM under a repeated nonce gives away the authentication key.
+    """
+
+    __slots__ = ("_lock", "_salt", "_sealed", "_shared", "migration_uuid")
+
+    def __init__(self, shared_key: bytes, source_nonce: bytes, destination_nonce: bytes,
+                 migration_uuid: UUID | bytes) -> None:
+        if len(shared_key) != KEY_LEN:
+            raise ValueError(f"shared key of {len(shared_key)} bytes, expected {KEY_LEN}")
+        for name, nonce in (("source", source_nonce), ("destination", destination_nonce)):
+            if len(nonce) != HELLO_NONCE_LEN:
+                raise ValueError(f"{name} nonce of {len(nonce)} bytes, "
+                                 f"expected {HELLO_NONCE_LEN}")
+        if secrets.compare_digest(source_nonce, destination_nonce):
+            # Two fresh 32-byte draws never agree: the peer sent ours back.
+            raise ValueError("the source and destination nonces are equal: a reflected hello")
+        uuid = migration_uuid.bytes if isinstance(migration_uuid, UUID) else migration_uuid
+        if len(uuid) != 16:
+            raise ValueError(f"migration UUID of {len(uuid)} bytes, expected 16")
+        self._shared = bytes(shared_key)
+        self._salt = bytes(source_nonce) + bytes(destination_nonce)
+        self.migration_uuid = bytes(uuid)
+        self._sealed: set[StreamId] = set()
+        self._lock = threading.Lock()
+
+    def key(self, stream: StreamId) -> bytes:
+        """The 32-byte AES-256-GCM key of one stream."""
+        info = _INFO_LABEL + self.migration_uuid + stream.prefix
+        return hkdf_sha256(self._shared, salt=self._salt, info=info, length=KEY_LEN)
+
+    def sealer(self, direction: Direction, channel: int | None) -> Sealer:
+        """The sealer of a stream (the end that sends in `direction`); channel None: main.
+        Only one per stream and session: a second raises AeadError."""
+        stream = StreamId(direction, channel)
+        with self._lock:
+            if stream in self._sealed:
+                raise AeadError(f"{stream}: this session already gave out its sealer; a "
+                                "second would seal under the same nonces")
+            self._sealed.add(stream)
+        return Sealer(self.key(stream), stream.prefix, name=str(stream))
+
+    def opener(self, direction: Direction, channel: int | None) -> Opener:
+        """The opener of a stream (the end that receives in `direction`)."""
+        stream = StreamId(direction, channel)
+        return Opener(self.key(stream), stream.prefix, name=str(stream))
+
+
+class _Aead:
+    """An AES-256-GCM context in C (key schedule computed once) and the nonce layout."""
+
+    __slots__ = ("_ctx", "_lock", "_prefix", "name")
+
+    def __init__(self, key: bytes, prefix: bytes, name: str) -> None:
+        if len(key) != KEY_LEN:
+            raise ValueError(f"AES-256-GCM key of {len(key)} bytes, expected {KEY_LEN}")
+        if len(prefix) != PREFIX_LEN:
+            raise ValueError(f"nonce prefix of {len(prefix)} bytes, expected {PREFIX_LEN}")
+        ctx = lib.zcc_aead_new(key, len(key))
+        if ctx == ffi.NULL:
+            raise AeadError("OpenSSL could not set up an AES-256-GCM context")
+        self._ctx: Any = ffi.gc(ctx, lib.zcc_aead_free)
+        self._prefix = bytes(prefix)
+        # Counter and call under one lock: two threads must never draw one counter.
+        self._lock = threading.Lock()
+        self.name = name or prefix.hex()
+
+    def _nonce(self, counter: int) -> bytes:
+        return self._prefix + counter.to_bytes(8, "big")
+
+    def _live_ctx(self) -> Any:
+        if self._ctx is None:
+            raise AeadError(f"{self.name}: the AEAD context was closed")
+        return self._ctx
+
+    def close(self) -> None:
+        """Free the C context now (OpenSSL cleanses the key schedule)."""
+        with self._lock:
+            if self._ctx is not None:
+                ffi.release(self._ctx)
+                self._ctx = None
+
+
+class Sealer(_Aead):
+    """Seals one stream: nonce = 4-byte prefix || 64-bit big-endian counter.
+
+    The counter starts at `first_counter` (0 for a new key: anything else is for tests
+    of the limit, and two sealers of one key must never exist) and moves on with every seal
+    that reached the cipher, failed or not, so a nonce is never used twice. It never wraps:
+    once 2**64 - 1 has been used every later seal raises NonceExhausted and seals nothing
+    (a new session derives new keys). One thread seals at a time: build a header with
+    `next_counter`, then seal; calls are serialised, never interleaved.
+    """
+
+    __slots__ = ("_next",)
+
+    def __init__(self, key: bytes, prefix: bytes, *, first_counter: int = 0,
+                 name: str = "") -> None:
+        super().__init__(key, prefix, name)
+        if not 0 <= first_counter <= COUNTER_LIMIT:
+            raise ValueError(f"first counter {first_counter}, expected 0..2**64")
+        self._next = first_counter
+
+    @property
+    def next_counter(self) -> int:
+        """The counter the next seal will use (2**64 once exhausted)."""
+        return self._next
+
+    def seal(self, plaintext: Buffer, aad: Buffer = b"") -> bytes:
+        """A small record: ciphertext || 16-byte tag, under the next counter."""
+        data = bytes(plaintext)
+        n = len(data)
+        out = ffi.new("uint8_t[]", n + TAG_LEN)
+        self._seal(data, out, n, out + n, bytes(aad))
+        return bytes(ffi.buffer(out))
+
+    def seal_into(self, data: Buffer, out: Buffer, tag: Buffer, *, aad: Buffer = b"") -> int:
+        """Seal `data` into `out` (the same buffer: in place) and its tag into `tag` (16
+        writable bytes, or a cffi pointer to them); return the counter used."""
+        with _Pins() as pins:
+            data_c, n = pins.readable(data)
+            out_c, cap = pins.writable(out)
+            tag_c = pins.tag_out(tag)
+            if cap < n:
+                raise ValueError(f"{self.name}: output of {cap} bytes for {n} bytes of data")
+            aad_c, _ = pins.readable(aad)
+            return self._seal(data_c, out_c, n, tag_c, aad_c)
+
+    def _seal(self, data_c: Any, out_c: Any, n: int, tag_c: Any, aad_c: Any) -> int:
+        with self._lock:
+            counter = self._take_counter()
+            rc = int(lib.zcc_seal(self._live_ctx(), self._nonce(counter), aad_c, len(aad_c),
+                                  data_c, out_c, n, tag_c))
+            self._settle(rc)
+        return counter
+
+    def seal_gather(self, base: int, size: int, offsets: Any, count: int, block_size: int,
+                    out: Buffer, tag: Buffer, *, aad: Buffer = b"") -> int:
+        """Seal `count` blocks of `block_size` bytes read at `offsets` (a uint64_t array or
+        pointer) in the mapping [base, base+size) straight into `out`, one pass in C, and
+        the tag into `tag` (16 bytes, or a cffi pointer to them, e.g. just past the
+        ciphertext in `out`); return the counter used. Offsets outside the mapping, or an
+        `out` too small, raise AeadError with nothing read or written."""
+        with _Pins() as pins:
+            if isinstance(offsets, ffi.CData):
+                offsets_c = offsets
+            else:
+                offsets_c = pins.pin(ffi.from_buffer("uint64_t[]", offsets))
+                if len(offsets_c) < count:
+                    raise ValueError(f"{self.name}: {len(offsets_c)} offsets for {count} "
+                                     "blocks")
+            out_c, cap = pins.writable(out)
+            tag_c = pins.tag_out(tag)
+            aad_c, aad_n = pins.readable(aad)
+            with self._lock:
+                counter = self._take_counter()
+                rc = int(lib.zcc_seal_pages(self._live_ctx(), self._nonce(counter), aad_c,
+                                            aad_n, base, size, offsets_c, count, block_size,
+                                            out_c, cap, tag_c))
+                self._settle(rc)
+            return counter
+
+    def _take_counter(self) -> int:
+        if self._next >= COUNTER_LIMIT:
+            raise NonceExhausted(
+                f"{self.name}: the key has sealed under all 2**64 counters and seals nothing "
+                "more; start a new session (fresh nonces derive new keys)"
+            )
+        return self._next
+
+    def _settle(self, rc: int) -> None:
+        # These three return before the cipher runs: that counter was never used.
+        if rc in (lib.ZCC_EINVAL, lib.ZCC_EBOUNDS, lib.ZCC_EBUSY):
+            raise AeadError(f"{self.name}: seal refused: {_describe(rc)}")
+        self._next += 1
+        if rc:
+            raise AeadError(f"{self.name}: seal failed: {_describe(rc)}")
+
+
+class Opener(_Aead):
+    """Opens one stream, accepting only the next counter: a replayed, reordered or lost
+    packet is refused before decryption. Any failure is final for the stream (TLS does
+    the same, RFC 8446 5.2): the opener refuses everything after it."""
+
+    __slots__ = ("_expected", "_failure")
+
+    def __init__(self, key: bytes, prefix: bytes, *, first_counter: int = 0,
+                 name: str = "") -> None:
+        super().__init__(key, prefix, name)
+        if not 0 <= first_counter <= COUNTER_LIMIT:
+            raise ValueError(f"first counter {first_counter}, expected 0..2**64")
+        self._expected = first_counter
+        self._failure = ""
+
+    @property
+    def expected_counter(self) -> int:
+        return self._expected
+
+    @property
+    def failed(self) -> bool:
+        return bool(self._failure)
+
+    def open(self, counter: int, sealed: Buffer, aad: Buffer = b"") -> bytes:
+        """A small record sealed by Sealer.seal (ciphertext || tag): its plaintext."""
+        data = bytes(sealed)
+        if len(data) < TAG_LEN:
+            raise AuthenticationFailed(f"{self.name}: record {counter} of {len(data)} bytes "
+                                       f"is shorter than its {TAG_LEN}-byte tag")
+        n = len(data) - TAG_LEN
+        buf = ffi.new("uint8_t[]", max(n, 1))
+        self._open(counter, data, buf, n, data[n:], bytes(aad))
+        return bytes(ffi.buffer(buf, n))
+
+    def open_into(self, counter: int, data: Buffer, out: Buffer, tag: Buffer, *,
+                  aad: Buffer = b"") -> None:
+        """Verify and decrypt `data` into `out` (the same buffer: in place) with `tag`.
+
+        `counter` is what the sender says it used; it must be the next one expected
+        (OutOfOrder otherwise). On AuthenticationFailed `out` holds zeros.
+        """
+        with _Pins() as pins:
+            data_c, n = pins.readable(data)
+            out_c, cap = pins.writable(out)
+            tag_c, tag_n = pins.readable(tag)
+            if tag_n != TAG_LEN:
+                raise ValueError(f"{self.name}: tag of {tag_n} bytes, expected {TAG_LEN}")
+            if cap < n:
+                raise ValueError(f"{self.name}: output of {cap} bytes for {n} bytes of data")
+            aad_c, _ = pins.readable(aad)
+            self._open(counter, data_c, out_c, n, tag_c, aad_c)
+
+    def _open(self, counter: int, data_c: Any, out_c: Any, n: int, tag_c: Any,
+              aad_c: Any) -> None:
+        with self._lock:
+            if self._failure:
+                raise AeadError(f"{self.name}: refused after an earlier failure "
+                                f"({self._failure})")
+            if counter != self._expected:
+                raise self._failed(OutOfOrder(self._order_message(counter)))
+            if self._expected >= COUNTER_LIMIT:
+                raise self._failed(NonceExhausted(f"{self.name}: all 2**64 counters were used"))
+            rc = int(lib.zcc_open(self._live_ctx(), self._nonce(counter), aad_c, len(aad_c),
+                                  data_c, out_c, n, tag_c))
+            if rc == lib.ZCC_EAUTH:
+                raise self._failed(AuthenticationFailed(
+                    f"{self.name}: packet {counter} did not verify (tampered with, or sealed "
+                    "under another key or for another stream); its buffer was zeroed"))
+            if rc:
+                raise AeadError(f"{self.name}: open failed: {_describe(rc)}")
+            self._expected += 1
+
+    def _order_message(self, got: int) -> str:
+        exp = self._expected
+        what = "a replay" if got < exp else "a reordering or a lost packet"
+        return f"{self.name}: expected packet counter {exp}, got {got} ({what})"
+
+    def _failed(self, error: AeadError) -> AeadError:
+        """Remember the first failure; the caller raises the error it returns."""
+        self._failure = str(error)
+        return error
+
+
+# ------------------------------------------------------------------ buffers for C
+
+
+class _Pins:
+    """The C views of the caller's buffers for one call, released when it ends.
+
+    Released at once, not left to the collector: an exception's traceback would keep
+    them alive, and a cycle collected in the wrong order can free a buffer that a view
+    still exports.
+    """
+
+    __slots__ = ("_held",)
+
+    def __init__(self) -> None:
+        self._held: list[Any] = []
+
+    def __enter__(self) -> _Pins:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for c in self._held:
+            ffi.release(c)
+        self._held.clear()
+
+    def pin(self, c: Any) -> Any:
+        self._held.append(c)
+        return c
+
+    def readable(self, obj: Buffer) -> tuple[Any, int]:
+        """(uint8_t pointer, length) of a bytes-like object or a cffi array/buffer."""
+        if isinstance(obj, ffi.CData):
+            if ffi.typeof(obj).kind != "array":
+                raise TypeError("a bare cffi pointer has no length: pass ffi.buffer(ptr, n)")
+            return obj, ffi.sizeof(obj)
+        c = self.pin(ffi.from_buffer("uint8_t[]", obj))
+        return c, len(c)
+
+    def writable(self, obj: Buffer) -> tuple[Any, int]:
+        if isinstance(obj, ffi.CData):
+            return self.readable(obj)
+        c = self.pin(ffi.from_buffer("uint8_t[]", obj, require_writable=True))
+        return c, len(c)
+
+    def tag_out(self, tag: Buffer) -> Any:
+        """A writable 16-byte tag: a bare cffi pointer is taken to point at 16 bytes."""
+        if isinstance(tag, ffi.CData) and ffi.typeof(tag).kind == "pointer":
+            return tag
+        tag_c, n = self.writable(tag)
+        if n < TAG_LEN:
+            raise ValueError(f"tag buffer of {n} bytes, expected {TAG_LEN}")
+        return tag_c
+
+
+def _describe(rc: int) -> str:
+    return {
+        lib.ZCC_EAUTH: "authentication failed",
+        lib.ZCC_EBOUNDS: "a block outside the mapping, or the output too small",
+        lib.ZCC_EINVAL: "invalid arguments (a length, a NULL or overlapping buffers)",
+        lib.ZCC_EBUSY: "the context is in use by another thread",
+        lib.ZCC_ECRYPTO: "libcrypto failed",
+    }.get(rc, f"code {rc}")

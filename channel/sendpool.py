@@ -1,0 +1,258 @@
+"""Page-aligned send buffers for zero-copy sends of bytes we wrote ourselves (ciphertext),
+each reused only after every MSG_ZEROCOPY call that carried it completed (seed 004).
+
+It knows buffers and the channel's call numbers, not what the bytes are.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import mmap
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from zcmigrate.channel.errors import ChannelClosed, ChannelError, SendBufferTimeout
+from zcmigrate.native import ffi
+
+# How long acquire() waits for completions before it looks at the shutdown flag again.
+_WAIT_SLICE = 0.1
+
+
+class ZeroCopyWriter(Protocol):
+    """What the pool needs of a channel (zcsocket.Channel has it; tests use fakes)."""
+
+    name: str
+    supports_zero_copy: bool
+
+    def writev(self, buffers: Iterable[Any], *, header: Any = None,
+               zero_copy: bool = False) -> int: ...
+
+    def zero_copy_calls(self) -> int: ...
+
+    def zero_copy_completed(self, first: int, end: int, timeout: float = 0.0) -> bool: ...
+
+
+class BufferState(enum.Enum):
+    FREE = "free"
+    HELD = "held"  # handed out by acquire(), not sent yet
+    IN_FLIGHT = "in flight"  # sent; the kernel may still read it
+
+
+class SendBuffer:
+    """One page-aligned anonymous mapping. Write into `view` (or `cdata`, `address` for
+    C), then hand it to SendPool.send(); never touch it after that."""
+
+    __slots__ = ("_mm", "address", "calls", "cdata", "index", "size", "state", "view")
+
+    def __init__(self, index: int, size: int) -> None:
+        # Private anonymous memory, faulted in now: the first send pays no page faults.
+        self._mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_POPULATE)
+        self.index = index
+        self.size = size
+        self.view = memoryview(self._mm)
+        self.cdata: Any = ffi.from_buffer("uint8_t[]", self._mm, require_writable=True)
+        self.address = int(ffi.cast("uintptr_t", self.cdata))
+        self.state = BufferState.FREE
+        self.calls = (0, 0)  # the zero-copy calls [first, end) of its last send
+
+    def unmap(self) -> None:
+        self.view.release()
+        ffi.release(self.cdata)
+        # A view of it may still live (in a traceback's frame): then it goes when that dies.
+        with contextlib.suppress(BufferError):
+            self._mm.close()
+
+    def __repr__(self) -> str:
+        return f"<SendBuffer {self.index} {self.state.value} calls {self.calls}>"
+
+
+@dataclass(frozen=True, slots=True)
+class SendPoolStats:
+    """A snapshot of the pool (trio's statistics() style)."""
+
+    buffers: int
+    buffer_size: int
+    free: int
+    held: int
+    in_flight: int
+    in_flight_peak: int
+    sends: int
+    acquire_waits: int
+    acquire_wait_seconds: float
+
+
+class SendPool:
+    """`count` buffers of `size` bytes (rounded up to whole pages) for one channel.
+
+    acquire() hands a free buffer out, waiting for completions (bounded by its timeout,
+    woken by shutdown()) when none is free; send() writes it on the channel with zero copy
+    when the channel has it; the buffer comes back once its calls have completed. At most
+    count * size bytes are pinned by zero copy at once: keep that within RLIMIT_MEMLOCK
+    when running without CAP_IPC_LOCK. One writer thread uses a pool; shutdown() may come
+    from any thread.
+
+    `poison`, if given, is written over every buffer as it returns to the free list: a
+    debugging aid that makes any early reuse visible to the receiver.
+    """
+
+    def __init__(self, channel: ZeroCopyWriter, count: int, size: int, *,
+                 poison: bytes | None = None) -> None:
+        if count <= 0:
+            raise ValueError("a send pool needs at least one buffer")
+        if size <= 0:
+            raise ValueError("send buffers need a positive size")
+        if poison is not None and not poison:
+            raise ValueError("an empty poison pattern")
+        page = mmap.PAGESIZE
+        self.buffer_size = -(-size // page) * page
+        self._channel = channel
+        self._zero_copy = channel.supports_zero_copy
+        self._poison = poison
+        self._shut = threading.Event()
+        self._buffers = [SendBuffer(i, self.buffer_size) for i in range(count)]
+        # FIFO: a freed buffer waits behind every other free one before its next use.
+        self._free: deque[SendBuffer] = deque(self._buffers)
+        self._in_flight: deque[SendBuffer] = deque()  # in send order
+        self._sends = 0
+        self._peak = 0
+        self._waits = 0
+        self._wait_seconds = 0.0
+
+    @property
+    def zero_copy(self) -> bool:
+        return self._zero_copy
+
+    # --------------------------------------------------------------- hand out
+
+    def acquire(self, timeout: float | None = None) -> SendBuffer:
+        """A free buffer, now held by the caller. Waits for completions when none is free:
+        SendBufferTimeout after `timeout` seconds, ChannelClosed on shutdown."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        started = 0.0
+        while True:
+            if self._shut.is_set():
+                raise ChannelClosed(f"send pool of channel {self._channel.name} was shut down")
+            if not self._free:
+                self.reclaim()
+            if self._free:
+                buf = self._free.popleft()
+                buf.state = BufferState.HELD
+                if started:
+                    self._wait_seconds += time.monotonic() - started
+                return buf
+            if not self._in_flight:
+                raise ChannelError(
+                    f"send pool of channel {self._channel.name}: all {len(self._buffers)} "
+                    "buffers are held and none is in flight; a caller keeps buffers it "
+                    "neither sends nor releases"
+                )
+            if not started:
+                started = time.monotonic()
+                self._waits += 1
+            wait = _WAIT_SLICE
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self._wait_seconds += time.monotonic() - started
+                    raise SendBufferTimeout(
+                        f"send pool of channel {self._channel.name}: no buffer of "
+                        f"{len(self._buffers)} came free within {timeout:g} s; zero-copy "
+                        "completions are not arriving (is the destination reading?)"
+                    )
+                wait = min(wait, left)
+            # The oldest send completes first in the common case (TCP acknowledges in
+            # order, seed 004 "Notification Batching"); any other is picked up by reclaim.
+            oldest = self._in_flight[0]
+            self._channel.zero_copy_completed(*oldest.calls, timeout=wait)
+
+    def release(self, buf: SendBuffer) -> None:
+        """Give back a held buffer that was not sent."""
+        self._check_held(buf, "release")
+        self._make_free(buf)
+
+    # ------------------------------------------------------------------- send
+
+    def send(self, buf: SendBuffer, nbytes: int, *, header: Any = None) -> int:
+        """Write `header` (sent normally) and the first `nbytes` of `buf` (with zero copy
+        if the channel has it); the buffer is the pool's again from here on."""
+        self._check_held(buf, "send")
+        if not 0 <= nbytes <= buf.size:
+            raise ValueError(f"{nbytes} bytes from a send buffer of {buf.size}")
+        ch = self._channel
+        first = ch.zero_copy_calls()
+        try:
+            sent = ch.writev([buf.view[:nbytes]], header=header, zero_copy=self._zero_copy)
+        finally:
+            # Even a writev that failed half-way may have made calls that pin the buffer.
+            buf.calls = (first, ch.zero_copy_calls())
+            buf.state = BufferState.IN_FLIGHT
+            self._in_flight.append(buf)
+            self._sends += 1
+            self._peak = max(self._peak, len(self._in_flight))
+        self.reclaim()
+        return sent
+
+    def reclaim(self) -> int:
+        """Move every buffer whose calls have all completed to the free list (reading the
+        error queue, never waiting); return how many."""
+        freed = 0
+        for buf in list(self._in_flight):
+            if self._completed(buf):
+                self._in_flight.remove(buf)
+                self._make_free(buf)
+                freed += 1
+        return freed
+
+    def _completed(self, buf: SendBuffer) -> bool:
+        """The release rule: every zero-copy call that carried bytes of `buf` completed."""
+        first, end = buf.calls
+        return first == end or self._channel.zero_copy_completed(first, end)
+
+    def _make_free(self, buf: SendBuffer) -> None:
+        if self._poison is not None:
+            pat = self._poison
+            reps = -(-buf.size // len(pat))
+            buf.view[:] = (pat * reps)[:buf.size]
+        buf.state = BufferState.FREE
+        buf.calls = (0, 0)
+        self._free.append(buf)
+
+    def _check_held(self, buf: SendBuffer, what: str) -> None:
+        if buf.index >= len(self._buffers) or self._buffers[buf.index] is not buf:
+            raise ValueError(f"cannot {what} a buffer of another pool")
+        if buf.state is not BufferState.HELD:
+            raise ValueError(f"cannot {what} send buffer {buf.index}: it is {buf.state.value}")
+
+    # ---------------------------------------------------------------- the end
+
+    def shutdown(self) -> None:
+        """Wake a blocked acquire(); it and every later one raise ChannelClosed."""
+        self._shut.set()
+
+    def close(self) -> None:
+        """Unmap every buffer. Meant for after the channel's flush(); a buffer still in
+        flight is safe to unmap (the kernel holds its own references to pinned pages)."""
+        self.shutdown()
+        for buf in self._buffers:
+            buf.unmap()
+        self._free.clear()
+        self._in_flight.clear()
+
+    def statistics(self) -> SendPoolStats:
+        held = sum(b.state is BufferState.HELD for b in self._buffers)
+        return SendPoolStats(
+            buffers=len(self._buffers),
+            buffer_size=self.buffer_size,
+            free=len(self._free),
+            held=held,
+            in_flight=len(self._in_flight),
+            in_flight_peak=self._peak,
+            sends=self._sends,
+            acquire_waits=self._waits,
+            acquire_wait_seconds=self._wait_seconds,
+        )

@@ -1,0 +1,269 @@
+/*
+ * zccrypto: AES-256-GCM and HKDF-SHA256 for zcmigrate, through OpenSSL's libcrypto.
+ *
+ * No home-made crypto: every byte of cipher, tag and key derivation comes from OpenSSL's
+ * EVP interfaces. What is ours is the loop around them: sealing pages gathered from a
+ * mapping straight into one contiguous send buffer (one pass, no staging copy), and the
+ * bounds checks that keep that loop inside the image and the output. It decides no
+ * policy: nonces and keys come from the caller (channel/aead.py owns them), and every
+ * function returns 0 or a ZCC_E* code. cffi releases the GIL around every call.
+ */
+#include <limits.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <openssl/core_names.h>
+#include <openssl/crypto.h>
+#include <openssl/err.h>
+#include <openssl/evp.h>
+#include <openssl/kdf.h>
+#include <openssl/params.h>
+
+#include "zccrypto.h"
+
+/* SP 800-38D 5.2.1.1: at most 2^39 - 256 bits of plaintext under one nonce. */
+#define GCM_MAX_BYTES ((UINT64_C(1) << 36) - 32)
+/* EVP_CipherUpdate takes an int length: feed it pieces no larger than this. */
+#define UPDATE_CHUNK (1 << 30)
+
+struct zcc_aead {
+    EVP_CIPHER_CTX *ctx; /* key schedule set once in zcc_aead_new; each call sets the IV */
+    int busy;            /* one call at a time: an EVP_CIPHER_CTX is not thread-safe */
+};
+
+struct zcc_aead *zcc_aead_new(const uint8_t *key, size_t key_len)
+{
+    if (key == NULL || key_len != ZCC_KEY_LEN)
+        return NULL;
+    struct zcc_aead *a = calloc(1, sizeof *a);
+    if (a == NULL)
+        return NULL;
+    EVP_CIPHER *cipher = EVP_CIPHER_fetch(NULL, "AES-256-GCM", NULL);
+    a->ctx = EVP_CIPHER_CTX_new();
+    /* Key now, no IV: every message sets only its IV and keeps the expanded key. */
+    if (cipher == NULL || a->ctx == NULL ||
+        !EVP_EncryptInit_ex2(a->ctx, cipher, key, NULL, NULL)) {
+        EVP_CIPHER_free(cipher);
+        EVP_CIPHER_CTX_free(a->ctx);
+        free(a);
+        ERR_clear_error();
+        return NULL;
+    }
+    EVP_CIPHER_free(cipher); /* the context holds its own reference */
+    return a;
+}
+
+void zcc_aead_free(struct zcc_aead *a)
+{
+    if (a == NULL)
+        return;
+    EVP_CIPHER_CTX_free(a->ctx); /* cleanses the key schedule */
+    free(a);
+}
+
+/* ---------------------------------------------------------------------- helpers */
+
+static int take(struct zcc_aead *a)
+{
+    return __atomic_exchange_n(&a->busy, 1, __ATOMIC_ACQUIRE) == 0;
+}
+
+static void give(struct zcc_aead *a)
+{
+    __atomic_store_n(&a->busy, 0, __ATOMIC_RELEASE);
+}
+
+static int overlaps(const void *x, uint64_t xlen, const void *y, uint64_t ylen)
+{
+    uintptr_t a = (uintptr_t)x, b = (uintptr_t)y;
+    return xlen && ylen && a < b + ylen && b < a + xlen;
+}
+
+/* The arguments every AEAD call shares: a context, a nonce, AAD that fits an int. */
+static int common_ok(const struct zcc_aead *a, const uint8_t *nonce, const uint8_t *aad,
+                     size_t aad_len)
+{
+    return a != NULL && nonce != NULL && (aad_len == 0 || aad != NULL) && aad_len <= INT_MAX;
+}
+
+static int begin(struct zcc_aead *a, const uint8_t *nonce, const uint8_t *aad, size_t aad_len,
+                 int enc)
+{
+    int outl;
+    if (!EVP_CipherInit_ex2(a->ctx, NULL, NULL, nonce, enc, NULL))
+        return ZCC_ECRYPTO;
+    if (aad_len && !EVP_CipherUpdate(a->ctx, NULL, &outl, aad, (int)aad_len))
+        return ZCC_ECRYPTO;
+    return 0;
+}
+
+static int update(struct zcc_aead *a, uint8_t *out, const uint8_t *in, uint64_t len)
+{
+    while (len) {
+        int n = len > UPDATE_CHUNK ? UPDATE_CHUNK : (int)len, outl = 0;
+        /* GCM is a stream mode: every byte in comes out at once. */
+        if (!EVP_CipherUpdate(a->ctx, out, &outl, in, n) || outl != n)
+            return ZCC_ECRYPTO;
+        in += n;
+        out += n;
+        len -= (uint64_t)n;
+    }
+    return 0;
+}
+
+static int finish_seal(struct zcc_aead *a, uint8_t *tag)
+{
+    uint8_t none[32];
+    int outl = 0;
+    if (!EVP_EncryptFinal_ex(a->ctx, none, &outl) ||
+        !EVP_CIPHER_CTX_ctrl(a->ctx, EVP_CTRL_AEAD_GET_TAG, ZCC_TAG_LEN, tag))
+        return ZCC_ECRYPTO;
+    return 0;
+}
+
+/* ------------------------------------------------------------------------- seal */
+
+int zcc_seal(struct zcc_aead *a, const uint8_t *nonce, const uint8_t *aad, size_t aad_len,
+             const uint8_t *in, uint8_t *out, uint64_t len, uint8_t *tag)
+{
+    if (!common_ok(a, nonce, aad, aad_len) || tag == NULL ||
+        (len && (in == NULL || out == NULL)) || len > GCM_MAX_BYTES)
+        return ZCC_EINVAL;
+    /* In place (in == out) is fine; a shifted overlap would read what it just wrote. */
+    if ((in != out && overlaps(in, len, out, len)) || overlaps(tag, ZCC_TAG_LEN, out, len))
+        return ZCC_EINVAL;
+    if (!take(a))
+        return ZCC_EBUSY;
+    int rc = begin(a, nonce, aad, aad_len, 1);
+    if (!rc)
+        rc = update(a, out, in, len);
+    if (!rc)
+        rc = finish_seal(a, tag);
+    give(a);
+    if (rc)
+        ERR_clear_error();
+    return rc;
+}
+
+int zcc_seal_pages(struct zcc_aead *a, const uint8_t *nonce, const uint8_t *aad,
+                   size_t aad_len, uint64_t base, uint64_t image_size,
+                   const uint64_t *offsets, uint32_t n, uint32_t page_size, uint8_t *out,
+                   uint64_t out_capacity, uint8_t *tag)
+{
+    if (!common_ok(a, nonce, aad, aad_len) || tag == NULL || page_size == 0 ||
+        (n && (offsets == NULL || out == NULL)))
+        return ZCC_EINVAL;
+    uint64_t total = (uint64_t)n * page_size; /* < 2^64: both factors are 32-bit */
+    if (total > out_capacity)
+        return ZCC_EBOUNDS;
+    if (total > GCM_MAX_BYTES)
+        return ZCC_EINVAL;
+    /* Every offset before any byte is read or written: the offsets come from a caller
+     * that may be wrong, and a seal must never read outside the image (nor leak what
+     * lies beside it to the peer). */
+    for (uint32_t i = 0; i < n; i++) {
+        uint64_t off = offsets[i];
+        if (off % page_size || off > image_size || image_size - off < page_size)
+            return ZCC_EBOUNDS;
+    }
+    const void *image = (const void *)(uintptr_t)base;
+    if (overlaps(out, total, image, image_size) || overlaps(tag, ZCC_TAG_LEN, out, total))
+        return ZCC_EINVAL;
+    if (!take(a))
+        return ZCC_EBUSY;
+    int rc = begin(a, nonce, aad, aad_len, 1);
+    uint8_t *dst = out;
+    uint32_t i = 0;
+    /* The fused gather: each run of adjacent pages is read from the mapping and its
+     * ciphertext written straight into the send buffer, one pass over the bytes. */
+    while (!rc && i < n) {
+        uint32_t j = i + 1;
+        while (j < n && offsets[j] == offsets[j - 1] + page_size)
+            j++;
+        uint64_t run = (uint64_t)(j - i) * page_size;
+        rc = update(a, dst, (const uint8_t *)(uintptr_t)(base + offsets[i]), run);
+        dst += run;
+        i = j;
+    }
+    if (!rc)
+        rc = finish_seal(a, tag);
+    give(a);
+    if (rc)
+        ERR_clear_error();
+    return rc;
+}
+
+/* ------------------------------------------------------------------------- open */
+
+int zcc_open(struct zcc_aead *a, const uint8_t *nonce, const uint8_t *aad, size_t aad_len,
+             const uint8_t *in, uint8_t *out, uint64_t len, const uint8_t *tag)
+{
+    if (!common_ok(a, nonce, aad, aad_len) || tag == NULL ||
+        (len && (in == NULL || out == NULL)) || len > GCM_MAX_BYTES)
+        return ZCC_EINVAL;
+    if (in != out && overlaps(in, len, out, len))
+        return ZCC_EINVAL;
+    /* The tag may sit right after the ciphertext in the caller's buffer: copy it first. */
+    uint8_t want[ZCC_TAG_LEN];
+    memcpy(want, tag, sizeof want);
+    if (!take(a))
+        return ZCC_EBUSY;
+    int rc = begin(a, nonce, aad, aad_len, 0);
+    if (!rc && !EVP_CIPHER_CTX_ctrl(a->ctx, EVP_CTRL_AEAD_SET_TAG, ZCC_TAG_LEN, want))
+        rc = ZCC_ECRYPTO;
+    if (!rc)
+        rc = update(a, out, in, len);
+    if (!rc) {
+        uint8_t none[32];
+        int outl = 0;
+        /* GCM decrypts before it can verify, so `out` now holds unverified plaintext;
+         * Final compares the tags (in constant time) and fails on a mismatch. */
+        if (EVP_DecryptFinal_ex(a->ctx, none, &outl) <= 0)
+            rc = ZCC_EAUTH;
+    }
+    give(a);
+    if (rc) {
+        /* Nothing a caller could take for verified data survives a failure: the
+         * output is all zeros (in place, the ciphertext is gone too). */
+        if (len)
+            OPENSSL_cleanse(out, len);
+        ERR_clear_error();
+    }
+    return rc;
+}
+
+/* ------------------------------------------------------------------------- HKDF */
+
+int zcc_hkdf_sha256(const uint8_t *salt, size_t salt_len, const uint8_t *ikm, size_t ikm_len,
+                    const uint8_t *info, size_t info_len, uint8_t *out, size_t out_len)
+{
+    /* An empty salt is RFC 5869's "not provided" (HashLen zeros, which is what HMAC
+     * makes of an empty key); an empty IKM has no use here and OpenSSL refuses it. */
+    if ((salt_len && salt == NULL) || ikm == NULL || ikm_len == 0 ||
+        (info_len && info == NULL) || out == NULL || out_len == 0 || out_len > ZCC_HKDF_MAX)
+        return ZCC_EINVAL;
+    EVP_KDF *kdf = EVP_KDF_fetch(NULL, "HKDF", NULL);
+    EVP_KDF_CTX *kctx = kdf ? EVP_KDF_CTX_new(kdf) : NULL;
+    EVP_KDF_free(kdf);
+    if (kctx == NULL) {
+        ERR_clear_error();
+        return ZCC_ECRYPTO;
+    }
+    OSSL_PARAM params[5], *p = params;
+    *p++ = OSSL_PARAM_construct_utf8_string(OSSL_KDF_PARAM_DIGEST, (char *)"SHA256", 0);
+    *p++ = OSSL_PARAM_construct_octet_string(OSSL_KDF_PARAM_KEY, (void *)ikm, ikm_len);
+    if (salt_len)
+        *p++ = OSSL_PARAM_construct_octet_string(OSSL_KDF_PARAM_SALT, (void *)salt, salt_len);
+    if (info_len)
+        *p++ = OSSL_PARAM_construct_octet_string(OSSL_KDF_PARAM_INFO, (void *)info, info_len);
+    *p = OSSL_PARAM_construct_end();
+    /* The default mode is extract-then-expand (RFC 5869 2.2 and 2.3). */
+    int rc = EVP_KDF_derive(kctx, out, out_len, params) > 0 ? 0 : ZCC_ECRYPTO;
+    EVP_KDF_CTX_free(kctx);
+    if (rc) {
+        OPENSSL_cleanse(out, out_len);
+        ERR_clear_error();
+    }
+    return rc;
+}

@@ -1,0 +1,40 @@
+/* The interface of zccrypto.c: AES-256-GCM and HKDF-SHA256 through OpenSSL's libcrypto.
+ * _build.py feeds this file (less its # lines) to cffi's cdef beside zcnative.h, so it
+ * must stay plain declarations that cffi can parse: constants are enums, not #defines. */
+#include <stddef.h>
+#include <stdint.h>
+
+enum {
+    ZCC_KEY_LEN = 32,     /* AES-256 */
+    ZCC_NONCE_LEN = 12,   /* GCM's 96-bit IV (SP 800-38D 8.2.1: the deterministic form) */
+    ZCC_TAG_LEN = 16,     /* full-length tags only */
+    ZCC_HKDF_MAX = 8160   /* RFC 5869 2.3: L <= 255 * HashLen */
+};
+
+/* Return codes: 0 is success; these are negative and never an errno. */
+enum {
+    ZCC_EAUTH = -20,   /* the tag did not verify: the output was zeroed */
+    ZCC_EBOUNDS = -21, /* a page outside the image, or the output too small: nothing done */
+    ZCC_EINVAL = -22,  /* a bad argument (length, NULL, overlap): nothing done */
+    ZCC_EBUSY = -23,   /* the context is in use by another thread: nothing done */
+    ZCC_ECRYPTO = -24  /* libcrypto failed (out of memory...): see each function */
+};
+
+/* One AES-256-GCM key, its schedule computed once. A context serves one thread at a
+ * time: a second concurrent call gets ZCC_EBUSY rather than corrupting the first. */
+struct zcc_aead;
+
+struct zcc_aead *zcc_aead_new(const uint8_t *key, size_t key_len);
+void zcc_aead_free(struct zcc_aead *a);
+
+int zcc_seal(struct zcc_aead *a, const uint8_t *nonce, const uint8_t *aad, size_t aad_len,
+             const uint8_t *in, uint8_t *out, uint64_t len, uint8_t *tag);
+int zcc_seal_pages(struct zcc_aead *a, const uint8_t *nonce, const uint8_t *aad,
+                   size_t aad_len, uint64_t base, uint64_t image_size,
+                   const uint64_t *offsets, uint32_t n, uint32_t page_size, uint8_t *out,
+                   uint64_t out_capacity, uint8_t *tag);
+int zcc_open(struct zcc_aead *a, const uint8_t *nonce, const uint8_t *aad, size_t aad_len,
+             const uint8_t *in, uint8_t *out, uint64_t len, const uint8_t *tag);
+
+int zcc_hkdf_sha256(const uint8_t *salt, size_t salt_len, const uint8_t *ikm, size_t ikm_len,
+                    const uint8_t *info, size_t info_len, uint8_t *out, size_t out_len);

@@ -1,0 +1,388 @@
+"""native/zccrypto.c: AES-256-GCM and HKDF-SHA256 through OpenSSL, called directly.
+
+Known answers from the GCM specification (McGrew and Viega, test cases 13-16, also NIST
+SP 800-38D's) and RFC 5869 appendix A; tampering; the bounds of the fused gather-and-seal.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import mmap
+import os
+import threading
+from array import array
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from zcmigrate.native import ffi, lib
+
+PAGE = 4096
+K16 = bytes.fromhex("feffe9928665731c6d6a8f9467308308" * 2)
+IV16 = bytes.fromhex("cafebabefacedbaddecaf888")
+P16 = bytes.fromhex(
+    "d9313225f88406e5a55909c5aff5269a86a7a9531534f7da2e4c303d8a318a72"
+    "1c3c0c95956809532fcf0e2449a6b525b16aedf5aa0de657ba637b39"
+)
+A16 = bytes.fromhex("feedfacedeadbeeffeedfacedeadbeefabaddad2")
+C16 = bytes.fromhex(
+    "522dc1f099567d07f47f37a32a84427d643a8cdcbfe5c0c97598a2bd2555d1aa"
+    "8cb08e48590dbb3da7b08b1056828838c5f61e6393ba7a0abcc9f662"
+)
+T16 = bytes.fromhex("76fc6ece0f4e1768cddf8853bb2d551b")
+
+# (key, iv, plaintext, aad, ciphertext, tag): the GCM spec's AES-256 cases with a 96-bit IV.
+GCM_VECTORS = {
+    "case 13: empty": (bytes(32), bytes(12), b"", b"", b"",
+                       bytes.fromhex("530f8afbc74536b9a963b4f1c4cb738b")),
+    "case 14: one zero block": (bytes(32), bytes(12), bytes(16), b"",
+                                bytes.fromhex("cea7403d4d606b6e074ec5d3baf39d18"),
+                                bytes.fromhex("d0d1c8a799996bf0265b98b5d48ab919")),
+    "case 15: four blocks": (
+        K16, IV16, P16 + bytes.fromhex("1aafd255"), b"",
+        C16 + bytes.fromhex("898015ad"), bytes.fromhex("b094dac5d93471bdec1a502270e3cc6c")),
+    "case 16: partial block and AAD": (K16, IV16, P16, A16, C16, T16),
+}
+
+
+def aead(key: bytes) -> Any:
+    ctx = lib.zcc_aead_new(key, len(key))
+    assert ctx != ffi.NULL
+    return ffi.gc(ctx, lib.zcc_aead_free)
+
+
+def seal(ctx: Any, nonce: bytes, aad: bytes, data: bytes) -> tuple[int, bytes, bytes]:
+    out = bytearray(len(data))
+    tag = bytearray(16)
+    rc = lib.zcc_seal(ctx, nonce, aad, len(aad), data, ffi.from_buffer("uint8_t[]", out),
+                      len(data), ffi.from_buffer("uint8_t[]", tag))
+    return rc, bytes(out), bytes(tag)
+
+
+def open_(ctx: Any, nonce: bytes, aad: bytes, data: bytes, tag: bytes) -> tuple[int, bytes]:
+    """Open in place, as a receiver does; returns the code and what the buffer holds."""
+    buf = bytearray(data)
+    c = ffi.from_buffer("uint8_t[]", buf)
+    rc = lib.zcc_open(ctx, nonce, aad, len(aad), c, c, len(buf), tag)
+    return rc, bytes(buf)
+
+
+# ------------------------------------------------------------------ known answers
+
+
+@pytest.mark.parametrize("name", list(GCM_VECTORS))
+def test_gcm_spec_vectors_seal_and_open(name: str) -> None:
+    key, iv, pt, aad, ct, tag = GCM_VECTORS[name]
+    ctx = aead(key)
+    assert seal(ctx, iv, aad, pt) == (0, ct, tag)
+    assert open_(ctx, iv, aad, ct, tag) == (0, pt)
+
+
+def test_one_context_seals_many_messages_with_the_key_set_once() -> None:
+    """Only the IV changes between messages: cases 15 and 16 share a key and a context,
+    in both orders, with opens in between."""
+    ctx = aead(K16)
+    _, _, p15, _, c15, t15 = GCM_VECTORS["case 15: four blocks"]
+    for _ in range(2):
+        assert seal(ctx, IV16, A16, P16) == (0, C16, T16)
+        assert open_(ctx, IV16, b"", c15, t15) == (0, p15)
+        assert seal(ctx, IV16, b"", p15) == (0, c15, t15)
+        assert open_(ctx, IV16, A16, C16, T16) == (0, P16)
+
+
+def test_sealing_in_place_gives_the_same_bytes() -> None:
+    ctx = aead(K16)
+    buf = bytearray(P16)
+    tag = bytearray(16)
+    c = ffi.from_buffer("uint8_t[]", buf)
+    assert lib.zcc_seal(ctx, IV16, A16, len(A16), c, c, len(buf),
+                        ffi.from_buffer("uint8_t[]", tag)) == 0
+    assert (bytes(buf), bytes(tag)) == (C16, T16)
+
+
+def test_a_tag_appended_right_after_the_ciphertext_opens_in_place() -> None:
+    ctx = aead(K16)
+    buf = bytearray(C16 + T16)
+    c = ffi.from_buffer("uint8_t[]", buf)
+    assert lib.zcc_open(ctx, IV16, A16, len(A16), c, c, len(C16), c + len(C16)) == 0
+    assert bytes(buf[:len(C16)]) == P16
+
+
+# ---------------------------------------------------------------------- tampering
+
+
+def _flip(b: bytes, bit: int) -> bytes:
+    x = bytearray(b)
+    x[bit // 8] ^= 1 << (bit % 8)
+    return bytes(x)
+
+
+@pytest.mark.parametrize("where", ["ciphertext", "tag", "aad", "nonce"])
+@pytest.mark.parametrize("bit", [0, 77, -1])
+def test_one_flipped_bit_fails_authentication_and_leaves_zeros(where: str, bit: int) -> None:
+    ctx = aead(K16)
+    ct, tag, aad, nonce = C16, T16, A16, IV16
+    n = {"ciphertext": len(ct), "tag": 16, "aad": len(aad), "nonce": 12}[where] * 8
+    b = bit % n
+    if where == "ciphertext":
+        ct = _flip(ct, b)
+    elif where == "tag":
+        tag = _flip(tag, b)
+    elif where == "aad":
+        aad = _flip(aad, b)
+    else:
+        nonce = _flip(nonce, b)
+    rc, left = open_(ctx, nonce, aad, ct, tag)
+    assert rc == lib.ZCC_EAUTH
+    # No unverified plaintext survives: the buffer is all zeros.
+    assert left == bytes(len(ct))
+    # The context is still good for the next, genuine message.
+    assert open_(ctx, IV16, A16, C16, T16) == (0, P16)
+
+
+def test_missing_or_extra_aad_and_a_wrong_key_fail_authentication() -> None:
+    assert open_(aead(K16), IV16, b"", C16, T16)[0] == lib.ZCC_EAUTH
+    assert open_(aead(K16), IV16, A16 + b"\0", C16, T16)[0] == lib.ZCC_EAUTH
+    assert open_(aead(_flip(K16, 3)), IV16, A16, C16, T16)[0] == lib.ZCC_EAUTH
+    assert open_(aead(K16), IV16, A16, C16[:-1], T16)[0] == lib.ZCC_EAUTH
+
+
+def test_a_failed_open_into_a_separate_buffer_zeroes_that_buffer_only() -> None:
+    ctx = aead(K16)
+    src = bytearray(C16)
+    dst = bytearray(b"\xaa" * len(C16))
+    rc = lib.zcc_open(ctx, IV16, A16, len(A16), ffi.from_buffer("uint8_t[]", src),
+                      ffi.from_buffer("uint8_t[]", dst), len(src), _flip(T16, 5))
+    assert rc == lib.ZCC_EAUTH
+    assert bytes(dst) == bytes(len(dst)) and bytes(src) == C16
+
+
+# ------------------------------------------------------------------- arguments
+
+
+def test_a_key_of_the_wrong_length_gives_no_context() -> None:
+    assert lib.zcc_aead_new(bytes(16), 16) == ffi.NULL
+    assert lib.zcc_aead_new(bytes(33), 33) == ffi.NULL
+
+
+def test_shifted_overlap_of_input_and_output_is_refused() -> None:
+    ctx = aead(K16)
+    buf = bytearray(128)
+    c = ffi.from_buffer("uint8_t[]", buf)
+    tag = ffi.new("uint8_t[16]")
+    assert lib.zcc_seal(ctx, IV16, b"", 0, c, c + 1, 64, tag) == lib.ZCC_EINVAL
+    assert lib.zcc_open(ctx, IV16, b"", 0, c + 1, c, 64, tag) == lib.ZCC_EINVAL
+    # A tag written over the ciphertext it belongs to is refused too.
+    assert lib.zcc_seal(ctx, IV16, b"", 0, c, c, 64, c + 60) == lib.ZCC_EINVAL
+
+
+def test_a_context_used_by_two_threads_at_once_refuses_the_second() -> None:
+    """cffi releases the GIL, and an EVP_CIPHER_CTX is not thread-safe: the second
+    caller gets ZCC_EBUSY instead of corrupting the first one's stream."""
+    ctx = aead(K16)
+    big = mmap.mmap(-1, 64 << 20)
+    big_c = ffi.from_buffer("uint8_t[]", big)
+    tag = ffi.new("uint8_t[16]")
+    done = threading.Event()
+    codes: list[int] = []
+
+    def long_seal() -> None:
+        codes.append(lib.zcc_seal(ctx, IV16, b"", 0, big_c, big_c, len(big), tag))
+        done.set()
+
+    t = threading.Thread(target=long_seal)
+    t.start()
+    busy = 0
+    small_tag = ffi.new("uint8_t[16]")
+    while not done.is_set():
+        out = ffi.new("uint8_t[16]")
+        rc = lib.zcc_seal(ctx, bytes(12), b"", 0, bytes(16), out, 16, small_tag)
+        busy += rc == lib.ZCC_EBUSY
+    t.join()
+    assert codes == [0]
+    assert busy > 0
+    # The long seal was not disturbed: it opens.
+    assert lib.zcc_open(ctx, IV16, b"", 0, big_c, big_c, len(big), tag) == 0
+    assert big[:4096] == bytes(4096)
+    ffi.release(big_c)
+    big.close()
+
+
+# --------------------------------------------------------------- gathered pages
+
+
+class Image:
+    """A mapping of `pages` random pages, of which the first `size_pages` are the image;
+    the rest stand for whatever lies beside it (it must never leave)."""
+
+    def __init__(self, pages: int = 16, size_pages: int = 12) -> None:
+        self.mm = mmap.mmap(-1, pages * PAGE)
+        self.mm[:] = os.urandom(pages * PAGE)
+        self.c = ffi.from_buffer("uint8_t[]", self.mm)
+        self.base = int(ffi.cast("uintptr_t", self.c))
+        self.size = size_pages * PAGE
+
+    def page(self, off: int) -> bytes:
+        return bytes(self.mm[off:off + PAGE])
+
+    def close(self) -> None:
+        ffi.release(self.c)
+        self.mm.close()
+
+
+GUARD = b"\x5a" * PAGE
+
+
+def seal_pages(ctx: Any, img: Image, offsets: list[int], capacity: int, *,
+               aad: bytes = b"", nonce: bytes = IV16, page_size: int = PAGE,
+               ) -> tuple[int, bytes, bytes, bytes]:
+    """(rc, output, tag, guard): the output buffer is followed by a guard region that
+    must come back unchanged whatever the call does."""
+    out = bytearray(b"\xee" * capacity + GUARD)
+    tag = bytearray(b"\xee" * 16)
+    offs = array("Q", offsets)
+    rc = lib.zcc_seal_pages(ctx, nonce, aad, len(aad), img.base, img.size,
+                            ffi.from_buffer("uint64_t[]", offs), len(offs), page_size,
+                            ffi.from_buffer("uint8_t[]", out), capacity,
+                            ffi.from_buffer("uint8_t[]", tag))
+    return rc, bytes(out[:capacity]), bytes(tag), bytes(out[capacity:])
+
+
+def test_sealed_pages_equal_a_seal_of_the_same_pages_laid_end_to_end() -> None:
+    """The fused gather-and-seal is the plain seal of the gathered bytes: adjacent runs,
+    single pages, out of order and repeated pages alike."""
+    img = Image()
+    ctx = aead(K16)
+    offsets = [3 * PAGE, 4 * PAGE, 5 * PAGE, 0, 9 * PAGE, 11 * PAGE, 10 * PAGE, 0]
+    try:
+        rc, out, tag, guard = seal_pages(ctx, img, offsets, len(offsets) * PAGE, aad=A16)
+        assert rc == 0 and guard == GUARD
+        plain = b"".join(img.page(o) for o in offsets)
+        assert seal(ctx, IV16, A16, plain) == (0, out, tag)
+        assert open_(ctx, IV16, A16, out, tag) == (0, plain)
+    finally:
+        img.close()
+
+
+def test_no_pages_seal_to_the_tag_of_an_empty_message() -> None:
+    img = Image()
+    try:
+        rc, _, tag, _ = seal_pages(aead(bytes(32)), img, [], 0, nonce=bytes(12))
+        assert (rc, tag) == (0, GCM_VECTORS["case 13: empty"][5])
+    finally:
+        img.close()
+
+
+@pytest.mark.parametrize("bad", [
+    12 * PAGE,                # the first page past the image (mapped: it must not leak)
+    15 * PAGE,                # further out, still mapped
+    11 * PAGE + 1,            # inside but not page-aligned
+    2**63,                    # far outside
+    2**64 - PAGE,             # off + page_size would wrap around
+])
+def test_an_offset_outside_the_image_is_refused_with_nothing_read_or_written(bad: int) -> None:
+    img = Image()
+    try:
+        rc, out, tag, guard = seal_pages(aead(K16), img, [0, PAGE, bad], 3 * PAGE)
+        assert rc == lib.ZCC_EBOUNDS
+        assert out == b"\xee" * (3 * PAGE) and tag == b"\xee" * 16 and guard == GUARD
+    finally:
+        img.close()
+
+
+@pytest.mark.parametrize("short", [1, PAGE, 3 * PAGE])
+def test_an_output_too_small_is_refused_and_nothing_lands_past_its_end(short: int) -> None:
+    img = Image()
+    try:
+        cap = 3 * PAGE - short
+        rc, out, tag, guard = seal_pages(aead(K16), img, [0, PAGE, 2 * PAGE], cap)
+        assert rc == lib.ZCC_EBOUNDS
+        assert out == b"\xee" * cap and tag == b"\xee" * 16 and guard == GUARD
+    finally:
+        img.close()
+
+
+def test_an_output_larger_than_needed_is_written_only_as_far_as_the_pages() -> None:
+    img = Image()
+    try:
+        rc, out, _, guard = seal_pages(aead(K16), img, [PAGE, 0], 4 * PAGE)
+        assert rc == 0 and guard == GUARD
+        assert out[2 * PAGE:] == b"\xee" * (2 * PAGE)
+    finally:
+        img.close()
+
+
+def test_a_zero_page_size_or_an_output_inside_the_image_is_refused() -> None:
+    img = Image()
+    ctx = aead(K16)
+    tag = ffi.new("uint8_t[16]")
+    offs = ffi.new("uint64_t[]", [0])
+    try:
+        assert seal_pages(ctx, img, [0], PAGE, page_size=0)[0] == lib.ZCC_EINVAL
+        # Ciphertext written over the pages it is reading: refused.
+        assert lib.zcc_seal_pages(ctx, IV16, b"", 0, img.base, img.size, offs, 1, PAGE,
+                                  img.c + 2 * PAGE, PAGE, tag) == lib.ZCC_EINVAL
+    finally:
+        img.close()
+
+
+# --------------------------------------------------------------------------- HKDF
+
+RFC5869 = {
+    "A.1 basic": (
+        bytes([0x0B] * 22), bytes(range(0x0D)), bytes(range(0xF0, 0xFA)), 42,
+        "3cb25f25faacd57a90434f64d0362f2a2d2d0a90cf1a5a4c5db02d56ecc4c5bf34007208d5b887185865"),
+    "A.2 longer inputs": (
+        bytes(range(0x50)), bytes(range(0x60, 0xB0)), bytes(range(0xB0, 0x100)), 82,
+        "b11e398dc80327a1c8e7f78c596a49344f012eda2d4efad8a050cc4c19afa97c59045a99cac78272"
+        "71cb41c65e590e09da3275600c2f09b8367793a9aca3db71cc30c58179ec3e87c14c01d5c1f3434f1d87"),
+    "A.3 empty salt and info": (
+        bytes([0x0B] * 22), b"", b"", 42,
+        "8da4e775a563c18f715f802a063c5a31b8a11f5c5ee1879ec3454e5f3c738d2d9d201395faa4b61a96c8"),
+}
+
+
+def hkdf(salt: bytes, ikm: bytes, info: bytes, n: int) -> tuple[int, bytes]:
+    out = ffi.new("uint8_t[]", max(n, 1))
+    rc = lib.zcc_hkdf_sha256(salt, len(salt), ikm, len(ikm), info, len(info), out, n)
+    return rc, bytes(ffi.buffer(out, n))
+
+
+@pytest.mark.parametrize("name", list(RFC5869))
+def test_rfc5869_hkdf_sha256_vectors(name: str) -> None:
+    ikm, salt, info, n, okm = RFC5869[name]
+    assert hkdf(salt, ikm, info, n) == (0, bytes.fromhex(okm))
+
+
+def _hkdf_reference(salt: bytes, ikm: bytes, info: bytes, n: int) -> bytes:
+    """RFC 5869 2.2 and 2.3 written out with the standard library's HMAC (a test oracle)."""
+    prk = hmac.new(salt or bytes(32), ikm, hashlib.sha256).digest()
+    okm, t = b"", b""
+    for i in range(1, -(-n // 32) + 1):
+        t = hmac.new(prk, t + info + bytes([i]), hashlib.sha256).digest()
+        okm += t
+    return okm[:n]
+
+
+@pytest.mark.parametrize("n", [1, 32, 33, 100, 8160])
+def test_hkdf_agrees_with_the_rfc_written_out(n: int) -> None:
+    salt, ikm, info = os.urandom(64), os.urandom(32), os.urandom(57)
+    assert hkdf(salt, ikm, info, n) == (0, _hkdf_reference(salt, ikm, info, n))
+
+
+def test_hkdf_refuses_lengths_past_255_blocks_and_empty_input_key_material() -> None:
+    assert hkdf(b"s", b"k", b"i", 8161)[0] == lib.ZCC_EINVAL
+    assert hkdf(b"s", b"k", b"i", 0)[0] == lib.ZCC_EINVAL
+    assert hkdf(b"s", b"", b"i", 32)[0] == lib.ZCC_EINVAL
+
+
+def test_the_stale_build_fingerprint_covers_both_headers() -> None:
+    """native/__init__.py refuses a build older than either header (an editable install
+    keeps the old .so after a header changes)."""
+    native = Path(__file__).resolve().parent.parent / "native"
+    h = hashlib.sha256()
+    for name in ("zcnative.h", "zccrypto.h"):
+        h.update((native / name).read_bytes())
+    assert int(h.hexdigest()[:12], 16) == lib.ZC_INTERFACE_HASH
