@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from zcmigrate.migrate.check import DEFAULT_PAGES_PER_PACKET
+from zcmigrate.migrate.inflight import DEFAULT_PAGES_PER_PACKET
 from zcmigrate.multifd.wire import MAX_CHANNELS, MAX_PAGES_ALLOC
 
 DEFAULT_CHANNELS = 2

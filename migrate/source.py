@@ -24,8 +24,8 @@ import structlog
 
 from zcmigrate.channel.probe import probe
 from zcmigrate.channel.zcsocket import Channel, connect
-from zcmigrate.migrate.check import automatic_in_flight_cap
 from zcmigrate.migrate.guest import DeviceState, GuestControl, GuestError, control_path
+from zcmigrate.migrate.inflight import automatic_in_flight_cap
 from zcmigrate.migrate.mainchannel import MainChannel, MainChannelTimeout
 from zcmigrate.migrate.params import MigrationParameters
 from zcmigrate.migrate.protocol import (

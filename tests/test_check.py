@@ -22,21 +22,23 @@ import pytest
 
 from zcmigrate.channel.probe import ZeroCopyProbe
 from zcmigrate.migrate.check import (
-    DEFAULT_IN_FLIGHT_CAP,
-    DEFAULT_PAGES_PER_PACKET,
     OPTMEM_MIN,
-    PIN_SLACK_PAGES,
     LockedMemoryBudget,
     RouteFacts,
     Verdict,
     assess,
+    locked_memory_budget,
+    option_size,
+    split_host,
+)
+from zcmigrate.migrate.inflight import (
+    DEFAULT_IN_FLIGHT_CAP,
+    DEFAULT_PAGES_PER_PACKET,
+    PIN_SLACK_PAGES,
     calls_in_flight,
     exact_size,
     largest_fitting_cap,
-    locked_memory_budget,
     locked_memory_needed,
-    option_size,
-    split_host,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
