@@ -22,6 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from zcmigrate import native
+from zcmigrate.migrate.cli.guest import guest_command
 from zcmigrate.migrate.guest import (
     CONTROL_FIELDS,
     CONTROL_SIZE,
@@ -37,7 +38,6 @@ from zcmigrate.migrate.guest import (
     state_path,
     write_device_state,
 )
-from zcmigrate.migrate.guest_cli import guest_command
 
 PAGE = 4096
 WAIT_S = 10.0

@@ -17,11 +17,11 @@ from typing import Any
 
 import click
 
-from zcmigrate.migrate import logs
-from zcmigrate.migrate.cli_options import migration_options, params_from, run_source
-from zcmigrate.migrate.cli_types import json_option
+from zcmigrate.migrate.cli import logs
+from zcmigrate.migrate.cli.options import json_option, migration_options, params_from
+from zcmigrate.migrate.cli.progress import ProgressDisplay
+from zcmigrate.migrate.cli.send import run_source
 from zcmigrate.migrate.guest import check_oracle, read_device_state
-from zcmigrate.migrate.progress import ProgressDisplay
 from zcmigrate.migrate.source import Destination, SourceJob
 from zcmigrate.migrate.units import format_rate, format_size, parse_bandwidth, parse_size
 

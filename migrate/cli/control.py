@@ -1,6 +1,7 @@
 """`zcmigrate status`, `zcmigrate cancel`, `zcmigrate set`: talk to a running `send`.
 
-Argument parsing and output only; the socket protocol lives in migrate/control.py.
+Argument parsing and output only; the socket protocol lives in migrate/control.py and
+the statistics' layout in migrate/stats.py.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any
 
 import click
 
-from zcmigrate.migrate.cli_types import json_option
+from zcmigrate.migrate.cli.options import json_option
 from zcmigrate.migrate.control import ControlError, default_socket, request
 from zcmigrate.migrate.stats import MigrationStats
 from zcmigrate.migrate.units import parse_bandwidth
