@@ -8,7 +8,11 @@ command beside this one; nothing outside migrate/cli/ imports click.
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import sys
+import threading
 from collections.abc import Mapping
+from types import ModuleType
 from typing import Any
 
 import click
@@ -24,6 +28,60 @@ COMMANDS: Mapping[str, str] = {
     "cancel": "zcmigrate.migrate.cli.control:cancel_command",
     "set": "zcmigrate.migrate.cli.control:set_command",
 }
+
+
+# ModuleType by name, not `import types`: once migrate/cli/types.py is imported, this
+# package's global `types` is that submodule.
+class _DeferredModule(ModuleType):
+    """A module whose code runs on the first lookup of a name it does not have yet.
+
+    Its metadata (__spec__, __path__) is there from the start, so `import` statements and
+    submodule imports find it without loading it; the first real use (asyncio.run, ...)
+    runs the module in this same object, and from then on it is an ordinary module.
+    """
+
+    def __getattr__(self, name: str) -> Any:
+        # A thread arriving while another runs the module waits for it; a lookup by the
+        # module's own code while it runs is an ordinary miss.
+        with _LOADING:
+            if type(self) is _DeferredModule and not self.__dict__.get(_RUNNING):
+                spec = self.__spec__
+                assert spec is not None and spec.loader is not None
+                self.__dict__[_RUNNING] = True
+                try:
+                    spec.loader.exec_module(self)
+                finally:
+                    del self.__dict__[_RUNNING]
+                self.__class__ = ModuleType  # type: ignore[assignment]
+            elif type(self) is _DeferredModule:
+                raise AttributeError(f"module {self.__name__!r} has no attribute {name!r}")
+        return getattr(self, name)
+
+
+_LOADING = threading.RLock()
+_RUNNING = "__zcmigrate_deferred_running__"
+
+
+def _defer_asyncio() -> None:
+    """Put asyncio in sys.modules without running it, until something uses it.
+
+    `import structlog` imports structlog.stdlib and structlog._native, which import
+    asyncio for their async methods only; zcmigrate calls none of them, yet asyncio and
+    what it pulls in (ssl, subprocess, concurrent.futures) cost `send` 40-60 ms of CPU,
+    a third of its start-up. The stdlib's LazyLoader would not do: the `import asyncio`
+    in structlog reads the module's __spec__, and that alone makes it load.
+    """
+    if "asyncio" in sys.modules:
+        return
+    spec = importlib.util.find_spec("asyncio")
+    if spec is None or spec.loader is None:
+        return
+    module = importlib.util.module_from_spec(spec)
+    module.__class__ = _DeferredModule
+    sys.modules["asyncio"] = module
+
+
+_defer_asyncio()
 
 
 class LazyGroup(click.Group):
