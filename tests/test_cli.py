@@ -1,12 +1,18 @@
-"""The command line: every option reads a ZCMIGRATE_ variable and shows its default."""
+"""The command line: every option reads a ZCMIGRATE_ variable and shows its default; the
+demo waits for its children against deadlines."""
 
 from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
 
 import click
 import pytest
 from click.testing import CliRunner
 
 from zcmigrate.migrate.cli import main
+from zcmigrate.migrate.cli.demo import Child
 
 
 def commands() -> list[tuple[str, click.Command]]:
@@ -60,3 +66,27 @@ def test_an_environment_variable_sets_an_option(tmp_path: object) -> None:
     r = CliRunner().invoke(main, ["send", "x.img", "--to", "127.0.0.1:1"],
                            env={"ZCMIGRATE_MULTIFD_CHANNELS": "0"})
     assert r.exit_code == 2 and "multifd-channels" in r.output
+
+
+def test_the_demo_waits_for_a_child_line_no_longer_than_its_deadline(tmp_path: Path) -> None:
+    """A child that stays alive but silent cannot hold the demo past its timeout."""
+    child = Child(["receive", str(tmp_path / "x.img"), "--listen", "127.0.0.1:0"], tmp_path,
+                  stderr=subprocess.DEVNULL)
+    try:
+        assert child.wait_line("listening:", timeout=60).startswith("listening: 127.0.0.1:")
+        started = time.monotonic()
+        with pytest.raises(click.ClickException, match="printed nothing of it in 1 s"):
+            child.wait_line("never printed", timeout=1.0)
+        assert time.monotonic() - started < 5
+        assert child.proc.poll() is None  # it was silent, not gone
+    finally:
+        child.stop()
+
+
+def test_the_demo_sees_a_child_exit_before_its_line(tmp_path: Path) -> None:
+    child = Child(["--version"], tmp_path)
+    try:
+        with pytest.raises(click.ClickException, match="closed its output"):
+            child.wait_line("never printed", timeout=60)
+    finally:
+        child.stop()

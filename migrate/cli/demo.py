@@ -2,12 +2,15 @@
 
 Starts a guest stand-in on an image, a receiver on loopback, migrates the running guest
 with progress, resumes it at the destination, and prints the statistics and the oracle's
-verdict. It only orchestrates processes and the source job; it adds no behaviour.
+verdict. It only orchestrates processes (`python -m zcmigrate ...`) and the source job;
+it adds no behaviour.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import select
 import subprocess
 import sys
 import tempfile
@@ -26,34 +29,80 @@ from zcmigrate.migrate.source import Destination, SourceJob
 from zcmigrate.migrate.units import format_rate, format_size, parse_bandwidth, parse_size
 
 
-def _spawn(args: list[str], cwd: Path, **kw: Any) -> subprocess.Popen[str]:
-    # Not from the user's directory: `python -m` puts it first on sys.path, and inside a
-    # source checkout that would shadow the installed (compiled) package.
-    return subprocess.Popen([sys.executable, "-m", *args], text=True, cwd=cwd,
-                            stdout=subprocess.PIPE, **kw)
+class Child:
+    """A `python -m zcmigrate ...` child whose stdout is read against deadlines: select on
+    the pipe, never a blocking readline, so a silent child cannot hold the demo past its
+    timeout."""
 
+    def __init__(self, args: list[str], cwd: Path, **kw: Any) -> None:
+        # Not from the user's directory: `python -m` puts it first on sys.path, and inside
+        # a source checkout that would shadow the installed (compiled) package.
+        self.proc = subprocess.Popen([sys.executable, "-m", "zcmigrate", *args], cwd=cwd,
+                                     stdout=subprocess.PIPE, **kw)
+        assert self.proc.stdout is not None
+        self._fd = self.proc.stdout.fileno()
+        self._buf = b""
+        self._eof = False
 
-def _wait_line(proc: subprocess.Popen[str], prefix: str, timeout: float = 30.0) -> str:
-    deadline = time.monotonic() + timeout
-    assert proc.stdout is not None
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if line.startswith(prefix):
-            return line.strip()
-        if not line and proc.poll() is not None:
-            break
-    raise click.ClickException(f"{proc.args!r} did not start "
-                               f"(exit {proc.poll()})")
+    def _read(self, deadline: float) -> bool:
+        """Add what the pipe holds to the buffer, waiting until `deadline` at most.
+        False when nothing came: the deadline passed, or the child closed its stdout."""
+        left = deadline - time.monotonic()
+        if self._eof or left <= 0:
+            return False
+        ready, _, _ = select.select([self._fd], [], [], left)
+        if not ready:
+            return False
+        chunk = os.read(self._fd, 1 << 16)
+        if not chunk:
+            self._eof = True
+            return False
+        self._buf += chunk
+        return True
 
+    def wait_line(self, prefix: str, timeout: float = 30.0) -> str:
+        """The first line starting with `prefix`; ClickException if the child exits first
+        or the deadline passes."""
+        deadline = time.monotonic() + timeout
+        while True:
+            while b"\n" in self._buf:
+                raw, self._buf = self._buf.split(b"\n", 1)
+                line = raw.decode(errors="replace")
+                if line.startswith(prefix):
+                    return line.strip()
+            if not self._read(deadline):
+                break
+        why = "closed its output" if self._eof else f"printed nothing of it in {timeout:g} s"
+        raise click.ClickException(f"{self.proc.args!r} did not start: it {why} "
+                                   f"(exit {self.proc.poll()})")
 
-def _stop(proc: subprocess.Popen[str], timeout: float = 10.0) -> int:
-    if proc.poll() is None:
-        proc.terminate()
-    try:
-        return proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        return proc.wait()
+    def output(self, timeout: float) -> tuple[int, str]:
+        """(exit code, everything it printed after the lines already read), waiting until
+        it exits; ClickException past the deadline."""
+        deadline = time.monotonic() + timeout
+        while self._read(deadline):
+            pass
+        try:
+            if not self._eof:
+                raise subprocess.TimeoutExpired(self.proc.args, timeout)
+            code = self.proc.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            raise click.ClickException(f"{self.proc.args!r} did not finish within "
+                                       f"{timeout:g} s") from None
+        out, self._buf = self._buf, b""
+        return code, out.decode(errors="replace")
+
+    def stop(self, timeout: float = 10.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait()
+        assert self.proc.stdout is not None
+        self.proc.stdout.close()
+        return code
 
 
 @click.command("demo")
@@ -86,37 +135,35 @@ def demo_command(size: str, dirty_rate: str, workdir: Path | None, as_json: bool
     say(f"demo: {format_size(nbytes)} guest dirtying {format_rate(rate)}, "
         f"{params.multifd_channels} channels, multifd-zerocopy "
         f"{'on' if params.multifd_zerocopy else 'off'}, in {base}")
-    procs: list[subprocess.Popen[str]] = []
+    children: list[Child] = []
     try:
-        guest = _spawn(["zcmigrate", "guest", str(src), "--size", str(nbytes),
-                        "--dirty-rate", str(rate), "--fill", "half"], base)
-        procs.append(guest)
-        say(f"source guest: {_wait_line(guest, 'guest running', timeout=120)}")
-        recv = _spawn(["zcmigrate", "receive", str(dst), "--listen", "127.0.0.1:0",
-                       "--log-format", "json", "--json"], base, stderr=subprocess.DEVNULL)
-        procs.append(recv)
-        port = int(_wait_line(recv, "listening:").rsplit(":", 1)[1])
+        guest = Child(["guest", str(src), "--size", str(nbytes), "--dirty-rate", str(rate),
+                       "--fill", "half"], base)
+        children.append(guest)
+        say(f"source guest: {guest.wait_line('guest running', timeout=120)}")
+        recv = Child(["receive", str(dst), "--listen", "127.0.0.1:0", "--log-format", "json",
+                      "--json"], base, stderr=subprocess.DEVNULL)
+        children.append(recv)
+        port = int(recv.wait_line("listening:").rsplit(":", 1)[1])
         say(f"receiver: listening on 127.0.0.1:{port}")
         job = SourceJob(src, Destination("127.0.0.1", port), params)
         code = run_source(job, as_json=as_json, display=ProgressDisplay())
-        assert recv.stdout is not None
-        out, _ = recv.communicate(timeout=60)
-        if code != 0 or recv.returncode != 0:
+        recv_code, out = recv.output(timeout=60)
+        if code != 0 or recv_code != 0:
             raise click.ClickException(f"migration failed (source exit {code}, receiver "
-                                       f"exit {recv.returncode})")
+                                       f"exit {recv_code})")
         state = read_device_state(dst)
         verdict = check_oracle(dst, state)
         say(f"oracle: {verdict.message}")
         if not verdict.ok:
             raise click.ClickException("the destination image fails the oracle")
-        resumed = _spawn(["zcmigrate", "guest", str(dst), "--resume",
-                          "--dirty-rate", str(rate)], base)
-        procs.append(resumed)
-        say(f"destination guest: {_wait_line(resumed, 'guest running')}")
+        resumed = Child(["guest", str(dst), "--resume", "--dirty-rate", str(rate)], base)
+        children.append(resumed)
+        say(f"destination guest: {resumed.wait_line('guest running')}")
         time.sleep(0.5)
-        _stop(resumed)
+        resumed.stop()
         info = json.loads(out[out.index("{"):]) if "{" in out else {}
         say(f"destination: committed {info.get('image', dst)}; the guest ran on there.")
     finally:
-        for proc in procs:
-            _stop(proc)
+        for child in children:
+            child.stop()
