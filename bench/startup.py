@@ -9,10 +9,13 @@ any work, as a user runs it (`python -m zcmigrate`), medians of --runs runs.
 - version: `--version`, the floor (interpreter, site, the group).
 
 CPU comes from wait4's rusage of each child alone; configurations are interleaved, after
-one warm-up run each that leaves the bytecode caches written.
+one warm-up run each that leaves the bytecode caches written. On a shared machine CPU
+time moves with the load; --instructions adds one run of each under valgrind's
+callgrind, whose instruction count does not (receive then stops on SIGTERM, not SIGKILL,
+so that callgrind can report: its clean shutdown is counted too).
 It drives the product as a user does and imports nothing of it.
 
-    python bench/startup.py --runs 15
+    python bench/startup.py --runs 15 [--instructions]
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -94,6 +98,29 @@ def _kill_after(proc: subprocess.Popen[bytes], seconds: float) -> threading.Time
     return t
 
 
+def instructions(args: list[str], cwd: Path, env: dict[str, str],
+                 prefix: bytes | None = None, timeout: float = 600.0) -> int:
+    """Instructions executed by one run under callgrind (until a line, then SIGTERM)."""
+    proc = subprocess.Popen(["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
+                             *args], cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None
+    timer = _kill_after(proc, timeout)
+    try:
+        if prefix is not None:
+            for line in proc.stdout:
+                if line.startswith(prefix):
+                    proc.send_signal(signal.SIGTERM)
+                    break
+        _, err = proc.communicate()
+    finally:
+        timer.cancel()
+    m = re.search(rb"Collected : (\d+)", err)
+    if not m:
+        raise RuntimeError(f"callgrind reported nothing for {args}: {err[-2000:]!r}")
+    return int(m.group(1))
+
+
 def summarize(samples: list[dict[str, Any]]) -> dict[str, Any]:
     cpu = [s["user_s"] + s["sys_s"] for s in samples]
     return {
@@ -113,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=15)
     ap.add_argument("--only", default="send,receive,version",
                     help="comma-separated subset of send, receive, version")
+    ap.add_argument("--instructions", action="store_true",
+                    help="also count each command's instructions once under callgrind")
     args = ap.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="zcmigrate-startup-"))
     image = work / "static.img"
@@ -128,17 +157,19 @@ def main(argv: list[str] | None = None) -> int:
     env.pop("PYTHONDONTWRITEBYTECODE", None)
     # Not from a source checkout: `python -m` puts the working directory first on sys.path.
     cwd = work
-    commands: dict[str, tuple[list[str], Callable[[], dict[str, Any]]]] = {}
+    commands: dict[str, tuple[list[str], Callable[[], dict[str, Any]], bytes | None]] = {}
     send = cli("send", "--static", str(image), "--to", f"127.0.0.1:{port}",
                "--log-format", "json")
     receive = cli("receive", str(work / "dst.img"), "--listen", "127.0.0.1:0",
                   "--log-format", "json")
     version = cli("--version")
-    commands["send"] = (send, lambda: run_to_exit(send, cwd, env))
-    commands["receive"] = (receive, lambda: run_to_line(receive, b"listening:", cwd, env))
-    commands["version"] = (version, lambda: run_to_exit(version, cwd, env))
+    commands["send"] = (send, lambda: run_to_exit(send, cwd, env), None)
+    commands["receive"] = (receive, lambda: run_to_line(receive, b"listening:", cwd, env),
+                           b"listening:")
+    commands["version"] = (version, lambda: run_to_exit(version, cwd, env), None)
     names = [n for n in args.only.split(",") if n]
     samples: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
+    counted: dict[str, int] = {}
     load_before = os.getloadavg()
     try:
         for n in names:  # one warm-up each: bytecode caches, page cache
@@ -148,10 +179,14 @@ def main(argv: list[str] | None = None) -> int:
             k = rnd % len(names)
             for n in names[k:] + names[:k]:
                 samples[n].append(commands[n][1]())
+        if args.instructions:
+            for n in names:
+                args_n, _, line = commands[n]
+                counted[n] = instructions(args_n, cwd, env, line)
     finally:
         closed.close()
         shutil.rmtree(work, ignore_errors=True)
-    doc = {
+    doc: dict[str, Any] = {
         "benchmark": "zcmigrate start-up: CPU (user+sys) of a child from wait4, per command",
         "command": "python bench/startup.py " + " ".join(argv if argv is not None
                                                           else sys.argv[1:]),
@@ -165,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
         "commands": {n: " ".join(commands[n][0][1:]) for n in names},
         "results": {n: summarize(samples[n]) for n in names},
     }
+    if counted:
+        doc["instructions"] = counted
     json.dump(doc, sys.stdout, indent=2)
     print()
     return 0
