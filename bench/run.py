@@ -160,7 +160,7 @@ def migrate_once(image: Path, size: int, channels: int, zero_copy: bool,
         "total_time_ms": stats.get("total-time"),
         "bytes_per_s_total_time": round(size / (stats["total-time"] / 1000))
         if stats.get("total-time") else None,
-        "receiver_total_time_ms": round(result.get("total_time_ms", 0.0)),
+        "receiver_total_time_ms": result.get("total-time"),
         "src_user_s": round(send_user, 3), "src_sys_s": round(send_sys, 3),
         "dst_user_s": round(recv_user, 3), "dst_sys_s": round(recv_sys, 3),
         "src_cpu_s_per_gib": round((send_user + send_sys) / gib, 3),

@@ -43,7 +43,7 @@ from zcmigrate.migrate.protocol import (
     WritebackDone,
     auth_mac,
 )
-from zcmigrate.migrate.stats import RECEIVE_FIELDS, channel_dict
+from zcmigrate.migrate.stats import RECEIVE_FIELDS, channel_dict, channel_json
 from zcmigrate.multifd.exiting import Exiting, MultifdError
 from zcmigrate.multifd.receiver import ReceiverPool, accept_data_channel
 from zcmigrate.multifd.wire import InitTracker, ProtocolError, RemoteProtocolError
@@ -69,20 +69,29 @@ class ReceiveResult:
     per_channel: list[dict[str, int]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, object]:
+        """The layout `send --json` prints (MigrationStats.to_dict, query-migrate's names),
+        with what only the receiver knows: the image, its state file, the migration's UUID.
+        Every MULTIFD_FLUSH ends one of the source's iterations, so the syncs seen here
+        are its "iterations"."""
+        seconds = max(self.total_time_ms / 1000, 1e-6)
         return {
             "status": "completed",
+            "total-time": round(self.total_time_ms),
+            "ram": {
+                "transferred": self.bytes_received,
+                "remaining": 0,
+                "total": self.image_size,
+                "normal": self.normal_pages,
+                "normal-bytes": self.normal_pages * self.page_size,
+                "zero-pages": self.zero_pages,
+                "page-size": self.page_size,
+                "mbps": round(self.bytes_received * 8 / 1e6 / seconds, 3),
+                "iterations": self.syncs,
+            },
+            "multifd": {"channels": [channel_json(c) for c in self.per_channel]},
             "image": str(self.image),
             "state-file": str(self.state_file),
             "uuid": self.uuid,
-            "total": self.image_size,
-            "page-size": self.page_size,
-            "channels": self.channels,
-            "normal": self.normal_pages,
-            "zero-pages": self.zero_pages,
-            "transferred": self.bytes_received,
-            "syncs": self.syncs,
-            "total-time": round(self.total_time_ms),
-            "multifd": {"channels": self.per_channel},
         }
 
 

@@ -1,13 +1,16 @@
 """Migration statistics under the names QEMU's query-migrate uses, and `info migrate` text.
 
 The job feeds a StatsBuilder as it goes; snapshot() freezes it together with the worker
-pool's per-channel numbers. It knows no sockets, terminal or CLI.
+pool's per-channel numbers. The JSON layout that send, status and receive print is
+spelled here (to_dict, channel_json; docs/operations.md, "JSON output"), and read back
+here (from_dict). It knows no sockets, terminal or CLI.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,7 +50,8 @@ class MigrationStats:
         return min(100.0, 100.0 * (self.total - self.remaining) / self.total)
 
     def to_dict(self) -> dict[str, Any]:
-        """QEMU's query-migrate layout: times in ms, RAM figures under "ram"."""
+        """QEMU's query-migrate layout: times in ms, RAM figures under "ram", every key
+        spelled with hyphens, the channels' counters too."""
         out: dict[str, Any] = {
             "status": self.status,
             "total-time": round(self.total_time_ms),
@@ -65,7 +69,7 @@ class MigrationStats:
                 "dirty-sync-missed-zero-copy": self.dirty_sync_missed_zero_copy,
                 "iterations": self.iteration,
             },
-            "multifd": {"channels": list(self.channels)},
+            "multifd": {"channels": [channel_json(c) for c in self.channels]},
             "parameters": self.parameters,
             "live": self.live,
         }
@@ -78,6 +82,24 @@ class MigrationStats:
         if self.error:
             out["error-desc"] = self.error
         return out
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> MigrationStats:
+        """The statistics back from to_dict's layout (what `zcmigrate status` receives)."""
+        ram = d["ram"]
+        return cls(
+            status=d["status"], total_time_ms=d["total-time"],
+            setup_time_ms=d.get("setup-time"), downtime_ms=d.get("downtime"),
+            expected_downtime_ms=d.get("expected-downtime"), transferred=ram["transferred"],
+            remaining=ram["remaining"], total=ram["total"], normal_pages=ram["normal"],
+            normal_bytes=ram["normal-bytes"], zero_pages=ram["zero-pages"],
+            page_size=ram["page-size"], dirty_sync_count=ram["dirty-sync-count"],
+            dirty_pages_rate=ram["dirty-pages-rate"], mbps=ram["mbps"],
+            dirty_sync_missed_zero_copy=ram["dirty-sync-missed-zero-copy"],
+            iteration=ram["iterations"], live=d["live"], error=d.get("error-desc"),
+            parameters=d.get("parameters", {}),
+            channels=tuple(channel_counters(c) for c in d["multifd"]["channels"]),
+        )
 
     def info_migrate(self) -> str:
         """The text of QEMU's HMP `info migrate`."""
@@ -242,5 +264,15 @@ SEND_FIELDS = (*RECEIVE_FIELDS, "zero_copy_queued", "zero_copy_completed", "zero
 
 
 def channel_dict(c: ChannelCounters, fields: tuple[str, ...] = SEND_FIELDS) -> dict[str, int]:
-    """One channel's numbers under the names the JSON output uses."""
+    """One channel's numbers, under the counters' own names ("normal_pages")."""
     return {k: int(getattr(c, k)) for k in fields}
+
+
+def channel_json(ch: Mapping[str, int]) -> dict[str, int]:
+    """One channel as the JSON output spells it, query-migrate's way: "normal-pages"."""
+    return {k.replace("_", "-"): v for k, v in ch.items()}
+
+
+def channel_counters(ch: Mapping[str, int]) -> dict[str, int]:
+    """channel_json read back: the counters' own names again."""
+    return {k.replace("-", "_"): v for k, v in ch.items()}

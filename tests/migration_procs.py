@@ -99,13 +99,18 @@ def send(image: Path, port: int, *args: str) -> subprocess.Popen[str]:
                  "--log-format", "json", *args)
 
 
+def json_output(out: str) -> dict[str, Any]:
+    """The JSON document (--json) at the end of a command's stdout; {} if none."""
+    if "{" not in out:
+        return {}
+    doc: dict[str, Any] = json.loads(out[out.index("{"):])
+    return doc
+
+
 def finish(proc: subprocess.Popen[str], timeout: float = 180) -> tuple[int, dict[str, Any], str]:
     """Exit code, the final statistics (--json), stderr."""
     out, err = proc.communicate(timeout=timeout)
-    stats: dict[str, Any] = {}
-    if "{" in out:
-        stats = json.loads(out[out.index("{"):])
-    return proc.returncode, stats, err
+    return proc.returncode, json_output(out), err
 
 
 def log_events(stderr: str) -> list[dict[str, Any]]:

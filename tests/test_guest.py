@@ -23,6 +23,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from zcmigrate import ZcmigrateError, native
+from zcmigrate.migrate.cli.guest import guest_command
 from zcmigrate.migrate.guest import (
     CONTROL_FIELDS,
     CONTROL_SIZE,
@@ -36,7 +37,6 @@ from zcmigrate.migrate.guest import (
     run_guest,
     write_device_state,
 )
-from zcmigrate.migrate.guest_cli import guest_command
 from zcmigrate.migrate.imagefiles import control_path, state_path
 
 PAGE = 4096

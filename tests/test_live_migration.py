@@ -13,6 +13,7 @@ from tests.migration_procs import (
     Guest,
     Receiver,
     finish,
+    json_output,
     send,
     stop,
     wait_for_event,
@@ -54,7 +55,7 @@ def test_live_migration_of_a_running_guest_completes_and_the_oracle_passes(
         code, stats, err = finish(send(src, recv.port, "--multifd-channels", "2",
                                        "--multifd-zerocopy", zerocopy))
         assert code == 0, err
-        rcode, _, rerr = recv.result()
+        rcode, rout, rerr = recv.result()
         assert rcode == 0, rerr
     finally:
         stop(recv.proc)
@@ -69,14 +70,23 @@ def test_live_migration_of_a_running_guest_completes_and_the_oracle_passes(
     chans = stats["multifd"]["channels"]
     assert len(chans) == 2
     if zerocopy == "on":
-        assert all(c["zero_copy_queued"] > 0 for c in chans)
-        assert all(c["zero_copy_queued"] == c["zero_copy_completed"] for c in chans)
+        assert all(c["zero-copy-queued"] > 0 for c in chans)
+        assert all(c["zero-copy-queued"] == c["zero-copy-completed"] for c in chans)
         # Loopback always copies: every flush reported it.
-        assert all(c["zero_copy_copied"] == c["zero_copy_completed"] for c in chans)
+        assert all(c["zero-copy-copied"] == c["zero-copy-completed"] for c in chans)
         assert ram["dirty-sync-missed-zero-copy"] > 0
     else:
-        assert all(c["zero_copy_queued"] == 0 for c in chans)
+        assert all(c["zero-copy-queued"] == 0 for c in chans)
         assert ram["dirty-sync-missed-zero-copy"] == 0
+    # The receiver prints the same layout, and agrees on what went over.
+    got = json_output(rout)
+    assert got["status"] == "completed" and got["image"] == str(dst)
+    for key in ("transferred", "total", "normal", "normal-bytes", "zero-pages", "page-size",
+                "iterations"):
+        assert got["ram"][key] == ram[key], key
+    for sent, received in zip(chans, got["multifd"]["channels"], strict=True):
+        for key in ("id", "packets", "bytes", "normal-pages", "zero-pages", "syncs"):
+            assert received[key] == sent[key], (sent["id"], key)
     # The source guest handed over: it exited after the commit.
     assert guest.proc.wait(10) == 0
     check = oracle(dst)

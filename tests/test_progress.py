@@ -9,7 +9,7 @@ from dataclasses import replace
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from zcmigrate.migrate.progress import ProgressDisplay
+from zcmigrate.migrate.cli.progress import ProgressDisplay
 from zcmigrate.migrate.stats import MigrationStats
 
 BASE = MigrationStats(

@@ -1,5 +1,5 @@
-"""The project's style gates, so CI keeps them: ruff and mypy (strict) are clean, and the
-layers of the package import only downward."""
+"""The project's style gates, so CI keeps them: ruff and mypy (strict) are clean, the
+layers of the package import only downward, and only the CLI imports click."""
 
 from __future__ import annotations
 
@@ -72,3 +72,30 @@ def test_the_rule_sees_a_bad_import(tmp_path: Path) -> None:
                    "from zcmigrate import multifd\n")
     assert [m for _, m in _imports(bad)] == ["zcmigrate.migrate.params", "zcmigrate",
                                               "zcmigrate.multifd"]
+
+
+def _click_outside_cli(root: Path) -> list[str]:
+    """Modules of the package under `root`, outside migrate/cli/, that import click."""
+    paths = [p for p in (root / "__init__.py", root / "__main__.py") if p.exists()]
+    paths += [p for layer in LAYERS if (root / layer).is_dir()
+              for p in sorted((root / layer).rglob("*.py")) if "__pycache__" not in p.parts]
+    cli = root / "migrate" / "cli"
+    return [f"{path.relative_to(root)}:{line}: {module}"
+            for path in paths if cli not in path.parents
+            for line, module in _imports(path) if module.split(".")[0] == "click"]
+
+
+def test_only_the_cli_imports_click() -> None:
+    """click is the command line's (migrate/cli/): the job, the guest and the layers
+    below know nothing of it, and `send` pays for click only through its command."""
+    assert not _click_outside_cli(ROOT)
+
+
+def test_the_click_rule_sees_a_violation(tmp_path: Path) -> None:
+    (tmp_path / "migrate" / "cli").mkdir(parents=True)
+    (tmp_path / "migrate" / "cli" / "send.py").write_text("import click\n")
+    (tmp_path / "migrate" / "job.py").write_text("import os\nfrom click.core import Context\n")
+    (tmp_path / "channel").mkdir()
+    (tmp_path / "channel" / "sock.py").write_text("import click\n")
+    assert _click_outside_cli(tmp_path) == ["migrate/job.py:2: click.core",
+                                            "channel/sock.py:1: click"]

@@ -1,6 +1,7 @@
 """`zcmigrate status`, `zcmigrate cancel`, `zcmigrate set`: talk to a running `send`.
 
-Argument parsing and output only; the socket protocol lives in migrate/control.py.
+Argument parsing and output only; the socket protocol lives in migrate/control.py and
+the statistics' layout in migrate/stats.py.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any
 
 import click
 
-from zcmigrate.migrate.cli_types import json_option
+from zcmigrate.migrate.cli.options import json_option
 from zcmigrate.migrate.control import request
 from zcmigrate.migrate.errors import ControlError
 from zcmigrate.migrate.imagefiles import default_socket
@@ -54,19 +55,7 @@ def status_command(image: Path | None, sock: Path | None, as_json: bool) -> None
     if as_json:
         click.echo(json.dumps(st, indent=2))
         return
-    ram = st["ram"]
-    stats = MigrationStats(
-        status=st["status"], total_time_ms=st["total-time"],
-        setup_time_ms=st.get("setup-time"), downtime_ms=st.get("downtime"),
-        expected_downtime_ms=st.get("expected-downtime"), transferred=ram["transferred"],
-        remaining=ram["remaining"], total=ram["total"], normal_pages=ram["normal"],
-        normal_bytes=ram["normal-bytes"], zero_pages=ram["zero-pages"],
-        page_size=ram["page-size"], dirty_sync_count=ram["dirty-sync-count"],
-        dirty_pages_rate=ram["dirty-pages-rate"], mbps=ram["mbps"],
-        dirty_sync_missed_zero_copy=ram["dirty-sync-missed-zero-copy"],
-        iteration=ram["iterations"], live=st["live"], error=st.get("error-desc"),
-        parameters=st.get("parameters", {}), channels=tuple(st["multifd"]["channels"]),
-    )
+    stats = MigrationStats.from_dict(st)
     click.echo(stats.info_migrate())
 
 

@@ -2,7 +2,7 @@
 expected downtime, and a percentage that never runs backwards or past 100%.
 
 Off a terminal it prints nothing: the job's structlog lines (one per iteration) serve.
-It knows only MigrationStats.
+It knows only MigrationStats, not the job or click.
 """
 
 from __future__ import annotations

@@ -1,18 +1,17 @@
 """click parameter types for sizes and rates with binary units (256M, 64MiB, 1G).
 
-Parsing lives in migrate/units.py; this only adapts it to click's error reporting.
+Parsing lives in migrate/units.py; this only adapts it to click's error reporting, and
+knows no command.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING
 
 import click
 
 from zcmigrate.migrate.units import parse_bandwidth, parse_size
-
-F = TypeVar("F", bound=Callable[..., Any])
 
 if TYPE_CHECKING:
     _IntParamType = click.ParamType[int]
@@ -50,8 +49,3 @@ class BandwidthType(_UnitType):
     name = "rate"
     parse = staticmethod(parse_bandwidth)
 
-
-def json_option(help_text: str) -> Callable[[F], F]:
-    """`--json` as every command spells it, with its ZCMIGRATE_JSON variable."""
-    return click.option("--json", "as_json", is_flag=True, envvar="ZCMIGRATE_JSON",
-                        show_envvar=True, help=help_text)

@@ -1,6 +1,8 @@
 """structlog set-up: a console renderer on a terminal, JSON lines otherwise, on stderr.
 
-Called once by the CLI; library modules only call structlog.get_logger().
+Called once by a command; library modules only call structlog.get_logger(). The stdlib
+logging integration is not used: structlog's own filtering loggers print directly
+(asyncio, which structlog.stdlib imports, is deferred by migrate/cli/__init__.py).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The `zcmigrate check` command: options, output and exit codes around migrate.check.
+"""`zcmigrate check`: options, output and exit codes around migrate.check.
 
 Parsing and printing only; the facts and the judgement are migrate.check's, and this
 module knows nothing of channels, routes or the kernel.
@@ -16,7 +16,8 @@ from zcmigrate.migrate.check import (
     VERDICT_TABLE,
     run_check,
 )
-from zcmigrate.migrate.cli_types import SizeType, json_option
+from zcmigrate.migrate.cli.options import json_option
+from zcmigrate.migrate.cli.types import SizeType
 from zcmigrate.migrate.errors import CheckError
 from zcmigrate.migrate.memlock import DEFAULT_PAGES_PER_PACKET
 from zcmigrate.multifd.wire import MAX_CHANNELS, MAX_PAGES_ALLOC
@@ -92,7 +93,3 @@ def check_command(ctx: click.Context, multifd_channels: int, in_flight_cap: int 
         for line in report.lines():
             click.echo(line)
     ctx.exit(int(report.verdict.verdict))
-
-
-if __name__ == "__main__":
-    check_command(prog_name="zcmigrate check")

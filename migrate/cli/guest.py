@@ -1,6 +1,6 @@
-"""The `zcmigrate guest` command: run the guest stand-in on an image, or check an image
-against its committed device state. Options, output and exit codes only; the guest is
-migrate.guest, and this module knows nothing of migrations, channels or sockets.
+"""`zcmigrate guest`: run the guest stand-in on an image, or check an image against its
+committed device state. Options, output and exit codes only; the guest is migrate.guest,
+and this module knows nothing of migrations, channels or sockets.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from zcmigrate.migrate.cli_types import BandwidthType, SizeType
+from zcmigrate.migrate.cli.types import BandwidthType, SizeType
 from zcmigrate.migrate.guest import (
     FILLS,
     DeviceState,
@@ -27,6 +27,7 @@ EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_ORACLE_FAILED = 3
+
 
 class OracleFailed(click.ClickException):
     exit_code = EXIT_ORACLE_FAILED
@@ -155,7 +156,3 @@ def guest_command(
         )
     except GuestError as exc:
         raise click.ClickException(str(exc)) from exc
-
-
-if __name__ == "__main__":
-    guest_command(prog_name="zcmigrate guest")

@@ -1,32 +1,29 @@
-"""Options, parameter parsing and the run loop shared by `send` and `demo`.
+"""What several commands share: the migration options, --log-format, --auth-key-file,
+--json, HOST:PORT and key parsing, and the exit-code epilogs.
 
-Click plumbing only: no migration logic lives here.
+Click plumbing only: no migration logic lives here, and no command.
 """
 
 from __future__ import annotations
 
-import json
-import signal
-import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 
-from zcmigrate.migrate.cli_types import BandwidthType, SizeType
-from zcmigrate.migrate.errors import MigrationError, ParameterError
+from zcmigrate.migrate.cli.types import BandwidthType, SizeType
+from zcmigrate.migrate.errors import ParameterError
 from zcmigrate.migrate.params import (
     DEFAULT_CHANNELS,
     DEFAULT_DOWNTIME_LIMIT_MS,
     DEFAULT_MAX_ITERATIONS,
     MigrationParameters,
 )
-from zcmigrate.migrate.progress import ProgressDisplay
-from zcmigrate.migrate.source import SourceJob
-from zcmigrate.migrate.stats import MigrationStats
 
-EXIT_CODES = """\b
+F = TypeVar("F", bound=Callable[..., Any])
+
+SEND_EXIT_CODES = """\b
 Exit codes:
   0  completed (the destination committed)
   1  failed; the source guest was resumed, the destination discarded everything
@@ -35,6 +32,13 @@ Exit codes:
   5  cannot converge (dirty rate too high for max-bandwidth and downtime-limit)
   6  outcome unknown: the device state left but no commit came back; the guest
      stays paused at the source (see the message)"""
+
+RECEIVE_EXIT_CODES = """\b
+Exit codes:
+  0  committed (with --serve: stopped cleanly by SIGTERM)
+  1  the migration failed; nothing was committed
+  2  usage error
+  4  cancelled by the source, or SIGTERM while receiving"""
 
 
 def parse_hostport(text: str) -> tuple[str, int]:
@@ -60,6 +64,7 @@ AUTH_KEY = click.option(
 
 
 def read_key(path: Path | None) -> bytes | None:
+    """The shared secret of --auth-key-file, surrounding whitespace stripped."""
     if path is None:
         return None
     key = path.read_bytes().strip()
@@ -69,9 +74,14 @@ def read_key(path: Path | None) -> bytes | None:
     return key
 
 
+def json_option(help_text: str) -> Callable[[F], F]:
+    """`--json` as every command spells it, with its ZCMIGRATE_JSON variable."""
+    return click.option("--json", "as_json", is_flag=True, envvar="ZCMIGRATE_JSON",
+                        show_envvar=True, help=help_text)
 
 
 def migration_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """The parameters of a migration, as QEMU names them (`send` and `demo`)."""
     opts = [
         click.option("--multifd-channels", type=click.IntRange(1, 255),
                      default=DEFAULT_CHANNELS, show_default=True,
@@ -108,6 +118,7 @@ def migration_options(f: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def params_from(kw: dict[str, Any]) -> MigrationParameters:
+    """MigrationParameters from the values of migration_options; UsageError if invalid."""
     try:
         return MigrationParameters(
             multifd_channels=kw["multifd_channels"],
@@ -121,46 +132,4 @@ def params_from(kw: dict[str, Any]) -> MigrationParameters:
         )
     except ParameterError as e:
         raise click.UsageError(str(e)) from e
-
-
-def run_source(job: SourceJob, *, as_json: bool, display: ProgressDisplay,
-               install_signals: bool = True) -> int:
-    """Run `job` on a migration thread; Ctrl-C and SIGTERM cancel it. Returns the exit code."""
-    result: dict[str, Any] = {}
-
-    def migrate() -> None:
-        try:
-            result["stats"] = job.run()
-        except MigrationError as e:
-            result["error"] = e
-
-    def on_signal(signum: int, frame: object) -> None:
-        if not job.cancel(f"{signal.Signals(signum).name} received"):
-            click.echo("too late to cancel: the destination is committing", err=True)
-
-    old: dict[signal.Signals, Any] = {}
-    if install_signals:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            old[sig] = signal.signal(sig, on_signal)
-    t = threading.Thread(target=migrate, name="migration")
-    t.start()
-    try:
-        while t.is_alive():
-            t.join(0.1)
-            display.update(job.snapshot())
-    finally:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
-    stats: MigrationStats = job.snapshot()
-    display.finish(stats)
-    if as_json:
-        click.echo(json.dumps(stats.to_dict(), indent=2))
-    else:
-        click.echo(stats.info_migrate())
-    err = result.get("error")
-    if err is not None:
-        click.echo(f"zcmigrate: {err}", err=True)
-        return int(getattr(err, "exit_code", 1))
-    return 0
-
 

@@ -1,0 +1,114 @@
+"""`zcmigrate receive`: listen, receive migrations into an image, commit, report.
+
+Options, signals, systemd notifications, output and exit codes only: the migration is
+migrate.destination's. It knows nothing of the source side.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import sys
+import threading
+from pathlib import Path
+
+import click
+
+from zcmigrate.channel import sdnotify
+from zcmigrate.channel.errors import ChannelError
+from zcmigrate.channel.zcsocket import Listener, format_hostport
+from zcmigrate.migrate.cli import logs
+from zcmigrate.migrate.cli.options import (
+    AUTH_KEY,
+    LOG_FORMAT,
+    RECEIVE_EXIT_CODES,
+    json_option,
+    parse_hostport,
+    read_key,
+)
+from zcmigrate.migrate.destination import DestinationJob
+from zcmigrate.migrate.errors import ReceiveError
+
+
+@click.command("receive", epilog=RECEIVE_EXIT_CODES)
+@click.argument("image", type=click.Path(dir_okay=False, path_type=Path),
+                envvar="ZCMIGRATE_IMAGE")
+@click.option("--listen", default="0.0.0.0:4444", show_default=True,
+              envvar="ZCMIGRATE_LISTEN", show_envvar=True,
+              help="HOST:PORT to listen on (port 0: any free port, printed on stdout).")
+@click.option("--serve", is_flag=True, envvar="ZCMIGRATE_SERVE", show_envvar=True,
+              help="Stay up and accept successive migrations (the systemd service).")
+@click.option("--accept-timeout", type=click.FloatRange(0), default=0.0, show_default=True,
+              envvar="ZCMIGRATE_ACCEPT_TIMEOUT", show_envvar=True,
+              help="Seconds to wait for a source; 0 = forever.")
+@AUTH_KEY
+@json_option("Print the result as JSON.")
+@LOG_FORMAT
+def receive_command(image: Path, listen: str, serve: bool, accept_timeout: float,
+                    auth_key_file: Path | None, as_json: bool, log_format: str) -> None:
+    """Receive a migration into IMAGE.
+
+    Pages land in IMAGE.incoming; IMAGE and its device state IMAGE.state are replaced
+    only when the migration commits. Resume the guest with `zcmigrate guest IMAGE
+    --resume`.
+    """
+    logs.configure(log_format)
+    host, port = parse_hostport(listen)
+    key = read_key(auth_key_file)
+    try:
+        socks = sdnotify.listen_fds()
+        listener = Listener.from_socket(socks[0]) if socks else Listener(host, port)
+    except ChannelError as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(f"listening: {format_hostport(*listener.address)}")
+    sys.stdout.flush()
+    stopping = threading.Event()
+    current: list[DestinationJob] = []
+
+    def on_signal(signum: int, frame: object) -> None:
+        stopping.set()
+        sdnotify.notify("STOPPING=1", f"STATUS=stopping on {signal.Signals(signum).name}")
+        listener.shutdown()
+        for job in current:
+            job.cancel(f"{signal.Signals(signum).name} received")
+
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, on_signal)
+    sdnotify.notify("READY=1", f"STATUS=listening on {format_hostport(*listener.address)}")
+    code = 0
+    try:
+        while not stopping.is_set():
+            job = DestinationJob(
+                image, listener, auth_key=key, accept_timeout=accept_timeout or None,
+                status=_status_line,
+            )
+            current[:] = [job]
+            try:
+                result = job.run()
+            except ReceiveError as e:
+                if stopping.is_set() and serve:
+                    break
+                click.echo(f"zcmigrate: {e}", err=True)
+                code = e.exit_code
+                if not serve:
+                    break
+                continue
+            if as_json:
+                click.echo(json.dumps(result.to_dict(), indent=2))
+            else:
+                click.echo(f"committed: {result.image} ({result.normal_pages} normal pages, "
+                           f"{result.zero_pages} zero pages, {result.syncs} syncs); "
+                           f"resume with: zcmigrate guest {result.image} --resume")
+            sys.stdout.flush()
+            if not serve:
+                break
+    finally:
+        listener.close()
+    sys.exit(code)
+
+
+def _status_line(text: str) -> None:
+    """A STATUS= line for systemd; an unreachable NOTIFY_SOCKET must not fail a migration."""
+    with contextlib.suppress(OSError):
+        sdnotify.notify(f"STATUS={text}")
