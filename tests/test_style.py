@@ -99,3 +99,33 @@ def test_the_click_rule_sees_a_violation(tmp_path: Path) -> None:
     (tmp_path / "channel" / "sock.py").write_text("import click\n")
     assert _click_outside_cli(tmp_path) == ["migrate/job.py:2: click.core",
                                             "channel/sock.py:1: click"]
+
+
+def _reaching_around_channel(root: Path) -> list[str]:
+    """Modules above channel/ that do socket I/O themselves, and modules of migrate/ that
+    call the C layer directly: the channel layer offers what they need (reads with a
+    deadline, readiness, peek, local sockets), and multifd/ the per-page C work."""
+    found = []
+    for layer in ("migrate", "multifd"):
+        for path in sorted((root / layer).rglob("*.py")):
+            if "__pycache__" in path.parts:
+                continue
+            for line, module in _imports(path):
+                top = module.split(".")
+                if top[0] == "socket" or (layer == "migrate" and top[:2] == ["zcmigrate",
+                                                                             "native"]):
+                    found.append(f"{path.relative_to(root)}:{line}: {module}")
+    return found
+
+
+def test_nothing_above_channel_touches_a_socket_or_migrate_the_c_layer() -> None:
+    assert not _reaching_around_channel(ROOT)
+
+
+def test_the_socket_rule_sees_a_violation(tmp_path: Path) -> None:
+    for layer in ("migrate", "multifd"):
+        (tmp_path / layer).mkdir()
+    (tmp_path / "migrate" / "job.py").write_text("from zcmigrate.native import lib\n")
+    (tmp_path / "multifd" / "pool.py").write_text("import socket\nfrom zcmigrate import native\n")
+    assert _reaching_around_channel(tmp_path) == ["migrate/job.py:1: zcmigrate.native",
+                                                  "multifd/pool.py:1: socket"]
