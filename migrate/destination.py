@@ -22,6 +22,7 @@ import structlog
 
 from zcmigrate.channel.errors import AcceptTimeout, ChannelError
 from zcmigrate.channel.zcsocket import Channel, Listener
+from zcmigrate.migrate import faults
 from zcmigrate.migrate.errors import ReceiveCancelled, ReceiveError
 from zcmigrate.migrate.imagefiles import state_path
 from zcmigrate.migrate.incoming import IncomingImage
@@ -228,6 +229,8 @@ class DestinationJob:
         # next iteration never lands before one of this iteration.
         self._pool.sync(timeout=None)
         self._syncs += 1
+        if self._syncs == 1:
+            faults.reached("destination:precopy")
         self._incoming.start_writeback()
         self.status(f"migration {self._uuid[:8]}: iteration {rec.iteration} synced")
 
@@ -249,7 +252,9 @@ class DestinationJob:
         # The table lets the device state in only after END_OF_RAM, whose sync every data
         # channel has passed: it is applied after the final sync (the invariant, point 3).
         self.status(f"migration {self._uuid[:8]}: committing")
+        faults.reached("destination:committing")
         self._incoming.commit(rec.data)
+        faults.reached("destination:committed")
         self._committed = True
         self._main.send(CommitAck())
 

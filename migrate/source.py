@@ -25,6 +25,7 @@ import structlog
 
 from zcmigrate.channel.probe import probe
 from zcmigrate.channel.zcsocket import Channel, connect
+from zcmigrate.migrate import faults
 from zcmigrate.migrate.convergence import Action, Convergence, Iteration
 from zcmigrate.migrate.errors import (
     CommitUncertain,
@@ -300,6 +301,8 @@ class SourceJob:
             self.stats.begin_iteration(iteration, len(offsets) * ps)
             self._send(offsets, rate_limited=True)
             self._sync(iteration)
+            if iteration == 1:
+                faults.reached("source:precopy")
             elapsed = max(time.monotonic() - t0, 1e-6)
             bandwidth = self.stats.end_iteration(len(offsets) * ps, elapsed)
             if guest is None:
@@ -325,6 +328,7 @@ class SourceJob:
                 # Stop the guest; what it dirtied since the last bitmap sync joins the
                 # pages found dirty then.
                 state = self._pause(guest)
+                faults.reached("source:paused")
                 more = array("Q", bytes(8 * nwords))
                 self._fetch_dirty(guest, more)
                 merged = or_words(fresh, more)
@@ -406,6 +410,7 @@ class SourceJob:
             self._check_exiting()
             self._device_sent = True
         self._main.send(DeviceStateRecord(device_state))
+        faults.reached("source:device-sent")
         try:
             self._expect(CommitAck, self.params.commit_timeout, "commit from the destination",
                          abortable=False)
