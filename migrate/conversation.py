@@ -33,6 +33,7 @@ TRANSITIONS: dict[tuple[Phase, RecordType], Phase] = {
     (Phase.HELLO, R.HELLO): Phase.HELLO_ACK,
     (Phase.HELLO_ACK, R.HELLO_ACK): Phase.PRECOPY,
     (Phase.PRECOPY, R.MULTIFD_FLUSH): Phase.PRECOPY,
+    (Phase.PRECOPY, R.KEEPALIVE): Phase.PRECOPY,
     (Phase.PRECOPY, R.WRITEBACK): Phase.WRITEBACK,
     (Phase.WRITEBACK, R.WRITEBACK_DONE): Phase.PRECOPY,
     (Phase.PRECOPY, R.END_OF_RAM): Phase.DEVICE,

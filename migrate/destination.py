@@ -12,6 +12,7 @@ import contextlib
 import hmac
 import os
 import secrets
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,11 +22,11 @@ from typing import TypeVar
 import structlog
 
 from zcmigrate.channel.errors import AcceptTimeout, ChannelError
-from zcmigrate.channel.zcsocket import Channel, Listener
+from zcmigrate.channel.zcsocket import DEFAULT_PEER_TIMEOUT, Channel, Listener
 from zcmigrate.migrate import faults
 from zcmigrate.migrate.errors import ReceiveCancelled, ReceiveError
 from zcmigrate.migrate.imagefiles import state_path
-from zcmigrate.migrate.incoming import IncomingImage
+from zcmigrate.migrate.incoming import IncomingImage, check_destination
 from zcmigrate.migrate.mainchannel import MainChannel
 from zcmigrate.migrate.protocol import (
     NONCE_SIZE,
@@ -37,6 +38,7 @@ from zcmigrate.migrate.protocol import (
     Greeting,
     Hello,
     HelloAck,
+    Keepalive,
     MultifdFlush,
     Record,
     Role,
@@ -51,7 +53,6 @@ from zcmigrate.multifd.wire import InitTracker, ProtocolError, RemoteProtocolErr
 
 log = structlog.get_logger("zcmigrate.destination")
 
-HANDSHAKE_TIMEOUT = 30.0
 
 
 @dataclass
@@ -68,6 +69,9 @@ class ReceiveResult:
     syncs: int
     total_time_ms: float
     per_channel: list[dict[str, int]] = field(default_factory=list)
+    # False when the commit happened but COMMIT_ACK could not be delivered: the source
+    # then keeps its guest paused and must be told by hand (`zcmigrate retire`).
+    acknowledged: bool = True
 
     def to_dict(self) -> dict[str, object]:
         """The layout `send --json` prints (MigrationStats.to_dict, query-migrate's names),
@@ -93,6 +97,7 @@ class ReceiveResult:
             "image": str(self.image),
             "state-file": str(self.state_file),
             "uuid": self.uuid,
+            "acknowledged": self.acknowledged,
         }
 
 
@@ -110,27 +115,43 @@ class DestinationJob:
         auth_key: bytes | None = None,
         accept_timeout: float | None = None,
         status: Callable[[str], None] | None = None,
+        peer_timeout: float = DEFAULT_PEER_TIMEOUT,
+        replace: bool = False,
     ) -> None:
         self.image = Path(image).absolute()
         self.listener = listener
         self.auth_key = auth_key
         self.accept_timeout = accept_timeout
         self.status = status or (lambda s: None)
+        self.peer_timeout = peer_timeout
+        self.replace = replace
         self.exiting = Exiting()
         self._main: MainChannel | None = None
         self._pool: ReceiverPool | None = None
         self._incoming = IncomingImage(self.image)
         self._syncs = 0
         self._committed = False
+        self._committing = False
+        self._acknowledged = True
+        self._state_lock = threading.Lock()
+        self._seen_bytes = -1
+        self._seen_at = 0.0
         self._uuid = ""
         self.log = log.bind(image=str(self.image))
 
-    def cancel(self, reason: str = "stopped") -> None:
-        """Stop waiting and discard (SIGTERM on the receiver)."""
-        self.exiting.set(ReceiveCancelled(f"receive cancelled: {reason}"), "cancel")
+    def cancel(self, reason: str = "stopped") -> bool:
+        """Stop waiting and discard (SIGTERM on the receiver); False once the commit has
+        begun: it then finishes, and is reported as committed (the commit point)."""
+        with self._state_lock:
+            if self._committing:
+                self.log.warning("stop requested during the commit: finishing it first",
+                                 reason=reason)
+                return False
+            self.exiting.set(ReceiveCancelled(f"receive cancelled: {reason}"), "cancel")
         self.listener.shutdown()
         if self._main is not None:
             self._main.shutdown()
+        return True
 
     def run(self) -> ReceiveResult:
         try:
@@ -148,10 +169,26 @@ class DestinationJob:
             err = self.exiting.error
             raise err if err is not None else ReceiveError("stopped")
 
+    def _check_alive(self) -> None:
+        """While the source sends nothing on the main channel (its iterations), its data
+        channels must move: a source that sent no byte for peer-timeout is stopped or cut
+        off, and keepalive alone would not say so while its kernel still answers."""
+        self._check_exiting()
+        assert self._main is not None
+        total = self._main.channel.statistics().bytes_received
+        if self._pool is not None:
+            total += self._pool.statistics().bytes
+        now = time.monotonic()
+        if total != self._seen_bytes:
+            self._seen_bytes, self._seen_at = total, now
+        elif now - self._seen_at > self.peer_timeout:
+            raise ReceiveError(f"the source sent nothing for {self.peer_timeout:g} s "
+                               "(peer-timeout): it stopped or the network cut it off")
+
     def _expect(self, kind: type[R]) -> R:
         """The next record, which the table allows only as `kind` or ERROR here."""
         assert self._main is not None
-        rec = self._main.recv(HANDSHAKE_TIMEOUT, abort=self._check_exiting)
+        rec = self._main.recv(self.peer_timeout, abort=self._check_exiting)
         if isinstance(rec, Error):
             raise ReceiveError(f"source gave up: {rec.message}")
         if not isinstance(rec, kind):  # the table admits nothing else; a bug if it did
@@ -160,7 +197,8 @@ class DestinationJob:
 
     def _run(self) -> ReceiveResult:
         self.status("waiting for a migration")
-        main = MainChannel(self.listener.accept(timeout=self.accept_timeout, name="main"),
+        main = MainChannel(self.listener.accept(timeout=self.accept_timeout, name="main",
+                                                peer_timeout=self.peer_timeout),
                            Role.DESTINATION)
         self._main = main
         t0 = time.monotonic()  # the migration starts when its main channel arrives
@@ -175,6 +213,9 @@ class DestinationJob:
         ctx = hello.context()
         uuid = self._uuid = hello.uuid.hex()
         self.log = self.log.bind(uuid=uuid[:8])
+        # The image may have changed hands since the receiver started (a guest resumed
+        # on the last one committed here): look again before touching anything.
+        check_destination(self.image, replace=self.replace)
         self._incoming.create(ctx.image_size)
         main.send(HelloAck())
         self.status(f"migration {uuid[:8]}: {ctx.image_size >> 20} MiB, {ctx.channels} channels")
@@ -190,6 +231,7 @@ class DestinationJob:
         # record that is out of order, so no handler checks what came before.
         handlers: dict[type[Record], Callable[[Record], None]] = {
             MultifdFlush: self._on_flush,
+            Keepalive: lambda rec: None,  # only to say the source is alive
             Writeback: self._on_writeback,
             EndOfRam: self._on_end_of_ram,
             DeviceStateRecord: self._on_device_state,
@@ -197,7 +239,7 @@ class DestinationJob:
             Error: self._on_error,
         }
         while not self._committed:
-            rec = main.recv(None, abort=self._check_exiting)
+            rec = main.recv(None, abort=self._check_alive)
             handlers[type(rec)](rec)
 
         stats = self._pool.statistics()
@@ -215,6 +257,7 @@ class DestinationJob:
             syncs=self._syncs,
             total_time_ms=(time.monotonic() - t0) * 1000,
             per_channel=per,
+            acknowledged=self._acknowledged,
         )
         self.log.info("committed", normal=result.normal_pages, zero=result.zero_pages,
                       syncs=self._syncs)
@@ -227,7 +270,7 @@ class DestinationJob:
         assert isinstance(rec, MultifdFlush) and self._pool is not None
         # Every data channel must reach this SYNC before any moves past it: a page of the
         # next iteration never lands before one of this iteration.
-        self._pool.sync(timeout=None)
+        self._pool.sync(timeout=self.peer_timeout)
         self._syncs += 1
         if self._syncs == 1:
             faults.reached("destination:precopy")
@@ -244,19 +287,29 @@ class DestinationJob:
     def _on_end_of_ram(self, rec: Record) -> None:
         assert isinstance(rec, EndOfRam) and self._pool is not None
         # The final sync: every channel's last pages are in place once it is through.
-        self._pool.sync(timeout=None)
+        self._pool.sync(timeout=self.peer_timeout)
         self._syncs += 1
 
     def _on_device_state(self, rec: Record) -> None:
         assert isinstance(rec, DeviceStateRecord) and self._main is not None
         # The table lets the device state in only after END_OF_RAM, whose sync every data
         # channel has passed: it is applied after the final sync (the invariant, point 3).
+        with self._state_lock:
+            # Past this point nothing turns the migration into "nothing committed": a
+            # cancel or SIGTERM waits for the commit (ARCHITECTURE.md, invariant 5).
+            self._check_exiting()
+            self._committing = True
         self.status(f"migration {self._uuid[:8]}: committing")
         faults.reached("destination:committing")
         self._incoming.commit(rec.data)
         faults.reached("destination:committed")
         self._committed = True
-        self._main.send(CommitAck())
+        try:
+            self._main.send(CommitAck())
+        except (ChannelError, OSError) as e:
+            self._acknowledged = False
+            self.log.error("committed, but the acknowledgement could not be delivered",
+                           error=str(e))
 
     def _on_cancel(self, rec: Record) -> None:
         raise ReceiveCancelled("the source cancelled the migration")
@@ -268,14 +321,14 @@ class DestinationJob:
     def _accept_data_channels(self, tracker: InitTracker, n: int) -> list[Channel]:
         """The N data channels of this migration, by id; strangers are turned away."""
         got: dict[int, Channel] = {}
-        deadline = time.monotonic() + HANDSHAKE_TIMEOUT
+        deadline = time.monotonic() + self.peer_timeout
         try:
             while not tracker.complete:
                 left = deadline - time.monotonic()
                 if left <= 0 or self.exiting.is_set():
                     raise ReceiveError(
                         f"only {len(got)} of {n} data channels connected within "
-                        f"{HANDSHAKE_TIMEOUT:g} s"
+                        f"{self.peer_timeout:g} s"
                     )
                 if self._main is not None and self._main.peer_closed():
                     # The source is gone: no more of its channels will come.
@@ -284,7 +337,8 @@ class DestinationJob:
                         "channels connected"
                     )
                 try:
-                    ch = self.listener.accept(timeout=min(left, 0.25), name="multifd?")
+                    ch = self.listener.accept(timeout=min(left, 0.25), name="multifd?",
+                                              peer_timeout=self.peer_timeout)
                 except AcceptTimeout:
                     continue  # look at the main channel again, then wait on
                 try:

@@ -8,6 +8,7 @@ fsyncs that makes a commit survive a power cut lives here. It knows no sockets o
 from __future__ import annotations
 
 import contextlib
+import errno
 import mmap
 import os
 import threading
@@ -15,7 +16,78 @@ from pathlib import Path
 
 from zcmigrate.migrate.durable import fsync_dir, write_atomic
 from zcmigrate.migrate.errors import ReceiveError
-from zcmigrate.migrate.imagefiles import incoming_path, state_path
+from zcmigrate.migrate.guest import GuestControl, GuestError
+from zcmigrate.migrate.imagefiles import incoming_path, lock_path, state_path
+from zcmigrate.migrate.imagelock import ImageLock
+from zcmigrate.migrate.units import format_size
+
+# File systems where reserving space means allocating and zeroing every page up front:
+# there the receiver checks the free space instead, and reports ENOSPC if it runs out.
+_NO_CHEAP_RESERVATION = frozenset({"tmpfs", "hugetlbfs", "ramfs"})
+
+
+def _guest_on(image: Path) -> int | None:
+    """The pid of a guest running on `image`, or None."""
+    try:
+        with GuestControl.open(image) as g:
+            return g.pid
+    except GuestError:
+        return None
+
+
+def check_destination(image: Path, *, replace: bool) -> None:
+    """Refuse a destination that must not be overwritten: one a running guest holds (a
+    receiver that replaced it would leave that guest writing to a deleted file: two
+    copies), or any existing image unless `replace`."""
+    pid = _guest_on(image)
+    if pid is not None:
+        raise ReceiveError(f"a guest (pid {pid}) runs on {image}: stop it before receiving "
+                           "into it; --replace does not override this")
+    if (image.exists() or image.is_symlink()) and not replace:
+        raise ReceiveError(f"{image} exists: pass --replace to overwrite it with the "
+                           "migration (the old image and its state go only at the commit)")
+
+
+def claim_destination(image: Path, *, replace: bool) -> ImageLock:
+    """Before a receiver says it is ready: its directory exists and is writable, no other
+    receiver or migration owns IMAGE (the lock, held until released), and IMAGE may be
+    written (check_destination)."""
+    parent = image.parent
+    if not parent.is_dir():
+        raise ReceiveError(f"the destination directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK) or os.statvfs(parent).f_flag & os.ST_RDONLY:
+        raise ReceiveError(f"the destination directory {parent} is not writable")
+    lock = ImageLock(lock_path(image), f"cannot receive into {image}")
+    try:
+        check_destination(image, replace=replace)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def filesystem_type(fd: int) -> str:
+    """The type of the file system holding `fd` ("tmpfs", "ext4", ...) from
+    /proc/self/mountinfo, or "" when no mount matches its device."""
+    dev = os.fstat(fd).st_dev
+    want = f"{os.major(dev)}:{os.minor(dev)}"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/mountinfo").read_text().splitlines():
+            fields = line.split()
+            if len(fields) > 2 and fields[2] == want and " - " in line:
+                return line.split(" - ", 1)[1].split()[0]
+    return ""
+
+
+def no_space(path: Path, needed: int) -> ReceiveError:
+    """The error for a destination without room, with what is needed and what is free."""
+    try:
+        st = os.statvfs(path.parent)
+        free = format_size(st.f_bavail * st.f_frsize)
+    except OSError:
+        free = "unknown"
+    return ReceiveError(f"no space left on the destination: {path.name} needs "
+                        f"{format_size(needed)}, {path.parent} has {free} free")
 
 
 class IncomingImage:
@@ -51,9 +123,29 @@ class IncomingImage:
         try:
             # A sparse file reads as zero: pages sent as zero need no write at all.
             os.ftruncate(fd, size)
+            self._reserve(fd, size)
             self._map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except OSError as e:
+            if e.errno == errno.ENOSPC:
+                raise no_space(self.path, size) from e
             raise ReceiveError(f"cannot size {self.path} to {size} bytes: {e.strerror}") from e
+
+    def _reserve(self, fd: int, size: int) -> None:
+        """The image's space, now, so that a full disk is found before the first page
+        rather than half-way (or as a SIGBUS on a mapped page)."""
+        if filesystem_type(fd) in _NO_CHEAP_RESERVATION:
+            # fallocate would allocate and zero every page here: check instead; a page
+            # that does not fit later fails its write with ENOSPC, reported as such.
+            st = os.fstatvfs(fd)
+            if st.f_bavail * st.f_frsize < size:
+                raise no_space(self.path, size)
+            return
+        try:
+            os.posix_fallocate(fd, 0, size)
+        except OSError as e:
+            if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+                return  # no fallocate here: the writes find out
+            raise
 
     def start_writeback(self) -> None:
         """Write received pages back in the background, so the commit's fsync has little
@@ -84,13 +176,16 @@ class IncomingImage:
         self.mapping.flush()
         os.fsync(self._fd)
         # No window where a new image sits beside an old state: the old state goes
-        # first, so a crash in between leaves an image without a state (uncommitted).
+        # first, and its removal reaches the disk before the rename, so a crash in
+        # between leaves an image without a state (uncommitted), never a new image with
+        # the old state (which the oracle would accept for the wrong guest).
         with contextlib.suppress(FileNotFoundError):
             self.state_file.unlink()
+            fsync_dir(self.image.parent)
         os.replace(self.path, self.image)
         self._created = False
         fsync_dir(self.image.parent)
-        write_atomic(self.state_file, device_state)
+        write_atomic(self.state_file, device_state, mode=0o600)
 
     def close(self) -> None:
         """Release the file; discard it if it was not committed (what was received is

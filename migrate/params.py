@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from zcmigrate.channel.zcsocket import DEFAULT_PEER_TIMEOUT as DEFAULT_PEER_TIMEOUT
 from zcmigrate.migrate.errors import ParameterError
 from zcmigrate.migrate.memlock import DEFAULT_PAGES_PER_PACKET
 from zcmigrate.multifd.wire import MAX_CHANNELS, MAX_PAGES_ALLOC
@@ -15,6 +16,10 @@ from zcmigrate.multifd.wire import MAX_CHANNELS, MAX_PAGES_ALLOC
 DEFAULT_CHANNELS = 2
 DEFAULT_DOWNTIME_LIMIT_MS = 300  # QEMU's default
 DEFAULT_MAX_ITERATIONS = 30
+# Below 3 s keepalive probes would be sent every second and a busy host would look dead;
+# above an hour nobody would call it detecting a dead peer.
+MIN_PEER_TIMEOUT = 3.0
+MAX_PEER_TIMEOUT = 3600.0
 
 
 @dataclass(slots=True)
@@ -31,6 +36,9 @@ class MigrationParameters:
     timeout: float = 0.0  # seconds for the whole precopy phase; 0 = no limit
     in_flight_cap: int | None = None  # zero-copy bytes in flight per channel; None = automatic
     commit_timeout: float = 60.0  # seconds to wait for the destination's commit
+    # Seconds within which a dead or silent peer is found: TCP keepalive and user
+    # timeout, and the deadline of every wait for the other end.
+    peer_timeout: float = DEFAULT_PEER_TIMEOUT
 
     def __post_init__(self) -> None:
         self.check()
@@ -50,6 +58,9 @@ class MigrationParameters:
             raise ParameterError("max-iterations must be at least 1")
         if self.timeout < 0 or self.commit_timeout <= 0:
             raise ParameterError("timeouts must be positive (timeout 0 means none)")
+        if not MIN_PEER_TIMEOUT <= self.peer_timeout <= MAX_PEER_TIMEOUT:
+            raise ParameterError(f"peer-timeout must be {MIN_PEER_TIMEOUT:g}.."
+                                 f"{MAX_PEER_TIMEOUT:g} seconds, not {self.peer_timeout:g}")
         if self.in_flight_cap is not None and self.in_flight_cap <= 0:
             raise ParameterError("in-flight cap must be a positive number of bytes")
 

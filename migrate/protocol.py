@@ -45,6 +45,7 @@ class RecordType(enum.IntEnum):
     CANCEL = 9  # src -> dst: the user cancelled; discard everything
     WRITEBACK = 10  # src -> dst: make what you have durable now; the guest still runs
     WRITEBACK_DONE = 11  # dst -> src: done; the commit has only the last pages left
+    KEEPALIVE = 12  # src -> dst: still here, while no page moves (max-bandwidth pacing)
 
 
 class Role(enum.Enum):
@@ -380,10 +381,19 @@ class WritebackDone(Record):
     SENDERS: ClassVar[frozenset[Role]] = frozenset({Role.DESTINATION})
 
 
+@dataclass(frozen=True, slots=True)
+class Keepalive(Record):
+    """Sent when the source has had nothing to send for a while (a low max-bandwidth), so
+    that the destination's deadline measures a dead source, not a patient one."""
+
+    TYPE: ClassVar[RecordType] = RecordType.KEEPALIVE
+    SENDERS: ClassVar[frozenset[Role]] = frozenset({Role.SOURCE})
+
+
 RECORDS: dict[RecordType, type[Record]] = {
     cls.TYPE: cls
     for cls in (Greeting, Hello, HelloAck, MultifdFlush, EndOfRam, DeviceStateRecord,
-                CommitAck, Error, Cancel, Writeback, WritebackDone)
+                CommitAck, Error, Cancel, Writeback, WritebackDone, Keepalive)
 }
 if set(RECORDS) != set(RecordType):
     raise ImportError("migrate.protocol: a record type has no class")

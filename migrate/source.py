@@ -34,6 +34,8 @@ from zcmigrate.migrate.errors import (
     NotConverging,
 )
 from zcmigrate.migrate.guest import DeviceState, GuestControl, GuestError, control_path
+from zcmigrate.migrate.imagefiles import lock_path
+from zcmigrate.migrate.imagelock import ImageLock
 from zcmigrate.migrate.mainchannel import MainChannel, MainChannelTimeout
 from zcmigrate.migrate.memlock import automatic_in_flight_cap
 from zcmigrate.migrate.params import MigrationParameters
@@ -46,6 +48,7 @@ from zcmigrate.migrate.protocol import (
     Greeting,
     Hello,
     HelloAck,
+    Keepalive,
     MultifdFlush,
     Record,
     RecordType,
@@ -67,7 +70,8 @@ log = structlog.get_logger("zcmigrate.source")
 # checking for a cancel. 8 MiB of 4 KiB pages.
 CHUNK_PAGES = 2048
 STATIC_DEVICE_STATE = b'{"kind":"static-image","version":1}'
-HANDSHAKE_TIMEOUT = 30.0
+# After this many seconds of pacing with nothing to send, say we are still here.
+_KEEPALIVE_SHARE = 1 / 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +110,9 @@ class SourceJob:
         self.stats = StatsBuilder(self.sm)
         self._cancel_reason: str | None = None
         self._device_sent = False
+        self._lock_file: ImageLock | None = None
+        self._watchdog: threading.Timer | None = None
+        self._last_sent = time.monotonic()
         self._paused = False
         self._guest: GuestControl | None = None
         self._pool: SenderPool | None = None
@@ -165,6 +172,9 @@ class SourceJob:
     # --------------------------------------------------------------- setup
 
     def _setup(self) -> None:
+        # One migration per image: a second `send` of it (or a receive into it) would
+        # clear the same dirty bitmap and pause the same guest.
+        self._lock_file = ImageLock(lock_path(self.image), f"cannot migrate {self.image}")
         self._open_image()
         assert self._map is not None
         ctl = control_path(self.image)
@@ -194,21 +204,23 @@ class SourceJob:
         ctx = hello.context()
         cap = self._in_flight_cap()
 
-        main = MainChannel(connect(self.dest.host, self.dest.port, name="main"), Role.SOURCE)
+        peer_timeout = self.params.peer_timeout
+        main = MainChannel(connect(self.dest.host, self.dest.port, name="main",
+                                   peer_timeout=peer_timeout), Role.SOURCE)
         self._main = main
-        greeting = self._expect(Greeting, HANDSHAKE_TIMEOUT, "the destination's greeting")
+        greeting = self._expect(Greeting, peer_timeout, "the destination's greeting")
         if self.auth_key is not None:
             hello = dataclasses.replace(
                 hello, auth=auth_mac(self.auth_key, greeting.nonce, self.uuid))
         main.send(hello)
-        self._expect(HelloAck, HANDSHAKE_TIMEOUT, "the answer to HELLO")
+        self._expect(HelloAck, peer_timeout, "the answer to HELLO")
 
         chans: list[Channel] = []
         try:
             for i in range(channels):
                 ch = connect(self.dest.host, self.dest.port,
                              zero_copy=self.params.multifd_zerocopy, in_flight_cap=cap,
-                             name=f"multifd{i}")
+                             name=f"multifd{i}", peer_timeout=peer_timeout)
                 chans.append(ch)
                 if self.params.multifd_zerocopy and not ch.supports_zero_copy:
                     raise MigrationError(ch.zero_copy_refusal)
@@ -366,18 +378,30 @@ class SourceJob:
             self._pool.send_pages(chunk)
             queued += len(chunk) * ps
             self.stats.queued(len(chunk) * ps)
+            self._last_sent = time.monotonic()
             while rate_limited and (ahead := pacing.delay(queued)) > 0:
                 # Short naps: a cancel or a changed limit takes effect within 0.1 s.
                 if self.exiting.wait(min(ahead, 0.1)):
                     self._check_exiting()
+                self._keepalive()
             self._report()
+
+    def _keepalive(self) -> None:
+        """While max-bandwidth holds pages back, tell the destination we are alive before
+        its deadline would call us dead."""
+        assert self._main is not None
+        if time.monotonic() - self._last_sent >= self.params.peer_timeout * _KEEPALIVE_SHARE:
+            self._main.send(Keepalive())
+            self._last_sent = time.monotonic()
 
     def _sync(self, iteration: int, *, final: bool = False) -> None:
         assert self._pool is not None and self._main is not None
         # Every channel sends SYNC after this iteration's pages and flushes its zero-copy
         # sends, so no page of the next iteration can overtake one of this iteration on
         # the destination (the invariant, point 2). Only then the main channel moves on.
-        res = self._pool.sync()
+        # A sync moves at most the queued packets: a peer that cannot take them within
+        # peer-timeout is stalled or gone (the sockets' own user timeout says the same).
+        res = self._pool.sync(timeout=self.params.peer_timeout)
         self.stats.synced(res.copied_channels)
         self._main.send(EndOfRam(iteration) if final else MultifdFlush(iteration))
 
@@ -387,8 +411,28 @@ class SourceJob:
         self._paused = True
         self.stats.paused()
         self.sm.fire(Event.CONVERGED)
-        self.log.info("guest paused", position=state.position, value=state.value)
+        # The pause has an upper bound: if the last pages and the device state cannot leave
+        # within it (a blackholed link, a stalled destination), the guest runs again here
+        # rather than wait for TCP to give up.
+        bound = self.params.downtime_limit / 1000 + self.params.peer_timeout
+        self._watchdog = threading.Timer(bound, self._pause_expired, args=(bound,))
+        self._watchdog.daemon = True
+        self._watchdog.start()
+        self.log.info("guest paused", position=state.position, value=state.value,
+                      pause_bound_s=round(bound, 3))
         return state
+
+    def _pause_expired(self, bound: float) -> None:
+        with self._lock:
+            if self._device_sent:
+                return  # too late: the destination may own the guest now
+            err = MigrationError(
+                f"the stop-and-copy did not finish within {bound:g} s (downtime-limit "
+                f"{self.params.downtime_limit} ms + peer-timeout {self.params.peer_timeout:g} "
+                "s): the destination is not taking the last pages; giving up"
+            )
+        self.log.error("pause bound reached", bound_s=round(bound, 3))
+        self.exiting.set(err, "pause bound")
 
     def _report(self) -> None:
         if self.on_iteration is not None:
@@ -444,9 +488,11 @@ class SourceJob:
                 "have committed"
             )
         if isinstance(err, CommitUncertain):
-            msg = (f"{err}. The guest stays paused here: check the destination "
-                   f"(`zcmigrate guest --check IMAGE`); if it has no committed state, resume "
-                   "this guest.")
+            img = self.image
+            msg = (f"{err}. The guest stays paused here: the destination may already run it. "
+                   "On the destination, `zcmigrate guest --check DEST_IMAGE` says whether it "
+                   f"committed. If it did not: `zcmigrate resume {img}` resumes the guest "
+                   f"here. If it did: `zcmigrate retire {img}` retires this copy.")
             err = CommitUncertain(msg)
         elif self._guest is not None and self._paused:
             try:
@@ -468,6 +514,8 @@ class SourceJob:
         return err
 
     def _cleanup(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         if self._pool is not None:
             self._pool.close()
         if self._main is not None:
@@ -477,6 +525,8 @@ class SourceJob:
         if self._map is not None:
             with contextlib.suppress(BufferError):
                 self._map.close()
+        if self._lock_file is not None:
+            self._lock_file.release()
 
 
 

@@ -19,6 +19,7 @@ from zcmigrate.migrate.protocol import (
     Greeting,
     Hello,
     HelloAck,
+    Keepalive,
     MultifdFlush,
     Record,
     RecordType,
@@ -33,7 +34,8 @@ HELLO = Hello(uuid=bytes(16), channels=2, page_size=4096, image_size=1 << 20,
               zero_page_detection=True)
 # A whole live migration as the main channel carries it, in order.
 MIGRATION: list[Record] = [
-    Greeting(bytes(32)), HELLO, HelloAck(), MultifdFlush(1), MultifdFlush(2), Writeback(),
+    Greeting(bytes(32)), HELLO, HelloAck(), MultifdFlush(1), Keepalive(), MultifdFlush(2),
+    Writeback(),
     WritebackDone(), EndOfRam(3), DeviceStateRecord(b"{}"), CommitAck(),
 ]
 
@@ -82,7 +84,7 @@ def test_a_record_from_the_wrong_end_is_refused_whatever_the_phase() -> None:
         dst.send(Cancel())
 
 
-@pytest.mark.parametrize("upto", range(0, 8))
+@pytest.mark.parametrize("upto", range(0, 9))
 def test_either_end_may_give_up_before_the_commit(upto: int) -> None:
     src, dst = _pair()
     _play(src, dst, MIGRATION[:upto])
@@ -96,7 +98,7 @@ def test_once_the_device_state_left_nothing_may_say_nothing_was_committed() -> N
     """The commit point (ARCHITECTURE.md, invariant 5): after DEVICE_STATE neither end
     may send ERROR or CANCEL, and neither accepts one."""
     src, dst = _pair()
-    _play(src, dst, MIGRATION[:9])
+    _play(src, dst, MIGRATION[:10])
     assert src.phase is dst.phase is Phase.COMMIT
     for end, rtype in itertools.product((src, dst), (RecordType.ERROR, RecordType.CANCEL)):
         assert not end.may_send(rtype)
@@ -109,7 +111,7 @@ def test_once_the_device_state_left_nothing_may_say_nothing_was_committed() -> N
 
 
 def test_nothing_follows_the_end() -> None:
-    for ending in ([*MIGRATION], [*MIGRATION[:4], Cancel()]):
+    for ending in ([*MIGRATION], [*MIGRATION[:5], Cancel()]):
         src, dst = _pair()
         _play(src, dst, ending)
         assert dst.finished

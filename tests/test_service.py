@@ -79,6 +79,7 @@ def test_service_readiness_two_migrations_status_and_clean_stop(tmp_path: Path) 
         f"ZCMIGRATE_IMAGE={image}\n"
         "ZCMIGRATE_MULTIFD_CHANNELS=2\n"
         "ZCMIGRATE_MULTIFD_ZEROCOPY=on\n"
+        "ZCMIGRATE_REPLACE=yes\n"
     )
     notify = Notifications(tmp_path / "notify.sock")
     env = {**os.environ, **read_env_file(env_file), "NOTIFY_SOCKET": str(tmp_path / "notify.sock")}

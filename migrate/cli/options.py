@@ -18,6 +18,9 @@ from zcmigrate.migrate.params import (
     DEFAULT_CHANNELS,
     DEFAULT_DOWNTIME_LIMIT_MS,
     DEFAULT_MAX_ITERATIONS,
+    DEFAULT_PEER_TIMEOUT,
+    MAX_PEER_TIMEOUT,
+    MIN_PEER_TIMEOUT,
     MigrationParameters,
 )
 
@@ -31,14 +34,17 @@ Exit codes:
   4  cancelled (Ctrl-C or SIGTERM, or `zcmigrate cancel`)
   5  cannot converge (dirty rate too high for max-bandwidth and downtime-limit)
   6  outcome unknown: the device state left but no commit came back; the guest
-     stays paused at the source (see the message)"""
+     stays paused at the source: `zcmigrate resume IMAGE` if the destination did
+     not commit, `zcmigrate retire IMAGE` if it did (see the message)"""
 
 RECEIVE_EXIT_CODES = """\b
 Exit codes:
   0  committed (with --serve: stopped cleanly by SIGTERM)
   1  the migration failed; nothing was committed
   2  usage error
-  4  cancelled by the source, or SIGTERM while receiving"""
+  4  cancelled by the source, or SIGTERM while receiving; nothing was committed
+  7  committed, but the acknowledgement could not be delivered: the source
+     keeps its guest paused; retire it there (`zcmigrate retire IMAGE`)"""
 
 
 def parse_hostport(text: str) -> tuple[str, int]:
@@ -80,6 +86,16 @@ def json_option(help_text: str) -> Callable[[F], F]:
                         show_envvar=True, help=help_text)
 
 
+PEER_TIMEOUT = click.option(
+    "--peer-timeout", type=click.FloatRange(MIN_PEER_TIMEOUT, MAX_PEER_TIMEOUT),
+    default=DEFAULT_PEER_TIMEOUT, show_default=True, envvar="ZCMIGRATE_PEER_TIMEOUT",
+    show_envvar=True,
+    help="Seconds within which a dead or silent peer is found (TCP keepalive and user "
+    "timeout, and a deadline on every wait for the other end). The guest's pause lasts at "
+    "most downtime-limit plus this before the source gives up and resumes it.",
+)
+
+
 def migration_options(f: Callable[..., Any]) -> Callable[..., Any]:
     """The parameters of a migration, as QEMU names them (`send` and `demo`)."""
     opts = [
@@ -111,6 +127,7 @@ def migration_options(f: Callable[..., Any]) -> Callable[..., Any]:
                      envvar="ZCMIGRATE_IN_FLIGHT_CAP", show_envvar=True,
                      help="Zero-copy bytes in flight per channel [default: automatic, "
                      "inside RLIMIT_MEMLOCK unless CAP_IPC_LOCK is held]."),
+        PEER_TIMEOUT,
     ]
     for o in reversed(opts):
         f = o(f)
@@ -129,6 +146,7 @@ def params_from(kw: dict[str, Any]) -> MigrationParameters:
             max_iterations=kw["max_iterations"],
             timeout=kw["timeout"],
             in_flight_cap=kw["in_flight_cap"],
+            peer_timeout=kw["peer_timeout"],
         )
     except ParameterError as e:
         raise click.UsageError(str(e)) from e

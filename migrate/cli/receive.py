@@ -15,6 +15,7 @@ from pathlib import Path
 
 import click
 
+from zcmigrate import ZcmigrateError
 from zcmigrate.channel import sdnotify
 from zcmigrate.channel.errors import ChannelError
 from zcmigrate.channel.zcsocket import Listener, format_hostport
@@ -22,13 +23,15 @@ from zcmigrate.migrate.cli import logs
 from zcmigrate.migrate.cli.options import (
     AUTH_KEY,
     LOG_FORMAT,
+    PEER_TIMEOUT,
     RECEIVE_EXIT_CODES,
     json_option,
     parse_hostport,
     read_key,
 )
 from zcmigrate.migrate.destination import DestinationJob
-from zcmigrate.migrate.errors import ReceiveError
+from zcmigrate.migrate.errors import EXIT_COMMITTED_UNACKNOWLEDGED, ReceiveError
+from zcmigrate.migrate.incoming import claim_destination
 
 
 @click.command("receive", epilog=RECEIVE_EXIT_CODES)
@@ -42,11 +45,15 @@ from zcmigrate.migrate.errors import ReceiveError
 @click.option("--accept-timeout", type=click.FloatRange(0), default=0.0, show_default=True,
               envvar="ZCMIGRATE_ACCEPT_TIMEOUT", show_envvar=True,
               help="Seconds to wait for a source; 0 = forever.")
+@click.option("--replace", is_flag=True, envvar="ZCMIGRATE_REPLACE", show_envvar=True,
+              help="Overwrite an existing IMAGE at the commit (never one a guest runs on).")
+@PEER_TIMEOUT
 @AUTH_KEY
 @json_option("Print the result as JSON.")
 @LOG_FORMAT
 def receive_command(image: Path, listen: str, serve: bool, accept_timeout: float,
-                    auth_key_file: Path | None, as_json: bool, log_format: str) -> None:
+                    replace: bool, peer_timeout: float, auth_key_file: Path | None,
+                    as_json: bool, log_format: str) -> None:
     """Receive a migration into IMAGE.
 
     Pages land in IMAGE.incoming; IMAGE and its device state IMAGE.state are replaced
@@ -56,10 +63,18 @@ def receive_command(image: Path, listen: str, serve: bool, accept_timeout: float
     logs.configure(log_format)
     host, port = parse_hostport(listen)
     key = read_key(auth_key_file)
+    image = image.absolute()
+    try:
+        # Everything that can be known before a source connects is checked before we
+        # say we are ready: the directory, another receiver on IMAGE, IMAGE itself.
+        claim = claim_destination(image, replace=replace)
+    except ZcmigrateError as e:
+        raise click.ClickException(str(e)) from e
     try:
         socks = sdnotify.listen_fds()
         listener = Listener.from_socket(socks[0]) if socks else Listener(host, port)
     except ChannelError as e:
+        claim.release()
         raise click.ClickException(str(e)) from e
     click.echo(f"listening: {format_hostport(*listener.address)}")
     sys.stdout.flush()
@@ -81,7 +96,7 @@ def receive_command(image: Path, listen: str, serve: bool, accept_timeout: float
         while not stopping.is_set():
             job = DestinationJob(
                 image, listener, auth_key=key, accept_timeout=accept_timeout or None,
-                status=_status_line,
+                status=_status_line, peer_timeout=peer_timeout, replace=replace,
             )
             current[:] = [job]
             try:
@@ -101,10 +116,21 @@ def receive_command(image: Path, listen: str, serve: bool, accept_timeout: float
                            f"{result.zero_pages} zero pages, {result.syncs} syncs); "
                            f"resume with: zcmigrate guest {result.image} --resume")
             sys.stdout.flush()
+            code = 0
+            if not result.acknowledged:
+                click.echo(f"zcmigrate: {result.image} is committed, but the source did not "
+                           "get the acknowledgement: its guest stays paused there; retire it "
+                           "on the source with `zcmigrate retire SOURCE_IMAGE`", err=True)
+                code = EXIT_COMMITTED_UNACKNOWLEDGED
             if not serve:
                 break
+        if serve and stopping.is_set() and code != EXIT_COMMITTED_UNACKNOWLEDGED:
+            # Stopped by SIGTERM between or during migrations, nothing left half-done:
+            # a clean stop, whatever happened to earlier migrations (systemctl stop).
+            code = 0
     finally:
         listener.close()
+        claim.release()
     sys.exit(code)
 
 
