@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import select
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -25,6 +26,7 @@ from zcmigrate.migrate.cli.options import json_option, migration_options, params
 from zcmigrate.migrate.cli.progress import ProgressDisplay
 from zcmigrate.migrate.cli.send import run_source
 from zcmigrate.migrate.guest import check_oracle, read_device_state
+from zcmigrate.migrate.imagefiles import GUEST_SUFFIX, INCOMING_SUFFIX, LOCK_SUFFIX, STATE_SUFFIX
 from zcmigrate.migrate.source import Destination, SourceJob
 from zcmigrate.migrate.units import format_rate, format_size, parse_bandwidth, parse_size
 
@@ -105,6 +107,9 @@ class Child:
         return code
 
 
+SUFFIXES = (GUEST_SUFFIX, STATE_SUFFIX, INCOMING_SUFFIX, LOCK_SUFFIX)
+
+
 @click.command("demo")
 @click.option("--size", default="256M", show_default=True, envvar="ZCMIGRATE_DEMO_SIZE",
               show_envvar=True, help="Guest image size.")
@@ -125,17 +130,19 @@ def demo_command(size: str, dirty_rate: str, workdir: Path | None, as_json: bool
     logs.configure("console" if sys.stderr.isatty() else "json", level="warning")
     nbytes, rate = parse_size(size), parse_bandwidth(dirty_rate)
     params = params_from(kw)
+    ours = workdir is None  # a directory we made is ours to remove
     base = (workdir or Path(tempfile.mkdtemp(prefix="zcmigrate-demo-"))).resolve()
     base.mkdir(parents=True, exist_ok=True)
     src, dst = base / "source.img", base / "destination.img"
     for p in (src, dst):
-        for suffix in ("", ".guest", ".state", ".incoming"):
+        for suffix in ("", *SUFFIXES):
             Path(str(p) + suffix).unlink(missing_ok=True)
     say = click.echo
     say(f"demo: {format_size(nbytes)} guest dirtying {format_rate(rate)}, "
         f"{params.multifd_channels} channels, multifd-zerocopy "
         f"{'on' if params.multifd_zerocopy else 'off'}, in {base}")
     children: list[Child] = []
+    ok = False
     try:
         guest = Child(["guest", str(src), "--size", str(nbytes), "--dirty-rate", str(rate),
                        "--fill", "half"], base)
@@ -164,6 +171,20 @@ def demo_command(size: str, dirty_rate: str, workdir: Path | None, as_json: bool
         resumed.stop()
         info = json.loads(out[out.index("{"):]) if "{" in out else {}
         say(f"destination: committed {info.get('image', dst)}; the guest ran on there.")
+        ok = True
     finally:
         for child in children:
             child.stop()
+        _tidy(base, remove=ours and ok, failed=not ok)
+
+
+def _tidy(base: Path, *, remove: bool, failed: bool) -> None:
+    """Remove the demo's directory, or say what it left and where: a failed run's files
+    are kept for a look, and a --dir is the user's."""
+    if remove:
+        shutil.rmtree(base, ignore_errors=True)
+        click.echo(f"demo: removed {base}")
+        return
+    size = sum(p.stat().st_blocks * 512 for p in base.iterdir() if p.is_file())
+    click.echo(f"demo: left {base} ({format_size(size)} on disk); remove it with "
+               f"`rm -r {base}`", err=failed)
