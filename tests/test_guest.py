@@ -6,8 +6,6 @@ from __future__ import annotations
 import contextlib
 import json
 import mmap
-import os
-import selectors
 import signal
 import subprocess
 import sys
@@ -21,6 +19,7 @@ from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.child_output import DIE_WITH_PARENT, ChildOutput
 from zcmigrate import native
 from zcmigrate.migrate.guest import (
     CONTROL_FIELDS,
@@ -61,33 +60,19 @@ def guest_process(image: Path, *args: str) -> Iterator[tuple[subprocess.Popen[by
     Yields the process and everything it printed up to that line.
     """
     proc = subprocess.Popen(
-        [sys.executable, "-m", "zcmigrate", "guest", str(image), *args],
+        [*DIE_WITH_PARENT, sys.executable, "-m", "zcmigrate", "guest", str(image), *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
     try:
-        assert proc.stdout is not None
-        out = b""
-        deadline = time.monotonic() + WAIT_S
-        with selectors.DefaultSelector() as sel:
-            sel.register(proc.stdout, selectors.EVENT_READ)
-            while b"guest running:" not in out or not out.endswith(b"\n"):
-                left = deadline - time.monotonic()
-                if left <= 0 or not sel.select(left):
-                    raise AssertionError(f"guest did not start; printed {out!r}")
-                chunk = os.read(proc.stdout.fileno(), 4096)
-                if not chunk:
-                    err = proc.stderr.read() if proc.stderr else b""
-                    raise AssertionError(f"guest exited early: {out!r} {err!r}")
-                out += chunk
-        yield proc, out.decode()
+        lines = ChildOutput(proc).wait_for(
+            "stdout", lambda line: line.startswith("guest running:"), "its 'guest running:' line",
+            WAIT_S)
+        yield proc, "".join(f"{line}\n" for line in lines)
     finally:
         if proc.poll() is None:
             proc.kill()
         proc.wait(timeout=WAIT_S)
-        for f in (proc.stdout, proc.stderr):
-            if f is not None:
-                f.close()
 
 
 @contextlib.contextmanager
