@@ -8,8 +8,16 @@ import threading
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from zcmigrate.channel.zcsocket import Channel, Listener, connect
+
+# Hypothesis times each example against a 200 ms deadline and its data generation against
+# the too_slow health check: a loaded 2-core machine can break either, and no test here is
+# about speed. A test's own @settings still applies on top of this profile.
+settings.register_profile("zcmigrate", deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("zcmigrate")
 
 
 def tcp_pair(
