@@ -55,7 +55,7 @@ class ChildOutput:
 
     def __init__(self, proc: subprocess.Popen[Any]) -> None:
         if proc in ChildOutput._of:
-            raise RuntimeError(f"{proc.args}: its output is already being read")
+            raise RuntimeError(f"{self.command_of(proc)}: its output is already being read")
         ChildOutput._of[proc] = self
         self.proc = proc
         self._cond = threading.Condition()
@@ -169,9 +169,13 @@ class ChildOutput:
     # ------------------------------------------------------------------ messages
 
     def command(self) -> str:
-        args = self.proc.args
-        shown = " ".join(map(str, args)) if isinstance(args, list | tuple) else str(args)
-        return f"child {self.proc.pid} ({shown})"
+        return self.command_of(self.proc)
+
+    @staticmethod
+    def command_of(proc: subprocess.Popen[Any]) -> str:
+        args = proc.args
+        shown = " ".join(map(str, args)) if isinstance(args, list | tuple) else repr(args)
+        return f"child {proc.pid} ({shown})"
 
     def status(self) -> str:
         code = self.proc.poll()
