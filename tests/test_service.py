@@ -121,6 +121,11 @@ def test_service_readiness_two_migrations_status_and_clean_stop(tmp_path: Path) 
         assert sum("committed" in s for s in statuses) >= 2, statuses
         assert svc.poll() is None, "the service stopped after a migration"
 
+        # SIGTERM must wake a service waiting for the next migration: first see it there
+        # (each job says so before it accepts), so the signal cannot land mid-migration.
+        notify.wait_until(
+            lambda lines: lines.count("STATUS=waiting for a migration") >= 3,
+            "a third STATUS=waiting for a migration")
         svc.send_signal(signal.SIGTERM)
         notify.wait_for("STOPPING=1")
         code, _, err = output.wait_exit(15)
