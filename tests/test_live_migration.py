@@ -20,11 +20,10 @@ from tests.migration_procs import (
 
 # Downtime runs from the pause to the destination's commit: the last pages, the final
 # sync, and fsyncs of the last iteration's pages and of the state file on whatever disk
-# tmp_path is (WRITEBACK made the rest durable before the pause). The decision to pause is
-# checked exactly (expected downtime within the limit); the measured downtime gets room for
-# those fsyncs and a loaded machine: 781 ms was measured for a 300 ms limit while another
-# suite shared the 2 cores, so 400 ms of room failed there, for no fault of the code.
-DOWNTIME_TOLERANCE_MS = 1000
+# tmp_path is (WRITEBACK made the rest durable before the pause). The tolerance covers
+# those fsyncs and a loaded 2-core machine. The decision to pause is checked on its own,
+# exactly: the expected downtime fit the limit.
+DOWNTIME_TOLERANCE_MS = 400
 
 
 def oracle(image: Path) -> subprocess.CompletedProcess[str]:
@@ -68,7 +67,8 @@ def test_live_migration_of_a_running_guest_completes_and_the_oracle_passes(
     assert ram["transferred"] > 0 and ram["normal"] > 0 and ram["zero-pages"] > 0
     limit = stats["parameters"]["downtime-limit"]
     assert stats["expected-downtime"] <= limit  # paused only once it expected to fit
-    assert 0 < stats["downtime"] <= limit + DOWNTIME_TOLERANCE_MS
+    assert 0 < stats["downtime"] <= limit + DOWNTIME_TOLERANCE_MS, (
+        f"downtime {stats['downtime']} ms, expected {stats['expected-downtime']} ms")
     chans = stats["multifd"]["channels"]
     assert len(chans) == 2
     if zerocopy == "on":
