@@ -1,5 +1,8 @@
 """Run as a child process with a small RLIMIT_MEMLOCK and no CAP_IPC_LOCK (see
-test_memlock.py): sends an mmap over loopback TCP with zero copy, prints JSON."""
+test_memlock.py): sends an mmap over loopback TCP with zero copy, prints JSON.
+
+Arguments: total bytes, bytes per writev, in-flight cap (0: none), and the longest the
+reader stalls before it reads (seconds)."""
 
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ import time
 
 from zcmigrate.channel.errors import ChannelError
 from zcmigrate.channel.probe import probe
-from zcmigrate.channel.zcsocket import Listener, connect
+from zcmigrate.channel.zcsocket import Channel, Listener, connect
 
 
 def main() -> None:
@@ -22,10 +25,21 @@ def main() -> None:
     mm.write(bytes(range(256)) * (total // 256))
     listener = Listener("127.0.0.1", 0)
     received = bytearray(total)
+    sender: list[Channel] = []
 
     def receive() -> None:
         ch = listener.accept(10)
-        time.sleep(delay)  # a stalled reader keeps sends pinned
+        # A stalled reader keeps sends pinned: it stalls until the sender had to wait (an
+        # ENOBUFS retry, or the in-flight cap) or `delay` seconds passed, whichever is
+        # first. Seen, not hoped for after a fixed sleep: a busy machine could take longer
+        # than any sleep to get the sender that far.
+        deadline = time.monotonic() + delay
+        while time.monotonic() < deadline:
+            if sender:
+                st = sender[0].statistics()
+                if st.enobufs_retries or st.in_flight_waits:
+                    break
+            time.sleep(0.001)
         with contextlib.suppress(ChannelError):
             ch.readv_into([received])
         ch.close()
@@ -33,6 +47,7 @@ def main() -> None:
     t = threading.Thread(target=receive)
     t.start()
     ch = connect("127.0.0.1", listener.port, zero_copy=True, in_flight_cap=cap or None)
+    sender.append(ch)
     view = memoryview(mm)
     out: dict[str, object] = {"probe": probe().to_dict()}
     try:

@@ -14,27 +14,36 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tests.child_output import DIE_WITH_PARENT, ChildOutput
+
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 
 def spawn(*args: str, stdout: Any = subprocess.PIPE, stderr: Any = subprocess.PIPE,
           ) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-m", "zcmigrate", *args], cwd=ROOT, env=ENV,
-                            stdout=stdout, stderr=stderr, text=True)
+    """The child, its pipes read from the start by a ChildOutput (wait_line, finish...)."""
+    proc = subprocess.Popen([*DIE_WITH_PARENT, sys.executable, "-m", "zcmigrate", *args],
+                            cwd=ROOT, env=ENV, stdout=stdout, stderr=stderr, text=True)
+    ChildOutput(proc)
+    return proc
 
 
 def wait_line(proc: subprocess.Popen[str], prefix: str, timeout: float = 60.0) -> str:
-    assert proc.stdout is not None
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if line.startswith(prefix):
-            return line.strip()
-        if not line and proc.poll() is not None:
-            break
-    err = proc.stderr.read() if proc.stderr else ""
-    raise AssertionError(f"{proc.args} never printed {prefix!r} (exit {proc.poll()}): {err}")
+    """The next line on stdout that starts with `prefix`, stripped."""
+    line = ChildOutput.of(proc).wait_line(
+        "stdout", lambda line: line.startswith(prefix), f"a line starting {prefix!r}", timeout)
+    return line.strip()
+
+
+def start_or_kill(proc: subprocess.Popen[str], prefix: str, timeout: float) -> str:
+    """wait_line, and a child that never said it started is not left running."""
+    try:
+        return wait_line(proc, prefix, timeout)
+    except AssertionError:
+        proc.kill()
+        proc.wait()
+        raise
 
 
 def stop(proc: subprocess.Popen[str], sig: int = signal.SIGTERM, timeout: float = 15) -> int:
@@ -43,9 +52,10 @@ def stop(proc: subprocess.Popen[str], sig: int = signal.SIGTERM, timeout: float 
     try:
         return proc.wait(timeout)
     except subprocess.TimeoutExpired:
+        message = f"{proc.args} did not stop within {timeout} s\n{ChildOutput.of(proc).describe()}"
         proc.kill()
         proc.wait()
-        raise AssertionError(f"{proc.args} did not stop within {timeout} s") from None
+        raise AssertionError(message) from None
 
 
 @dataclass
@@ -57,7 +67,7 @@ class Guest:
     def start(cls, image: Path, size: str, dirty_rate: str, fill: str = "half") -> Guest:
         p = spawn("guest", str(image), "--size", size, "--dirty-rate", dirty_rate,
                   "--fill", fill)
-        wait_line(p, "guest running", timeout=120)
+        start_or_kill(p, "guest running", timeout=120)
         return cls(image, p)
 
     def touched(self) -> int:
@@ -66,13 +76,22 @@ class Guest:
         with GuestControl.open(self.image) as g:
             return g.touched
 
-    def running(self) -> bool:
-        """Alive and making progress: its write counter moves."""
+    def running(self, timeout: float = 10.0) -> bool:
+        """Alive and making progress: its write counter moves within `timeout` seconds.
+
+        Seen moving, not hoped to have moved after a fixed sleep: a busy machine may hold
+        the guest off the CPU for a while, and that does not make it stopped."""
         if self.proc.poll() is not None:
             return False
-        a = self.touched()
-        time.sleep(0.2)
-        return self.touched() > a
+        before = self.touched()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            time.sleep(0.01)
+            if self.proc.poll() is not None:
+                return False
+            if self.touched() > before:
+                return True
+        return False
 
 
 @dataclass
@@ -86,12 +105,12 @@ class Receiver:
     def start(cls, image: Path, *extra: str) -> Receiver:
         p = spawn("receive", str(image), "--listen", "127.0.0.1:0", "--json",
                   "--log-format", "json", *extra)
-        line = wait_line(p, "listening:")
+        line = start_or_kill(p, "listening:", timeout=60)
         return cls(image, p, int(line.rsplit(":", 1)[1]), list(extra))
 
     def result(self, timeout: float = 120) -> tuple[int, str, str]:
-        out, err = self.proc.communicate(timeout=timeout)
-        return self.proc.returncode, out, err
+        """Exit status, stdout and stderr, once it exited (killed after `timeout` s)."""
+        return ChildOutput.of(self.proc).wait_exit(timeout)
 
 
 def send(image: Path, port: int, *args: str) -> subprocess.Popen[str]:
@@ -108,9 +127,10 @@ def json_output(out: str) -> dict[str, Any]:
 
 
 def finish(proc: subprocess.Popen[str], timeout: float = 180) -> tuple[int, dict[str, Any], str]:
-    """Exit code, the final statistics (--json), stderr."""
-    out, err = proc.communicate(timeout=timeout)
-    return proc.returncode, json_output(out), err
+    """Exit code, the final statistics (--json), stderr, once it exited (killed after
+    `timeout` s)."""
+    code, out, err = ChildOutput.of(proc).wait_exit(timeout)
+    return code, json_output(out), err
 
 
 def log_events(stderr: str) -> list[dict[str, Any]]:
@@ -124,16 +144,6 @@ def log_events(stderr: str) -> list[dict[str, Any]]:
 
 def wait_for_event(proc: subprocess.Popen[str], event: str, timeout: float = 60) -> list[str]:
     """Read the JSON log on stderr until `event` appears; return the lines read."""
-    assert proc.stderr is not None
-    lines: list[str] = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = proc.stderr.readline()
-        if not line:
-            if proc.poll() is not None:
-                break
-            continue
-        lines.append(line)
-        if f'"event": "{event}"' in line:
-            return lines
-    raise AssertionError(f"{event!r} never logged (exit {proc.poll()}): {''.join(lines)}")
+    needle = f'"event": "{event}"'
+    return ChildOutput.of(proc).wait_for(
+        "stderr", lambda line: needle in line, f"the log event {event!r}", timeout)

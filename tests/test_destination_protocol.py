@@ -188,7 +188,10 @@ def test_a_source_that_dies_while_channels_connect_ends_the_wait_at_once(
     data.close()
     main.close()
     started = time.monotonic()
-    code, _, err = recv.result(timeout=30)
-    assert time.monotonic() - started < 5
+    code, _, err = recv.result(timeout=60)
+    # The message tells the close from the handshake timeout, and the bound is the
+    # behaviour ("at once"): well short of the 30 s (the destination's HANDSHAKE_TIMEOUT)
+    # that waiting it out would take, and far past a loaded machine's noticing it.
     assert code == 1 and "closed the main channel" in err
+    assert time.monotonic() - started < 15
     assert_nothing_committed(dst)

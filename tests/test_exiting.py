@@ -6,6 +6,7 @@ import threading
 
 import pytest
 
+from tests.thread_wait import Timeline, wait_until_blocked
 from zcmigrate.multifd.exiting import Exiting, MultifdError
 
 
@@ -95,22 +96,29 @@ def test_wait_times_out_while_not_set() -> None:
 
 def test_wait_wakes_every_waiter() -> None:
     ex = Exiting()
-    started = threading.Barrier(5)
     woke: list[bool] = []
+    timeline = Timeline()
 
-    def waiter() -> None:
-        started.wait(5)
+    def waiter(i: int) -> None:
         woke.append(ex.wait(10))
+        timeline.mark(f"waiter {i} returned")
 
-    threads = [threading.Thread(target=waiter) for _ in range(4)]
+    threads = [threading.Thread(target=waiter, args=(i,), name=f"test-waiter-{i}")
+               for i in range(4)]
     for t in threads:
         t.start()
-    started.wait(5)
+    # Every waiter is asleep in wait() before set(): else set() could come first, and
+    # wait() would return True without having been woken.
+    for t in threads:
+        wait_until_blocked(t, inside="Exiting.wait", syscalls={"futex"})
+    timeline.mark("set")
     ex.set(RuntimeError("stop"))
     for t in threads:
         t.join(5)
         assert not t.is_alive()
     assert woke == [True] * 4
+    for i in range(4):
+        timeline.assert_order("set", f"waiter {i} returned")
     assert ex.wait(0) is True
 
 

@@ -6,9 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import mmap
-import os
 import re
-import selectors
 import signal
 import subprocess
 import sys
@@ -22,6 +20,7 @@ from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.child_output import DIE_WITH_PARENT, ChildOutput
 from zcmigrate import ZcmigrateError, native
 from zcmigrate.migrate.cli.guest import guest_command
 from zcmigrate.migrate.guest import (
@@ -54,6 +53,28 @@ def _wait_until(predicate: Callable[[], bool], what: str, timeout: float = WAIT_
         time.sleep(0.002)
 
 
+def heartbeat_at(ctl: GuestControl) -> float:
+    """When the guest's loop last ticked, on this process's time.monotonic() clock.
+
+    A few microseconds late at most (the age is taken just before the clock is read)."""
+    return time.monotonic() - ctl.heartbeat_age
+
+
+def _wait_for_ticks(ctl: GuestControl, ticks: int = 2, timeout: float = WAIT_S) -> None:
+    """Until the guest's loop has ticked `ticks` times after this call began: whatever was
+    written to the control file before the call, the loop has read by the second tick
+    (that tick's pass began after the first one ended)."""
+    deadline = time.monotonic() + timeout
+    since = time.monotonic()
+    for n in range(ticks):
+        # 0.1 ms past `since`: heartbeat_at may be a few microseconds late.
+        while (beat := heartbeat_at(ctl)) <= since + 1e-4:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the guest ticked {n} times in {timeout} s, not {ticks}")
+            time.sleep(0.001)
+        since = beat
+
+
 @contextlib.contextmanager
 def guest_process(image: Path, *args: str) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
     """A `zcmigrate guest` process, once it has printed its "guest running" line.
@@ -61,33 +82,19 @@ def guest_process(image: Path, *args: str) -> Iterator[tuple[subprocess.Popen[by
     Yields the process and everything it printed up to that line.
     """
     proc = subprocess.Popen(
-        [sys.executable, "-m", "zcmigrate", "guest", str(image), *args],
+        [*DIE_WITH_PARENT, sys.executable, "-m", "zcmigrate", "guest", str(image), *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
     try:
-        assert proc.stdout is not None
-        out = b""
-        deadline = time.monotonic() + WAIT_S
-        with selectors.DefaultSelector() as sel:
-            sel.register(proc.stdout, selectors.EVENT_READ)
-            while b"guest running:" not in out or not out.endswith(b"\n"):
-                left = deadline - time.monotonic()
-                if left <= 0 or not sel.select(left):
-                    raise AssertionError(f"guest did not start; printed {out!r}")
-                chunk = os.read(proc.stdout.fileno(), 4096)
-                if not chunk:
-                    err = proc.stderr.read() if proc.stderr else b""
-                    raise AssertionError(f"guest exited early: {out!r} {err!r}")
-                out += chunk
-        yield proc, out.decode()
+        lines = ChildOutput(proc).wait_for(
+            "stdout", lambda line: line.startswith("guest running:"), "its 'guest running:' line",
+            WAIT_S)
+        yield proc, "".join(f"{line}\n" for line in lines)
     finally:
         if proc.poll() is None:
             proc.kill()
         proc.wait(timeout=WAIT_S)
-        for f in (proc.stdout, proc.stderr):
-            if f is not None:
-                f.close()
 
 
 @contextlib.contextmanager
@@ -193,13 +200,15 @@ def test_guest_process_dirties_pages_at_its_rate_and_fetch_clear_returns_them(
             rate = (ctl.touched - before) / (time.monotonic() - t0)
             assert 1024 * 0.5 < rate < 1024 * 1.5
 
-            # The rate can be changed under a running guest.
+            # The rate can be changed under a running guest: once its loop has seen the new
+            # rate (two ticks after the write, not a sleep that hopes it did), 64 KiB/s is
+            # 16 pages a second, plus at most the carry of one page and the page in hand.
             ctl.dirty_rate = 64 << 10
-            time.sleep(0.05)
-            before = ctl.touched
+            _wait_for_ticks(ctl)
+            t0, before = time.monotonic(), ctl.touched
             time.sleep(0.25)
-            assert ctl.touched - before <= 16
-            assert ctl.heartbeat_age < 1.0
+            after, elapsed = ctl.touched, time.monotonic() - t0
+            assert after - before <= 16 * elapsed + 2, (after - before, elapsed)
 
             # One guest per image.
             second = subprocess.run(
@@ -227,12 +236,13 @@ def test_pause_freezes_image_and_bitmap_and_the_state_satisfies_the_oracle(
 
         fetch_clear(ctl)  # what was dirtied before the pause
         first = image.read_bytes()
-        beat = ctl.heartbeat_age
-        time.sleep(0.05)
+        read_at = time.monotonic()
+        # The paused loop still ticks (every 0.5 ms): once it has ticked 50 ms after the
+        # read, a guest that went on writing while paused would have written.
+        _wait_until(lambda: heartbeat_at(ctl) > read_at + 0.05, "a tick 50 ms into the pause")
         assert image.read_bytes() == first
         assert fetch_clear(ctl)[0] == 0
         assert ctl.device_state() == state
-        assert ctl.heartbeat_age < beat + 0.05  # still ticking while paused
 
         ctl.resume()
         assert ctl.alive and ctl.state != GuestState.PAUSED

@@ -40,9 +40,9 @@ def run_child(total: int, chunk: int, cap: int, delay: float) -> dict[str, Any]:
 
 
 def test_pinned_sends_past_the_limit_hit_enobufs_and_take_the_drain_and_retry_path() -> None:
-    # 256 KiB sends to a reader that stalls for 0.3 s: the second send would pin more
-    # than 512 KiB while the first is still unacknowledged.
-    r = run_child(total=64 << 20, chunk=256 << 10, cap=0, delay=0.3)
+    # 256 KiB sends to a reader that stalls until the sender hit ENOBUFS (10 s at most):
+    # the second send would pin more than 512 KiB while the first is still unacknowledged.
+    r = run_child(total=64 << 20, chunk=256 << 10, cap=0, delay=10)
     assert r["stats"]["enobufs_retries"] >= 1
     if r["error"] is not None:
         assert r["error_type"] == "ZeroCopyLimitError"
@@ -50,7 +50,8 @@ def test_pinned_sends_past_the_limit_hit_enobufs_and_take_the_drain_and_retry_pa
 
 
 def test_an_in_flight_cap_inside_the_budget_avoids_enobufs_entirely() -> None:
-    r = run_child(total=64 << 20, chunk=256 << 10, cap=192 << 10, delay=0.3)
+    # The reader stalls until the cap made the sender wait (10 s at most).
+    r = run_child(total=64 << 20, chunk=256 << 10, cap=192 << 10, delay=10)
     assert r["error"] is None, r["error"]
     assert r["identical"] is True
     assert r["stats"]["enobufs_retries"] == 0

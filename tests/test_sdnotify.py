@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from tests.child_output import DIE_WITH_PARENT, ChildOutput
 from zcmigrate.channel.sdnotify import SD_LISTEN_FDS_START, listen_fds, notify
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -175,9 +176,8 @@ conn.close()
 
 
 def _read_report(child: subprocess.Popen[str]) -> dict[str, Any]:
-    assert child.stdout is not None
-    line = child.stdout.readline()
-    assert line, "the activated child printed nothing"
+    line = ChildOutput.of(child).wait_line("stdout", lambda line: line.startswith("{"),
+                                           "its JSON report", 30)
     report: dict[str, Any] = json.loads(line)
     return report
 
@@ -220,7 +220,8 @@ def test_a_child_takes_the_sockets_it_inherits_at_fd_3() -> None:
     port = listener.getsockname()[1]
     try:
         child = subprocess.Popen(
-            [sys.executable, "-c", _LAUNCH, ",".join(map(str, high)), _ACTIVATED],
+            [*DIE_WITH_PARENT, sys.executable, "-c", _LAUNCH, ",".join(map(str, high)),
+             _ACTIVATED],
             cwd=ROOT, pass_fds=high, stdout=subprocess.PIPE, text=True,
         )
         try:
@@ -252,7 +253,7 @@ def test_systemds_own_activator_hands_over_a_listening_socket() -> None:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     child = subprocess.Popen(
-        ["systemd-socket-activate", "-l", f"127.0.0.1:{port}", "--fdname=receive",
+        [*DIE_WITH_PARENT, "systemd-socket-activate", "-l", f"127.0.0.1:{port}", "--fdname=receive",
          sys.executable, "-c", _ACTIVATED],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
     )

@@ -10,7 +10,6 @@ import mmap
 import os
 import random
 import threading
-import time
 from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from typing import Any, Generic, TypeVar
 import pytest
 
 from tests.conftest import tcp_pair
+from tests.thread_wait import wait_until_blocked
 from zcmigrate.channel.zcsocket import Channel
 from zcmigrate.multifd.exiting import Exiting
 from zcmigrate.multifd.receiver import ReceiverPool, accept_data_channel
@@ -59,6 +59,10 @@ class Background(Generic[T]):
             self._value.append(fn())
         except BaseException as e:
             self._error.append(e)
+
+    @property
+    def thread(self) -> threading.Thread:
+        return self._thread
 
     def result(self, timeout: float = 30.0) -> T:
         self._thread.join(timeout)
@@ -349,9 +353,7 @@ def test_send_pages_spreads_jobs_and_applies_backpressure(source: SourceImage) -
         sending = Background(lambda: pools.sender.send_pages(array("Q", range(0, size, PAGE))))
         # The workers hold their first jobs, so at most 4 + 4 x 2 of the 1024 jobs fit:
         # send_pages must block (backpressure) until they go on.
-        deadline = time.monotonic() + 10
-        while pools.sender.statistics().send_waits == 0 and time.monotonic() < deadline:
-            time.sleep(0.001)
+        wait_until_blocked(sending.thread, inside="SenderPool._dispatch", syscalls={"futex"})
         st = pools.sender.statistics()
         assert st.send_waits >= 1 and 0 < st.jobs_queued <= 4 * 2
         assert st.packets == 0

@@ -11,10 +11,12 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from tests.child_output import DIE_WITH_PARENT, ChildOutput
 from tests.migration_procs import ROOT, Guest, finish, send, stop
 
 UNIT = ROOT / "systemd" / "zcmigrate-receive@.service"
@@ -51,10 +53,14 @@ class Notifications:
         self.lines: list[str] = []
 
     def wait_for(self, line: str, timeout: float = 30) -> None:
+        self.wait_until(lambda lines: line in lines, repr(line), timeout)
+
+    def wait_until(self, done: Callable[[list[str]], bool], what: str,
+                   timeout: float = 30) -> None:
         deadline = time.monotonic() + timeout
-        while line not in self.lines:
+        while not done(self.lines):
             if time.monotonic() > deadline:
-                raise AssertionError(f"{line!r} never came; got {self.lines}")
+                raise AssertionError(f"{what} never came; got {self.lines}")
             try:
                 data = self.sock.recv(4096)
             except TimeoutError:
@@ -62,11 +68,6 @@ class Notifications:
             self.lines += data.decode().splitlines()
 
     def status_lines(self) -> list[str]:
-        while True:  # what has arrived so far
-            try:
-                self.lines += self.sock.recv(4096).decode().splitlines()
-            except TimeoutError:
-                break
         return [x for x in self.lines if x.startswith("STATUS=")]
 
 
@@ -83,12 +84,16 @@ def test_service_readiness_two_migrations_status_and_clean_stop(tmp_path: Path) 
     )
     notify = Notifications(tmp_path / "notify.sock")
     env = {**os.environ, **read_env_file(env_file), "NOTIFY_SOCKET": str(tmp_path / "notify.sock")}
-    svc = subprocess.Popen(exec_start(), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                           text=True)
+    svc = subprocess.Popen([*DIE_WITH_PARENT, *exec_start()], env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    # Read from the start: the service logs two migrations to stderr, more than a pipe
+    # holds, and a service blocked on a full pipe would hang the test.
+    output = ChildOutput(svc)
     try:
         notify.wait_for("READY=1")
-        assert svc.stdout is not None
-        port = int(svc.stdout.readline().strip().rsplit(":", 1)[1])
+        line = output.wait_line("stdout", lambda line: line.startswith("listening:"),
+                                "its 'listening:' line", 30)
+        port = int(line.strip().rsplit(":", 1)[1])
 
         # First: a live guest; second: a static image. Both into the same service.
         src1 = tmp_path / "src1.img"
@@ -107,14 +112,25 @@ def test_service_readiness_two_migrations_status_and_clean_stop(tmp_path: Path) 
         assert code == 0, err
         assert image.read_bytes() == src2.read_bytes()
 
+        # The service says "committed" after its COMMIT_ACK, so the source can exit before
+        # it does: wait for the second one rather than look once and hope it came.
+        notify.wait_until(
+            lambda lines: sum("committed" in x for x in lines if x.startswith("STATUS=")) >= 2,
+            "a second STATUS=... committed")
         statuses = notify.status_lines()
         assert any("committing" in s for s in statuses), statuses
         assert sum("committed" in s for s in statuses) >= 2, statuses
         assert svc.poll() is None, "the service stopped after a migration"
 
+        # SIGTERM must wake a service waiting for the next migration: first see it there
+        # (each job says so before it accepts), so the signal cannot land mid-migration.
+        notify.wait_until(
+            lambda lines: lines.count("STATUS=waiting for a migration") >= 3,
+            "a third STATUS=waiting for a migration")
         svc.send_signal(signal.SIGTERM)
         notify.wait_for("STOPPING=1")
-        assert svc.wait(15) == 0
+        code, _, err = output.wait_exit(15)
+        assert code == 0, err
     finally:
         if svc.poll() is None:
             svc.kill()
