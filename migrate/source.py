@@ -70,6 +70,9 @@ log = structlog.get_logger("zcmigrate.source")
 # checking for a cancel. 8 MiB of 4 KiB pages.
 CHUNK_PAGES = 2048
 STATIC_DEVICE_STATE = b'{"kind":"static-image","version":1}'
+# Bytes sent since the last WRITEBACK above which the destination writes back before the
+# pause: below it, the commit's own fsync is short enough to leave in the downtime.
+WRITEBACK_AFTER = 32 << 20
 # After this many seconds of pacing with nothing to send, say we are still here.
 _KEEPALIVE_SHARE = 1 / 3
 
@@ -306,6 +309,7 @@ class SourceJob:
         start = time.monotonic()
         judge = Convergence(max_iterations=self.params.max_iterations,
                             timeout=self.params.timeout)
+        unsynced = 0  # bytes sent since the destination last wrote its image back
         iteration = 0
         while True:
             iteration += 1
@@ -313,6 +317,7 @@ class SourceJob:
             self.stats.begin_iteration(iteration, len(offsets) * ps)
             self._send(offsets, rate_limited=True)
             self._sync(iteration)
+            unsynced += len(offsets) * ps
             if iteration == 1:
                 faults.reached("source:precopy")
             elapsed = max(time.monotonic() - t0, 1e-6)
@@ -332,11 +337,17 @@ class SourceJob:
             self.log.info("iteration", iteration=iteration, sent=len(offsets) * ps,
                           dirty=dirty_pages * ps, bandwidth=int(bandwidth),
                           expected_downtime_ms=round(expected_ms, 1))
-            if decision.action is Action.SWITCH_OVER:
+            if decision.action is Action.SWITCH_OVER and unsynced > WRITEBACK_AFTER:
                 # Converged. The destination's commit makes the image durable while the
                 # guest is paused: have it write back what it holds now, while the guest
-                # still runs, so the pause pays only for the last pages.
+                # still runs, so the pause pays only for the last pages. The write-back
+                # takes time (a second or more for a large first pass on a disk), and the
+                # guest dirties pages meanwhile: iterate once more and judge again with
+                # what it dirtied, rather than pause on a stale estimate.
                 self._writeback()
+                unsynced = 0
+                decision = dataclasses.replace(decision, action=Action.ITERATE)
+            if decision.action is Action.SWITCH_OVER:
                 # Stop the guest; what it dirtied since the last bitmap sync joins the
                 # pages found dirty then.
                 state = self._pause(guest)

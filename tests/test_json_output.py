@@ -58,7 +58,7 @@ def test_receive_prints_the_layout_of_send_plus_what_only_it_knows() -> None:
     sent, received = keys(SENT.to_dict()), keys(RECEIVED.to_dict())
     assert not [k for k in received if "_" in k]
     only_here = received - sent
-    assert only_here == {"image", "state-file", "uuid"}
+    assert only_here == {"image", "state-file", "uuid", "acknowledged"}
     # The zero-copy counters are the sending side's; nothing else of a channel is missing.
     assert {k for k in sent - received if k.startswith("multifd.")} == {
         "multifd.channels[].zero-copy-queued", "multifd.channels[].zero-copy-completed",
