@@ -27,6 +27,8 @@ COMMANDS: Mapping[str, str] = {
     "status": "zcmigrate.migrate.cli.control:status_command",
     "cancel": "zcmigrate.migrate.cli.control:cancel_command",
     "set": "zcmigrate.migrate.cli.control:set_command",
+    "resume": "zcmigrate.migrate.cli.settle:resume_command",
+    "retire": "zcmigrate.migrate.cli.settle:retire_command",
 }
 
 

@@ -105,6 +105,14 @@ def _verdict(image: Path) -> tuple[DeviceState, bool]:
     show_envvar=True,
     help="Only check IMAGE against <IMAGE>.state and print the verdict.",
 )
+@click.option(
+    "--force",
+    is_flag=True,
+    envvar="ZCMIGRATE_GUEST_FORCE",
+    show_envvar=True,
+    help="Start even if IMAGE was handed over to a destination, or its last guest ended "
+    "held paused after its device state left (either may make a second copy of the guest).",
+)
 @click.pass_context
 def guest_command(
     ctx: click.Context,
@@ -115,11 +123,14 @@ def guest_command(
     fill: str,
     resume: bool,
     check: bool,
+    force: bool,
 ) -> None:
     """Run the guest stand-in on IMAGE: increment byte 0 of every page, page after page,
     at the dirty rate, marking each page in the dirty bitmap of IMAGE.guest.
 
-    Prints "guest running: pid=... image=... pages=... dirty-rate=..." once running.
+    Prints "guest running: pid=... image=... pages=... dirty-rate=..." once running, and
+    a "guest ..." line for what it does by itself: it resumed because the migration
+    that paused it died, its throttle changed, it was handed over to a destination.
     """
     if resume and check:
         raise click.UsageError("--resume and --check exclude each other")
@@ -145,6 +156,10 @@ def guest_command(
             )
             sys.stdout.flush()
 
+        def say(line: str) -> None:
+            click.echo(line)
+            sys.stdout.flush()
+
         run_guest(
             image,
             dirty_rate=dirty_rate,
@@ -153,6 +168,8 @@ def guest_command(
             fill=fill,
             resume=state,
             ready=announce,
+            say=say,
+            force=force,
         )
     except GuestError as exc:
         raise click.ClickException(str(exc)) from exc

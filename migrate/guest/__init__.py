@@ -4,8 +4,9 @@ handle on it, its device state and the oracle. It must not know about channels, 
 or packets.
 
 One module per concern: layout (the control file's contract), device (the device
-state), image (creating and opening images), oracle (the end-to-end check), workload (the
-running guest) and handle (GuestControl, the migration's side). This module re-exports
+state), image (creating and opening images), oracle (the end-to-end check), owners (is a
+lease's owner alive, which guest holds an image), workload (the running guest) and
+handle (GuestControl, the migration's side). This module re-exports
 what callers use, so they import from `zcmigrate.migrate.guest`.
 """
 
@@ -18,7 +19,12 @@ from zcmigrate.migrate.guest.device import (
     write_device_state,
 )
 from zcmigrate.migrate.guest.errors import GuestError
-from zcmigrate.migrate.guest.handle import GuestControl
+from zcmigrate.migrate.guest.handle import (
+    ControlRecord,
+    GuestControl,
+    mark_handed_over,
+    read_control_record,
+)
 from zcmigrate.migrate.guest.image import FILLS, create_image
 from zcmigrate.migrate.guest.layout import (
     BITMAP_OFFSET,
@@ -28,12 +34,16 @@ from zcmigrate.migrate.guest.layout import (
     CONTROL_VERSION,
     MAX_IMAGE_BYTES,
     MAX_PAGE_SIZE,
+    MAX_THROTTLE,
     MIN_PAGE_SIZE,
     GuestRequest,
     GuestState,
+    Lease,
+    LeaseMode,
     bitmap_words,
 )
 from zcmigrate.migrate.guest.oracle import OracleVerdict, check_oracle
+from zcmigrate.migrate.guest.owners import guest_holder, owner_alive, process_start_time
 from zcmigrate.migrate.guest.workload import TICK_NS, run_guest
 
 # The files beside an image are named in migrate/imagefiles.py; these two are re-exported
@@ -52,18 +62,27 @@ __all__ = [
     "FILLS",
     "MAX_IMAGE_BYTES",
     "MAX_PAGE_SIZE",
+    "MAX_THROTTLE",
     "MIN_PAGE_SIZE",
     "TICK_NS",
+    "ControlRecord",
     "DeviceState",
     "GuestControl",
     "GuestError",
     "GuestRequest",
     "GuestState",
+    "Lease",
+    "LeaseMode",
     "OracleVerdict",
     "bitmap_words",
     "check_oracle",
     "control_path",
     "create_image",
+    "guest_holder",
+    "mark_handed_over",
+    "owner_alive",
+    "process_start_time",
+    "read_control_record",
     "read_device_state",
     "run_guest",
     "state_path",

@@ -1,6 +1,7 @@
 """The running guest: the reference workload's loop over a mapped image, its control file
-as the guest writes it, pause and exit handling, signals, and run_guest. It knows the
-control file's layout and the image, not the migration that drives it.
+as the guest writes it (and flocks for its whole life), pause, lease, throttle and exit
+handling, signals, and run_guest. It knows the control file's layout and the image, not
+the migration that drives it.
 """
 
 from __future__ import annotations
@@ -25,20 +26,27 @@ from zcmigrate.migrate.guest.layout import (
     CONTROL_MAGIC,
     CONTROL_VERSION,
     HEADER_WORDS,
+    MAX_THROTTLE,
     U64_MAX,
     Field,
     GuestRequest,
     GuestState,
+    Lease,
+    LeaseMode,
     check_page_size,
     control_file_size,
     read_control_header,
 )
 from zcmigrate.migrate.guest.oracle import check_image_size, infer_step, oracle_verdict
-from zcmigrate.migrate.imagefiles import control_path
+from zcmigrate.migrate.guest.owners import guest_holder, owner_alive
+from zcmigrate.migrate.imagefiles import control_path, state_path
 from zcmigrate.multifd.pages import MappedFile, touch_pages
 
 TICK_NS: Final = 5_000_000
 _PAUSE_POLL_S: Final = 0.0005
+# How often a paused guest looks at its lease's owner, and a throttled one at its
+# throttle's setter: well inside the 100 ms the lease promises, for one read of /proc.
+OWNER_CHECK_NS: Final = 50_000_000
 # Credit that piles up while the guest was descheduled is paid back at most this far, so
 # a stall does not turn into a burst that would distort a migration's dirty-rate estimate.
 _MAX_CARRY_NS: Final = 100_000_000
@@ -54,13 +62,21 @@ def run_guest(
     fill: str = "random",
     resume: DeviceState | None = None,
     ready: Callable[[], None] | None = None,
+    say: Callable[[str], None] | None = None,
+    force: bool = False,
 ) -> DeviceState:
     """Run the workload on `image` until asked to exit (request or SIGTERM/SIGINT).
 
     With `size`, creates the image if it does not exist. With `resume`, refuses to start
     unless the image satisfies the oracle for that state, then continues from it; without,
-    continues from wherever the image's step is. Calls `ready()` once running. Returns the
-    device state at exit.
+    continues from wherever the image's step is. Calls `ready()` once running, and
+    `say(line)` for what the guest does by itself (it resumed after its lease's owner
+    died, a throttle changed, it was handed over). Returns the device state at exit.
+
+    Refuses, unless `force`, an image whose last guest was handed over to a destination
+    (the control file's mark; with `resume`, only if the mark is newer than the device
+    state, so that a guest that came back can resume) or ended held paused after its
+    device state left: a guest here would be a second copy of the one that may run there.
     """
     path = Path(image)
     check_page_size(page_size)
@@ -89,11 +105,16 @@ def run_guest(
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            head = read_control_header(control_path(path))
-            who = f" (pid {head[Field.PID]})" if head and head[Field.MAGIC] == CONTROL_MAGIC else ""
+            pid = guest_holder(path)
+            if not pid:
+                head = read_control_header(control_path(path))
+                pid = head[Field.PID] if head and head[Field.MAGIC] == CONTROL_MAGIC else None
+            who = f" (pid {pid})" if pid else ""
             raise GuestError(
                 f"another guest{who} is already running on {path}; stop it first"
             ) from None
+        if not force:
+            _refuse_a_second_copy(path, resume is not None)
         if nbytes == 0 or nbytes % page_size:
             raise GuestError(
                 f"image {path} has {nbytes} bytes, not a positive multiple of the page size "
@@ -103,13 +124,50 @@ def run_guest(
         m = MappedFile(fd, nbytes, writable=True)
         try:
             start = _starting_state(path, m, npages, page_size, resume)
-            guest = _Guest(path, m, start, dirty_rate)
+            guest = _Guest(path, m, start, dirty_rate, say)
             try:
                 return guest.run(ready)
             finally:
                 guest.close()
         finally:
             m.close()
+
+
+def _refuse_a_second_copy(path: Path, resuming: bool) -> None:
+    """GuestError if the last guest on `path` left it to a destination (handed over) or
+    may have (it ended held paused with its device state gone)."""
+    head = read_control_header(control_path(path))
+    if head is None or head[Field.MAGIC] != CONTROL_MAGIC or head[Field.VERSION] != CONTROL_VERSION:
+        return
+    try:
+        lease = Lease.from_header(head)
+    except GuestError:
+        return
+    force = "pass --force (ZCMIGRATE_GUEST_FORCE=1)"
+    if lease.handed_over_ns:
+        if resuming:
+            # A device state committed after the hand-over is a guest that came back.
+            try:
+                if state_path(path).stat().st_mtime_ns > lease.handed_over_ns:
+                    return
+            except OSError:
+                pass
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(lease.handed_over_ns / 1e9))
+        raise GuestError(
+            f"refusing to start a guest on {path}: it was handed over to a destination at "
+            f"{when} (migration {lease.migration_name}) and runs there now; a guest here "
+            "would be a second copy of it. If the destination's copy is gone for good and "
+            f"this image is to run again, {force}"
+        )
+    if lease.mode == LeaseMode.HOLD and not resuming:
+        raise GuestError(
+            f"refusing to start a guest on {path}: its last guest (pid {head[Field.PID]}) "
+            "ended held paused after its device state left with migration "
+            f"{lease.migration_name}, so the destination may own the guest. Check the "
+            "destination first (`zcmigrate guest --check DEST_IMAGE` there): if it "
+            f"committed, mark this image with `zcmigrate retire {path}`; if it did not, "
+            f"{force} to run the guest here"
+        )
 
 
 def _starting_state(
@@ -160,6 +218,7 @@ class _Guest:
     image: MappedFile
     start: DeviceState
     dirty_rate: int
+    say: Callable[[str], None] | None = None
     _stop: bool = field(default=False, init=False)
 
     def __post_init__(self) -> None:
@@ -168,21 +227,26 @@ class _Guest:
         self.position = self.start.position
         self.value = self.start.value
         self.touched = self.start.touched
-        self.control = self._create_control()
+        self.control, self.control_fd = self._create_control()
         self.ctl = self.control.u64_view(0, HEADER_WORDS)
         self.bm_address = self.control.address + BITMAP_OFFSET
 
-    def _create_control(self) -> MappedFile:
+    def _say(self, line: str) -> None:
+        if self.say is not None:
+            self.say(line)
+
+    def _create_control(self) -> tuple[MappedFile, int]:
         path = control_path(self.path)
         tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
         size = control_file_size(self.npages)
+        fd = -1
         try:
             fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-            try:
-                os.ftruncate(fd, size)
-                m = MappedFile(fd, size, writable=True)
-            finally:
-                os.close(fd)
+            # Held for the guest's whole life, on the file that is renamed into place:
+            # guest_holder() asks this lock whether a guest runs on the image.
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.ftruncate(fd, size)
+            m = MappedFile(fd, size, writable=True)
             ctl = m.u64_view(0, HEADER_WORDS)
             ctl[Field.VERSION] = CONTROL_VERSION
             ctl[Field.PID] = os.getpid()
@@ -199,8 +263,10 @@ class _Guest:
         except OSError as exc:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
+            if fd >= 0:
+                os.close(fd)
             raise GuestError(f"cannot create control file {path}: {exc.strerror}") from exc
-        return m
+        return m, fd
 
     def _publish(self, ctl: memoryview) -> None:
         ctl[Field.POSITION] = self.position
@@ -229,6 +295,13 @@ class _Guest:
             self.control.mm.flush()
             for signum, old in handlers.items():
                 signal.signal(signum, old)
+            if self.ctl[Field.HANDED_OVER]:
+                with contextlib.suppress(GuestError):
+                    lease = Lease.from_header(self.ctl)
+                    self._say(
+                        f"guest exited: handed over to the destination (migration "
+                        f"{lease.migration_name}); it runs there now"
+                    )
         return DeviceState(
             npages=self.npages,
             page_size=self.page_size,
@@ -243,9 +316,11 @@ class _Guest:
         npages, page_size = self.npages, self.page_size
         page_credit = page_size * _NS_PER_S
         credit = 0  # bytes x ns of dirtying owed but not yet turned into whole pages
-        chunk = 256  # pages per call when unlimited, adapted to about one tick
+        chunk = 256  # most pages per tick, adapted to the running share of a tick
         last = time.monotonic_ns()
         next_tick = last
+        throttle_seen = 0
+        next_throttle_check = last
         while not self._stop:
             request = ctl[Field.REQUEST]
             if request == GuestRequest.EXIT:
@@ -258,9 +333,26 @@ class _Guest:
                 continue
             rate = ctl[Field.DIRTY_RATE]
             now = time.monotonic_ns()
+            throttle = min(ctl[Field.THROTTLE], MAX_THROTTLE)
+            if throttle and now >= next_throttle_check:
+                next_throttle_check = now + OWNER_CHECK_NS
+                throttle = self._check_throttle_owner(throttle)
+            if throttle != throttle_seen:
+                throttle_seen = throttle
+                self._say(
+                    f"guest throttle: {throttle} per mille (runs {(1000 - throttle) / 10:g}% "
+                    "of each tick)"
+                )
+            # With throttle t the guest runs (1 - t) of each tick and sleeps t (QEMU's
+            # cpu-throttle): only running time earns dirtying credit, and a tick's work
+            # is cut to its running share, so the dirty rate falls by t at any rate.
+            run_ns = TICK_NS * (1000 - throttle) // 1000
             if rate:
-                credit = min(credit + rate * (now - last), max(rate * _MAX_CARRY_NS, page_credit))
-                count = credit // page_credit
+                credit = min(
+                    credit + rate * (now - last) * (1000 - throttle) // 1000,
+                    max(rate * _MAX_CARRY_NS, page_credit),
+                )
+                count = min(credit // page_credit, chunk)
                 credit -= count * page_credit
             else:
                 count = chunk
@@ -274,14 +366,30 @@ class _Guest:
                 self._publish(ctl)
             after = time.monotonic_ns()
             ctl[Field.HEARTBEAT] = after
+            if count == chunk:
+                spent = max(after - now, 1)
+                chunk = max(64, min(chunk * 2, chunk * run_ns // spent))
+            wait = TICK_NS - run_ns
             if rate:
                 next_tick += TICK_NS
-                if next_tick <= after:
-                    next_tick = after + TICK_NS
-                time.sleep((next_tick - after) / _NS_PER_S)
-            else:
-                spent = max(after - now, 1)
-                chunk = max(64, min(chunk * 2, chunk * TICK_NS // spent))
+                # Behind (a tick's work took longer): no catching up, only the throttle.
+                next_tick = max(next_tick, after)
+                wait = max(wait, next_tick - after)
+            if wait:
+                time.sleep(wait / _NS_PER_S)
+
+    def _check_throttle_owner(self, throttle: int) -> int:
+        """The throttle in force: lifted (0) once the process that set it is dead."""
+        ctl = self.ctl
+        by, at = ctl[Field.THROTTLE_BY], ctl[Field.THROTTLE_AT]
+        if by == 0 or owner_alive(by, at):
+            return throttle
+        # Only if nobody set it again while we looked.
+        if ctl[Field.THROTTLE_BY] != by or ctl[Field.THROTTLE_AT] != at:
+            return throttle
+        ctl[Field.THROTTLE] = 0
+        self._say(f"guest throttle lifted: pid {by}, which set it, is gone")
+        return 0
 
     def _paused(self) -> bool:
         """Wait while paused; False when the guest must exit instead of resuming."""
@@ -289,6 +397,7 @@ class _Guest:
         self._publish(ctl)
         ctl[Field.HEARTBEAT] = time.monotonic_ns()
         ctl[Field.STATE] = GuestState.PAUSED
+        next_check = 0  # look at the owner right away: it may be dead already
         while not self._stop:
             request = ctl[Field.REQUEST]
             if request == GuestRequest.EXIT:
@@ -296,13 +405,44 @@ class _Guest:
             if request != GuestRequest.PAUSE:
                 ctl[Field.STATE] = GuestState.RUNNING
                 return True
-            ctl[Field.HEARTBEAT] = time.monotonic_ns()
+            now = time.monotonic_ns()
+            if now >= next_check:
+                next_check = now + OWNER_CHECK_NS
+                self._check_lease()
+            ctl[Field.HEARTBEAT] = now
             time.sleep(_PAUSE_POLL_S)
         return False
+
+    def _check_lease(self) -> None:
+        """Resume (by writing the resume request ourselves) if the pause's lease is
+        "resume if the owner dies" and its owner is dead; see layout.py."""
+        ctl = self.ctl
+        if ctl[Field.LEASE_MODE] != LeaseMode.RESUME_IF_OWNER_DIES:
+            return
+        owner, start = ctl[Field.LEASE_OWNER], ctl[Field.LEASE_START]
+        if owner_alive(owner, start):
+            return
+        # Only if nothing changed while we looked: a hold or a new lease wins.
+        if (
+            ctl[Field.LEASE_MODE] != LeaseMode.RESUME_IF_OWNER_DIES
+            or ctl[Field.LEASE_OWNER] != owner
+            or ctl[Field.LEASE_START] != start
+            or ctl[Field.REQUEST] != GuestRequest.PAUSE
+        ):
+            return
+        # Lapsed before the request, so that whoever sees the resume sees why.
+        ctl[Field.LEASE_MODE] = LeaseMode.LAPSED
+        ctl[Field.REQUEST] = GuestRequest.RESUME
+        self._say(
+            f"guest resumed by itself: the migration (pid {owner}) that paused it is gone, "
+            "and its device state never left"
+        )
 
     def close(self) -> None:
         self.ctl.release()
         self.control.close()
+        # Last: until here guest_holder() names this guest.
+        os.close(self.control_fd)
 
 
 __all__ = ["TICK_NS", "run_guest"]
