@@ -16,7 +16,7 @@ from pathlib import Path
 
 from zcmigrate.migrate.durable import fsync_dir, write_atomic
 from zcmigrate.migrate.errors import ReceiveError
-from zcmigrate.migrate.guest import GuestControl, GuestError
+from zcmigrate.migrate.guest import guest_holder
 from zcmigrate.migrate.imagefiles import incoming_path, lock_path, state_path
 from zcmigrate.migrate.imagelock import ImageLock
 from zcmigrate.migrate.units import format_size
@@ -26,23 +26,15 @@ from zcmigrate.migrate.units import format_size
 _NO_CHEAP_RESERVATION = frozenset({"tmpfs", "hugetlbfs", "ramfs"})
 
 
-def _guest_on(image: Path) -> int | None:
-    """The pid of a guest running on `image`, or None."""
-    try:
-        with GuestControl.open(image) as g:
-            return g.pid
-    except GuestError:
-        return None
-
-
 def check_destination(image: Path, *, replace: bool) -> None:
     """Refuse a destination that must not be overwritten: one a running guest holds (a
     receiver that replaced it would leave that guest writing to a deleted file: two
     copies), or any existing image unless `replace`."""
-    pid = _guest_on(image)
+    pid = guest_holder(image)
     if pid is not None:
-        raise ReceiveError(f"a guest (pid {pid}) runs on {image}: stop it before receiving "
-                           "into it; --replace does not override this")
+        who = f" (pid {pid})" if pid else ""
+        raise ReceiveError(f"a guest{who} runs on {image}: stop it before receiving into "
+                           "it; --replace does not override this")
     if (image.exists() or image.is_symlink()) and not replace:
         raise ReceiveError(f"{image} exists: pass --replace to overwrite it with the "
                            "migration (the old image and its state go only at the commit)")

@@ -33,7 +33,13 @@ from zcmigrate.migrate.errors import (
     MigrationError,
     NotConverging,
 )
-from zcmigrate.migrate.guest import DeviceState, GuestControl, GuestError, control_path
+from zcmigrate.migrate.guest import (
+    DeviceState,
+    GuestControl,
+    GuestError,
+    control_path,
+    read_control_record,
+)
 from zcmigrate.migrate.imagefiles import lock_path
 from zcmigrate.migrate.imagelock import ImageLock
 from zcmigrate.migrate.mainchannel import MainChannel, MainChannelTimeout
@@ -70,8 +76,9 @@ log = structlog.get_logger("zcmigrate.source")
 # checking for a cancel. 8 MiB of 4 KiB pages.
 CHUNK_PAGES = 2048
 STATIC_DEVICE_STATE = b'{"kind":"static-image","version":1}'
-# Bytes sent since the last WRITEBACK above which the destination writes back before the
-# pause: below it, the commit's own fsync is short enough to leave in the downtime.
+# Bytes sent since the last WRITEBACK above which the destination writes back again before
+# the pause (it always does once): below it, the commit's own fsync is short enough to
+# leave in the downtime.
 WRITEBACK_AFTER = 32 << 20
 # After this many seconds of pacing with nothing to send, say we are still here.
 _KEEPALIVE_SHARE = 1 / 3
@@ -181,6 +188,15 @@ class SourceJob:
         self._open_image()
         assert self._map is not None
         ctl = control_path(self.image)
+        record = read_control_record(self.image)
+        if record is not None and record.lease.handed_over_ns and not self.static:
+            # Its guest now runs at a destination: this copy is stale, and sending it
+            # (even --static) would put an old guest beside the live one.
+            raise MigrationError(
+                f"{self.image} was handed over to a destination by an earlier migration; "
+                "its guest runs there now. Start a guest here only with "
+                f"`zcmigrate guest {self.image} --force` if that copy is gone."
+            )
         if not self.static and ctl.exists():
             try:
                 self._guest = GuestControl.open(self.image)
@@ -309,6 +325,7 @@ class SourceJob:
         start = time.monotonic()
         judge = Convergence(max_iterations=self.params.max_iterations,
                             timeout=self.params.timeout)
+        written_back = False
         unsynced = 0  # bytes sent since the destination last wrote its image back
         iteration = 0
         while True:
@@ -337,7 +354,8 @@ class SourceJob:
             self.log.info("iteration", iteration=iteration, sent=len(offsets) * ps,
                           dirty=dirty_pages * ps, bandwidth=int(bandwidth),
                           expected_downtime_ms=round(expected_ms, 1))
-            if decision.action is Action.SWITCH_OVER and unsynced > WRITEBACK_AFTER:
+            if decision.action is Action.SWITCH_OVER and (not written_back
+                                                          or unsynced > WRITEBACK_AFTER):
                 # Converged. The destination's commit makes the image durable while the
                 # guest is paused: have it write back what it holds now, while the guest
                 # still runs, so the pause pays only for the last pages. The write-back
@@ -345,7 +363,7 @@ class SourceJob:
                 # guest dirties pages meanwhile: iterate once more and judge again with
                 # what it dirtied, rather than pause on a stale estimate.
                 self._writeback()
-                unsynced = 0
+                written_back, unsynced = True, 0
                 decision = dataclasses.replace(decision, action=Action.ITERATE)
             if decision.action is Action.SWITCH_OVER:
                 # Stop the guest; what it dirtied since the last bitmap sync joins the
@@ -463,6 +481,14 @@ class SourceJob:
         self._sync(self.stats.iterations, final=True)
         with self._lock:
             self._check_exiting()
+            if self._guest is not None:
+                # From here the destination may commit and run the guest: the pause is no
+                # longer ours to end, not even by dying (the guest would resume itself
+                # under the ordinary lease). Only resume/retire, by hand, settle it now.
+                try:
+                    self._guest.hold(self.uuid)
+                except GuestError as e:
+                    raise MigrationError(f"the guest's pause cannot be held: {e}") from e
             self._device_sent = True
         self._main.send(DeviceStateRecord(device_state))
         faults.reached("source:device-sent")
@@ -474,9 +500,13 @@ class SourceJob:
         self.stats.committed()
         self.log.info("committed", downtime_ms=round(self.stats.downtime_ms or 0, 1))
         if self._guest is not None:
-            # The destination owns the guest now; two running copies would diverge.
-            with contextlib.suppress(GuestError):
-                self._guest.request_exit()
+            # The destination owns the guest now; two running copies would diverge. The
+            # mark stays in IMAGE.guest: a guest started here again needs --force.
+            try:
+                self._guest.hand_over(self.uuid)
+            except GuestError as e:
+                self.log.error("the source guest could not be marked handed over; it stays "
+                               "paused: retire it with `zcmigrate retire`", error=str(e))
 
     # --------------------------------------------------------------- failure
 

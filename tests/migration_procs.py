@@ -21,10 +21,12 @@ ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 
 def spawn(*args: str, stdout: Any = subprocess.PIPE, stderr: Any = subprocess.PIPE,
-          ) -> subprocess.Popen[str]:
-    """The child, its pipes read from the start by a ChildOutput (wait_line, finish...)."""
+          env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    """The child, its pipes read from the start by a ChildOutput (wait_line, finish...);
+    `env` adds to the environment (ZCMIGRATE_FAULT, for one)."""
     proc = subprocess.Popen([*DIE_WITH_PARENT, sys.executable, "-m", "zcmigrate", *args],
-                            cwd=ROOT, env=ENV, stdout=stdout, stderr=stderr, text=True)
+                            cwd=ROOT, env={**ENV, **(env or {})}, stdout=stdout,
+                            stderr=stderr, text=True)
     ChildOutput(proc)
     return proc
 
@@ -113,9 +115,24 @@ class Receiver:
         return ChildOutput.of(self.proc).wait_exit(timeout)
 
 
-def send(image: Path, port: int, *args: str) -> subprocess.Popen[str]:
+def send(image: Path, port: int, *args: str,
+         env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     return spawn("send", str(image), "--to", f"127.0.0.1:{port}", "--json",
-                 "--log-format", "json", *args)
+                 "--log-format", "json", *args, env=env)
+
+
+def wait_stopped(proc: subprocess.Popen[str], timeout: float = 60.0) -> None:
+    """Until `proc` has stopped itself at a fault point (ZCMIGRATE_FAULT): state T."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"{proc.args} exited ({proc.returncode}) before its "
+                                 "fault point")
+        stat = Path(f"/proc/{proc.pid}/stat").read_text()
+        if stat[stat.rfind(")") + 2] == "T":
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"{proc.args} did not reach its fault point in {timeout:g} s")
 
 
 def json_output(out: str) -> dict[str, Any]:

@@ -3,6 +3,7 @@ and a sender over loopback TCP, and the oracle on the destination."""
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import subprocess
 from pathlib import Path
@@ -17,6 +18,7 @@ from tests.migration_procs import (
     send,
     stop,
     wait_for_event,
+    wait_stopped,
 )
 
 # Downtime runs from the pause to the destination's commit: the last pages, the final
@@ -206,8 +208,10 @@ def test_a_static_image_migrates_in_one_pass(tmp_path: Path) -> None:
 
 
 def test_a_failure_after_the_pause_resumes_the_guest_at_the_source(tmp_path: Path) -> None:
-    """A fake destination plays along until the source has decided to pause, then resets
-    every connection: the source must fail and resume its paused guest."""
+    """A fake destination plays along until the source has paused the guest (the source
+    stops itself there: ZCMIGRATE_FAULT), then resets every connection: the source must
+    fail and resume its paused guest."""
+    import signal
     import socket
     import struct
     import threading
@@ -243,6 +247,8 @@ def test_a_failure_after_the_pause_resumes_the_guest_at_the_source(tmp_path: Pat
         except OSError:
             pass
 
+    threads: list[threading.Thread] = []
+
     def fake_destination() -> None:
         main, _ = lsock.accept()
         conns.append(main)
@@ -253,22 +259,34 @@ def test_a_failure_after_the_pause_resumes_the_guest_at_the_source(tmp_path: Pat
         for _ in range(2):
             d, _ = lsock.accept()
             conns.append(d)
-            threading.Thread(target=drain, args=(d,), daemon=True).start()
-        while True:
-            rtype, n = decode_header(recv_exact(main, RECORD_HEADER_SIZE))
-            recv_exact(main, n)
-            if rtype is RecordType.WRITEBACK:
-                main.sendall(WritebackDone().encode())
-                break
-        for c in conns:  # reset, not close: the source's next write fails at once
-            c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            c.close()
+            threads.append(threading.Thread(target=drain, args=(d,), daemon=True))
+            threads[-1].start()
+        with contextlib.suppress(OSError):
+            while True:
+                rtype, n = decode_header(recv_exact(main, RECORD_HEADER_SIZE))
+                recv_exact(main, n)
+                if rtype is RecordType.WRITEBACK:
+                    main.sendall(WritebackDone().encode())
 
     t = threading.Thread(target=fake_destination, daemon=True)
     t.start()
     try:
-        code, stats, err = finish(send(src, port, "--multifd-channels", "2"))
-        t.join(10)
+        proc = send(src, port, "--multifd-channels", "2",
+                    env={"ZCMIGRATE_FAULT": "source:paused"})
+        wait_stopped(proc)  # the guest is paused, nothing of the last pages has left
+        # Reset, not close: the source's next write fails at once. A socket another
+        # thread still reads is only really closed when that read returns, so the
+        # readers are woken (SHUT_RD sends nothing) and gone before the reset.
+        for c in list(conns):
+            c.shutdown(socket.SHUT_RD)
+        for th in [t, *threads]:
+            th.join(10)
+            assert not th.is_alive()
+        for c in list(conns):
+            c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            c.close()
+        proc.send_signal(signal.SIGCONT)
+        code, stats, err = finish(proc)
         assert code == 1, err
         assert stats["status"] == "failed"
         assert '"event": "guest paused"' in err, "the source never paused the guest"
