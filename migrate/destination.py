@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import hmac
-import mmap
 import os
 import secrets
 import threading
@@ -115,7 +114,6 @@ class DestinationJob:
         self.exiting = Exiting()
         self._main: MainChannel | None = None
         self._pool: ReceiverPool | None = None
-        self._map: mmap.mmap | None = None
         self._fd = -1
         self._incoming = incoming_path(self.image)
         self._created = False
@@ -167,8 +165,8 @@ class DestinationJob:
                       page_size=ctx.page_size, zero_copy=hello.zero_copy)
 
         channels = self._accept_data_channels(InitTracker(ctx), ctx.channels)
-        assert self._map is not None
-        self._pool = ReceiverPool(channels, ctx, self._map, known_zero=True,
+        # The pool writes pages through the descriptor (pwrite), not a mapping.
+        self._pool = ReceiverPool(channels, ctx, self._fd, known_zero=True,
                                   exiting=self.exiting)
         self._pool.start()
 
@@ -306,7 +304,6 @@ class DestinationJob:
         try:
             # A sparse file reads as zero: pages sent as zero need no write at all.
             os.ftruncate(fd, size)
-            self._map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except OSError as e:
             raise ReceiveError(f"cannot size {self._incoming} to {size} bytes: {e.strerror}") \
                 from e
@@ -327,10 +324,9 @@ class DestinationJob:
 
     def _commit(self, device_state: bytes) -> None:
         """Make image and device state durable, then swap them in (the commit point)."""
-        assert self._map is not None
         if self._writeback is not None:
             self._writeback.join()
-        self._map.flush()
+        # The pages came through the descriptor: its fsync makes them durable.
         os.fsync(self._fd)
         state_file = state_path(self.image)
         # No window where a new image sits beside an old state: the old state goes
@@ -383,9 +379,6 @@ class DestinationJob:
             self._pool.close()
         if self._main is not None:
             self._main.close()
-        if self._map is not None:
-            with contextlib.suppress(BufferError):
-                self._map.close()
         if self._writeback is not None:
             self._writeback.join()
         if self._fd >= 0:
