@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+WORK = Path("/dev/shm/zcmigrate-bench")  # the devshm location's work dir (live.py, cpu_profile.py)
 GiB = 1 << 30
 CHUNK = 16 << 20
 PAGE = 4096
@@ -68,7 +69,7 @@ def make_image(path: Path, size: int, kind: str) -> None:
             f.write(buf)
 
 
-def warm_up(size: int, work: Path) -> float:
+def warm_up(size: int, work: Path = WORK) -> float:
     """Write and delete a file of the image's size where the images live: this VM hands freed
     memory back to its host, and a run must not pay for faulting it back in."""
     t0 = time.monotonic()
@@ -288,7 +289,7 @@ class Location:
 
     def setup(self) -> None:
         if self.name == "devshm":
-            self.root = Path("/dev/shm")
+            self.root = WORK.parent
         elif self.name in ("hugetmpfs", "disk"):
             if os.geteuid() != 0:
                 raise SystemExit(f"location {self.name}: the bench mounts it, which needs root")
