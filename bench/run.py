@@ -539,14 +539,17 @@ def chart_path(base: Path, loc: str, several: bool) -> Path:
     return base.with_name(f"{base.stem}-{tag}{base.suffix}")
 
 
-def describe_location(loc: str, mount: str) -> str:
+def describe_location(name: str, directory: str, mount: str) -> str:
     fields = mount.split(" ")
     fstype = fields[2] if len(fields) > 2 else "?"
     opts = fields[3] if len(fields) > 3 else ""
+    if name == "disk":
+        return f"images on disk ({fstype} on a loop device)"
     if fstype == "tmpfs":
         huge = next((o for o in opts.split(",") if o.startswith("huge=")), "huge=never")
-        return f"images in {loc} (tmpfs {huge})"
-    return f"images in {loc} ({fstype})"
+        where = "a tmpfs" if name == "hugetmpfs" else directory
+        return f"images in {where} (tmpfs {huge})"
+    return f"images in {directory} ({fstype})"
 
 
 def write_outputs(doc: dict[str, Any], out: Path, chart_base: Path, table_path: Path) -> str:
@@ -558,7 +561,7 @@ def write_outputs(doc: dict[str, Any], out: Path, chart_base: Path, table_path: 
     mounts = doc.get("locations", {})
     for loc in locs:
         rows = [t for t in table if t.get("location", "devshm") == loc]
-        where = describe_location(mounts[loc]["dir"], mounts[loc]["mount"]) \
+        where = describe_location(loc, mounts[loc]["dir"], mounts[loc]["mount"]) \
             if loc in mounts else None
         chart(rows, limits, doc, chart_path(chart_base, loc, len(locs) > 1), where)
     return md
