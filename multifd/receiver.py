@@ -117,11 +117,11 @@ class ReceiverPool(PoolBase):
 
     image: a file descriptor open for writing on the image file (of at least the image's
     size), or a writable mapping of it. Through a descriptor, each worker reads a packet's
-    pages into its own buffer and writes them with pwrite: on a 4 KiB-page tmpfs or a disk
-    file that costs about half the CPU of a copy into a fresh mapping, which faults and zeroes
-    every new page first (docs/performance.md). A mapping (anonymous memory in tests) gets
-    the pages read straight into place. The pool never closes the descriptor; durability
-    (fdatasync) is the caller's.
+    pages into its own buffer and writes them with pwrite: on a 4 KiB-page tmpfs that costs
+    about half the CPU of a copy into a fresh mapping, which faults and zeroes every new page
+    first. A mapping (anonymous memory in tests; the destination's choice on disk file
+    systems, docs/performance.md) gets the pages read straight into place. The pool never
+    closes the descriptor; durability (fdatasync) is the caller's.
 
     known_zero: `image` is fresh (all zero): zero pages never written need no work.
     """
@@ -349,11 +349,14 @@ class ReceiverPool(PoolBase):
             nn = len(normal)
             if nn and to_file:
                 normal_c = ffi.from_buffer("uint64_t[]", normal)
-                size = header.payload_size
-                payload_iov.entries[0].iov_len = size
-                payload_iov.set_filled(1, size)
+                payload = header.payload_size
+                if payload > len(payload_buf):  # decode_header refuses it; never overrun
+                    raise RemoteProtocolError(f"packet payload of {payload} bytes, more than "
+                                              f"pages_alloc pages ({len(payload_buf)})")
+                payload_iov.entries[0].iov_len = payload
+                payload_iov.set_filled(1, payload)
                 ch.readv_into(payload_iov)
-                consumed += size
+                consumed += payload
                 # Written before the next header is read: every page of this packet is in the
                 # file before this worker can reach a SYNC, so the barrier keeps its meaning
                 # (ARCHITECTURE.md, invariant 2), and a later packet's copy of a page lands
