@@ -223,7 +223,7 @@ class DestinationJob:
                       page_size=ctx.page_size, zero_copy=hello.zero_copy)
 
         channels = self._accept_data_channels(InitTracker(ctx), ctx.channels)
-        self._pool = ReceiverPool(channels, ctx, self._incoming.mapping, known_zero=True,
+        self._pool = ReceiverPool(channels, ctx, self._incoming.sink, known_zero=True,
                                   exiting=self.exiting)
         self._pool.start()
 

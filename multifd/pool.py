@@ -26,7 +26,7 @@ _log = structlog.get_logger("zcmigrate.multifd")
 class PoolBase:
     role: ClassVar[str]  # "send" or "receive", for messages
 
-    def __init__(self, channels: Sequence[Channel], ctx: WireContext, image: Buffer, *,
+    def __init__(self, channels: Sequence[Channel], ctx: WireContext, image: Buffer | None, *,
                  writable: bool, exiting: Exiting | None) -> None:
         if len(channels) != ctx.channels:
             raise ValueError(
@@ -36,13 +36,18 @@ class PoolBase:
         self._exiting = exiting if exiting is not None else Exiting()
         self._lock = threading.RLock()
         self._channels = list(channels)
-        self._image_c: Any = ffi.from_buffer(image, require_writable=writable)
-        if len(self._image_c) < ctx.image_size:
-            ffi.release(self._image_c)
-            raise ValueError(f"image of {len(self._image_c)} bytes, the wire context says "
-                             f"{ctx.image_size}")
-        # The mapping's address, taken once: C builds iovecs from it for every packet.
-        self._base = int(ffi.cast("uintptr_t", self._image_c))
+        # None: the pool works through a file descriptor, not a mapping (the receiver's
+        # image file); then there is no address and nothing to release.
+        self._image_c: Any = None
+        self._base = 0
+        if image is not None:
+            self._image_c = ffi.from_buffer(image, require_writable=writable)
+            if len(self._image_c) < ctx.image_size:
+                ffi.release(self._image_c)
+                raise ValueError(f"image of {len(self._image_c)} bytes, the wire context says "
+                                 f"{ctx.image_size}")
+            # The mapping's address, taken once: C builds iovecs from it for every packet.
+            self._base = int(ffi.cast("uintptr_t", self._image_c))
         self._started = False
         self._stopping = False
         self._closed = False
@@ -90,7 +95,8 @@ class PoolBase:
             return False
         for ch in self._channels:
             ch.close()
-        ffi.release(self._image_c)
+        if self._image_c is not None:
+            ffi.release(self._image_c)
         return True
 
     def _raise_if_failed(self) -> None:

@@ -1,10 +1,11 @@
-"""The multifd receiver pool: N worker threads reading packets and writing their pages straight
-into the destination mapping, and the sync barrier that keeps iterations in order.
-It knows pages and packets; it must not know guests, the CLI, systemd or the main channel.
+"""The multifd receiver pool: N worker threads reading packets and writing their pages into the
+destination image (a file through its descriptor, or a mapping), and the sync barrier that keeps
+iterations in order. It knows pages and packets; not guests, the CLI, systemd or the main channel.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from array import array
@@ -94,6 +95,14 @@ class ReceiverPool(PoolBase):
     place), "recv_sync" (a SYNC packet read, before the barrier). An exception in the hook
     fails the worker like any other.
 
+    image: a file descriptor open for writing on the image file (of at least the image's
+    size), or a writable mapping of it. Through a descriptor, each worker reads a packet's
+    pages into its own buffer and writes them with pwrite: on a 4 KiB-page tmpfs that costs
+    about half the CPU of a copy into a fresh mapping, which faults and zeroes every new page
+    first. A mapping (anonymous memory in tests; the destination's choice on disk file
+    systems, docs/performance.md) gets the pages read straight into place. The pool never
+    closes the descriptor; durability (fdatasync) is the caller's.
+
     known_zero: `image` is fresh (all zero): zero pages never written need no work.
     """
 
@@ -103,14 +112,26 @@ class ReceiverPool(PoolBase):
         self,
         channels: Sequence[Channel],
         ctx: WireContext,
-        image: Buffer,
+        image: Buffer | int,
         *,
         known_zero: bool = False,
         exiting: Exiting | None = None,
         hook: Hook | None = None,
     ) -> None:
-        super().__init__(channels, ctx, image, writable=True, exiting=exiting)
+        self._fd = -1
+        if isinstance(image, int):
+            size = os.fstat(image).st_size
+            if size < ctx.image_size:
+                raise ValueError(f"image file of {size} bytes, the wire context says "
+                                 f"{ctx.image_size}")
+            self._fd = image
+        super().__init__(channels, ctx, None if isinstance(image, int) else image,
+                         writable=True, exiting=exiting)
         self._hook = hook
+        # Held around each packet's pwrite: writes to one file serialize on its inode lock
+        # anyway, and a worker waiting here sleeps where one waiting for the inode lock spins
+        # (rwsem_spin_on_owner), taking a core from the sender on a 2-core host.
+        self._write_lock = threading.Lock()
         self._cond = threading.Condition(self._lock)  # the barrier, both directions
         self._workers = [_Worker(i, ch) for i, ch in enumerate(channels)]
         npages = ctx.image_size // ctx.page_size
@@ -257,6 +278,13 @@ class ReceiverPool(PoolBase):
         offsets_view = memoryview(offsets_buf)
         offsets_iov = IoVec(1)
         nwritten: Any = ffi.new("uint32_t *")
+        to_file = self._fd >= 0
+        if to_file:
+            # A packet's pages land here first, then go to the file: the place for a step
+            # that works on the payload before it is written (decryption in place).
+            payload_buf: Any = ffi.new("char[]", ctx.pages_alloc * ps)
+            payload_iov = IoVec(1)
+            payload_iov.entries[0].iov_base = payload_buf
         # Bytes this worker has read; with the channel's own count it tells a close at a
         # packet boundary (nothing of the next packet read) from one inside a packet.
         read_base = ch.statistics().bytes_received
@@ -299,7 +327,30 @@ class ReceiverPool(PoolBase):
             if hook is not None:
                 hook("recv_header", w.id)
             nn = len(normal)
-            if nn:
+            if nn and to_file:
+                normal_c = ffi.from_buffer("uint64_t[]", normal)
+                payload = header.payload_size
+                if payload > len(payload_buf):  # decode_header refuses it; never overrun
+                    raise RemoteProtocolError(f"packet payload of {payload} bytes, more than "
+                                              f"pages_alloc pages ({len(payload_buf)})")
+                payload_iov.entries[0].iov_len = payload
+                payload_iov.set_filled(1, payload)
+                ch.readv_into(payload_iov)
+                consumed += payload
+                # Written before the next header is read: every page of this packet is in the
+                # file before this worker can reach a SYNC, so the barrier keeps its meaning
+                # (ARCHITECTURE.md, invariant 2), and a later packet's copy of a page lands
+                # after this one's.
+                with self._write_lock:
+                    rc = lib.zc_write_pages(self._fd, ctx.image_size, normal_c, nn, ps,
+                                            payload_buf, len(payload_buf))
+                if rc == lib.ZC_EBOUNDS:
+                    raise RemoteProtocolError("packet offsets: outside the image (zc_write_pages)")
+                if rc:
+                    raise OSError(rc, f"writing pages to the image file: {os.strerror(rc)}")
+                if known_zero:
+                    lib.zc_mark_pages(written_c, normal_c, nn, ps)
+            elif nn:
                 normal_c = ffi.from_buffer("uint64_t[]", normal)
 
                 # In C: the iovecs (adjacent pages merged), then readv straight into the
@@ -314,7 +365,18 @@ class ReceiverPool(PoolBase):
                 if known_zero:
                     lib.zc_mark_pages(written_c, normal_c, nn, ps)
             nz = len(zero)
-            if nz:
+            if nz and to_file:
+                zero_c = ffi.from_buffer("uint64_t[]", zero)
+                with self._write_lock:
+                    rc = lib.zc_write_zero_pages(self._fd, ctx.image_size, zero_c, nz, ps,
+                                                 written_c, nwritten)
+                if rc == lib.ZC_EBOUNDS:
+                    raise RemoteProtocolError(
+                        "packet offsets: outside the image (zc_write_zero_pages)")
+                if rc:
+                    raise OSError(rc, f"writing zero pages to the image file: "
+                                      f"{os.strerror(rc)}")
+            elif nz:
                 zero_c = ffi.from_buffer("uint64_t[]", zero)
                 if lib.zc_zero_pages(self._base, ctx.image_size, zero_c, nz, ps, written_c,
                                      nwritten):

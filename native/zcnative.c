@@ -343,6 +343,117 @@ int zc_recv_pages(int fd, uint64_t base, uint64_t image_size, const uint64_t *of
     return 0;
 }
 
+/* ------------------------------------------------------------------ image file */
+
+/* Zeros for zc_write_zero_pages' iovecs: every iovec of a run points here (MAX_PAGE_SIZE
+ * of the wire format; larger pages are refused). */
+#define ZC_ZERO_BLOCK 65536
+static const char zero_block[ZC_ZERO_BLOCK];
+
+static int pwrite_all(int fd, const char *p, uint64_t len, uint64_t off)
+{
+    while (len) {
+        ssize_t r = pwrite(fd, p, len, (off_t)off);
+        if (r < 0) {
+            if (errno == EINTR)
+                continue;
+            return errno;
+        }
+        if (r == 0)
+            return EIO; /* pwrite makes no progress: never loop for ever */
+        p += r;
+        len -= (uint64_t)r;
+        off += (uint64_t)r;
+    }
+    return 0;
+}
+
+int zc_write_pages(int fd, uint64_t image_size, const uint64_t *offsets, uint32_t n,
+                   uint32_t page_size, const void *buf, uint64_t buf_len)
+{
+    /* The packet's pages lie in buf in the packet's order: page i at i * page_size. One
+     * pwrite per run of adjacent pages; a static image's packet is one run. Through the fd,
+     * not a mapping: write(2) fills a new page-cache page without zeroing it first and
+     * without a fault per page, about half the CPU of a copy into a fresh MAP_SHARED
+     * mapping on a 4 KiB-page tmpfs (docs/performance.md, bench/pagecache_floor.c).
+     * Everything is checked before the first write: an offset outside the image would
+     * grow the file, so a receiver never writes outside it whatever it reads. */
+    const char *src = buf;
+    if (page_size == 0 || !pages_in_bounds(image_size, offsets, n, page_size) ||
+        (uint64_t)n * page_size > buf_len)
+        return ZC_EBOUNDS;
+    uint32_t i = 0;
+    while (i < n) {
+        uint32_t j = i + 1;
+        while (j < n && offsets[j] == offsets[j - 1] + page_size)
+            j++;
+        int r = pwrite_all(fd, src + (uint64_t)i * page_size, (uint64_t)(j - i) * page_size,
+                           offsets[i]);
+        if (r)
+            return r;
+        i = j;
+    }
+    return 0;
+}
+
+int zc_write_zero_pages(int fd, uint64_t image_size, const uint64_t *offsets, uint32_t n,
+                        uint32_t page_size, const uint64_t *written, uint32_t *nwritten)
+{
+    /* Zero pages through the fd. A page never written on a fresh image is already zero
+     * (written != NULL and its bit clear): nothing to do, not even a page allocated. Any
+     * other is written with zeros, a run of adjacent pages per pwritev: cheaper than
+     * punching it (fallocate PUNCH_HOLE) on a 4 KiB tmpfs, a huge-page tmpfs and ext4
+     * alike (bench/pagecache_floor.c, zero-write against zero-punch). */
+    struct iovec win[ZC_IOV_MAX];
+    *nwritten = 0;
+    if (page_size == 0 || page_size > ZC_ZERO_BLOCK ||
+        !pages_in_bounds(image_size, offsets, n, page_size))
+        return ZC_EBOUNDS;
+    uint32_t shift = (uint32_t)__builtin_ctz(page_size);
+    uint32_t i = 0;
+    while (i < n) {
+        if (written && !bitmap_test(written, offsets[i] >> shift)) {
+            i++;
+            continue;
+        }
+        int cnt = 0;
+        uint32_t j = i;
+        do {
+            win[cnt].iov_base = (void *)zero_block;
+            win[cnt].iov_len = page_size;
+            cnt++;
+            j++;
+        } while (j < n && cnt < ZC_IOV_MAX && offsets[j] == offsets[j - 1] + page_size &&
+                 !(written && !bitmap_test(written, offsets[j] >> shift)));
+        uint64_t off = offsets[i], left = (uint64_t)cnt * page_size;
+        struct iovec *v = win;
+        while (left) {
+            ssize_t r = pwritev(fd, v, cnt, (off_t)off);
+            if (r < 0) {
+                if (errno == EINTR)
+                    continue;
+                return errno;
+            }
+            if (r == 0)
+                return EIO;
+            off += (uint64_t)r;
+            left -= (uint64_t)r;
+            while (cnt && (uint64_t)r >= v->iov_len) { /* a short write: go on after it */
+                r -= (ssize_t)v->iov_len;
+                v++;
+                cnt--;
+            }
+            if (r) {
+                v->iov_base = (char *)v->iov_base + r;
+                v->iov_len -= (size_t)r;
+            }
+        }
+        *nwritten += j - i;
+        i = j;
+    }
+    return 0;
+}
+
 /* ---------------------------------------------------------------------- bitmap */
 
 uint64_t zc_bitmap_fetch_clear(uint64_t *bm, uint64_t nwords, uint64_t *out)

@@ -30,6 +30,12 @@ enum { ZC_EBOUNDS = -2 };
 
 int zc_recv_pages(int fd, uint64_t base, uint64_t image_size, const uint64_t *offsets,
                   uint32_t n, uint32_t page_size, uint64_t *nread);
+/* The image-file path: a packet's payload read into a buffer first (where a later step,
+ * decryption, can work on it), then written with pwrite; zero pages written as zeros. */
+int zc_write_pages(int fd, uint64_t image_size, const uint64_t *offsets, uint32_t n,
+                   uint32_t page_size, const void *buf, uint64_t buf_len);
+int zc_write_zero_pages(int fd, uint64_t image_size, const uint64_t *offsets, uint32_t n,
+                        uint32_t page_size, const uint64_t *written, uint32_t *nwritten);
 int zc_page_iov(uint64_t base, uint64_t image_size, const uint64_t *offsets, uint32_t n,
                 uint32_t page_size, struct iovec *iov);
 int64_t zc_split_zero(uint64_t base, uint64_t image_size, const uint64_t *offsets, uint32_t n,

@@ -4,11 +4,13 @@ always lands after its older version, whatever order the receivers run in.
 Page P leaves on channel 0; the source changes P; sync; P leaves again on channel 1; sync.
 A Sequencer holds the pools' threads at their hook points to force every interleaving of
 channel 1's SYNC with channel 0's progress on the older P (ARCHITECTURE.md, invariant 2).
+Both ways into the image: pages read into a mapping, and pages written to a file (pwrite).
 """
 
 from __future__ import annotations
 
 import mmap
+import os
 from array import array
 from collections.abc import Iterator
 
@@ -75,9 +77,18 @@ def run_scenario(
     sender_sync_order: list[HookKey],
     receiver_order: list[HookKey],
     receiver_timeout: float = 10.0,
+    to_file: bool = False,
 ) -> tuple[mmap.mmap, HookSchedule, dict[str, bytes], Background[list[int]], PoolStats]:
     src = mmap.mmap(-1, CTX.image_size)
-    dst = mmap.mmap(-1, CTX.image_size)
+    fd = -1
+    if to_file:
+        # The receiver writes the file with pwrite; the test watches it through a mapping,
+        # which shows the page cache as it is at each hook.
+        fd = os.memfd_create("dst-image")
+        os.ftruncate(fd, CTX.image_size)
+        dst = mmap.mmap(fd, CTX.image_size, prot=mmap.PROT_READ)
+    else:
+        dst = mmap.mmap(-1, CTX.image_size)
     src[P * PAGE:(P + 1) * PAGE] = OLD
     src[Q * PAGE:(Q + 1) * PAGE] = Q_DATA
     seen: dict[str, bytes] = {}
@@ -97,8 +108,8 @@ def run_scenario(
                  R1S: lambda: seen.setdefault("at R1s", page(dst, P)),
                  R1P: lambda: seen.setdefault("at R1p", page(dst, P))},
     )
-    pools = make_pools(CTX, src, dst, zero_copy=zero_copy, sender_hook=sender_hook,
-                       receiver_hook=receiver_hook)
+    pools = make_pools(CTX, src, fd if to_file else dst, zero_copy=zero_copy,
+                       sender_hook=sender_hook, receiver_hook=receiver_hook)
 
     def coordinate() -> list[int]:
         return [pools.receiver.sync(timeout=20), pools.receiver.sync(timeout=20)]
@@ -124,17 +135,21 @@ def run_scenario(
         coord.exception(30)
         pools.close()
         src.close()
+        if fd >= 0:
+            os.close(fd)  # the mapping keeps the file
     return dst, receiver_hook, seen, coord, sent
 
 
+@pytest.mark.parametrize("to_file", [False, True], ids=["mapping", "file"])
 @pytest.mark.parametrize("zero_copy", [False, True], ids=["copy", "zerocopy"])
 @pytest.mark.parametrize("sender_order", list(SENDER_ORDERS))
 @pytest.mark.parametrize("receiver_order", list(RECEIVER_ORDERS))
 def test_newer_version_of_a_page_always_wins(
-    zero_copy: bool, sender_order: str, receiver_order: str
+    zero_copy: bool, sender_order: str, receiver_order: str, to_file: bool
 ) -> None:
     dst, hook, seen, coord, sent = run_scenario(
-        zero_copy, SENDER_ORDERS[sender_order], RECEIVER_ORDERS[receiver_order])
+        zero_copy, SENDER_ORDERS[sender_order], RECEIVER_ORDERS[receiver_order],
+        to_file=to_file)
     try:
         assert coord.result() == [1, 2]
         # The second P really went on channel 1, the first on channel 0.
@@ -156,11 +171,13 @@ def test_newer_version_of_a_page_always_wins(
         dst.close()
 
 
-def test_the_barrier_makes_the_stale_order_impossible() -> None:
+@pytest.mark.parametrize("to_file", [False, True], ids=["mapping", "file"])
+def test_the_barrier_makes_the_stale_order_impossible(to_file: bool) -> None:
     """Forcing the newer P in before channel 0 reads the older one cannot happen: channel 1
     waits at SYNC 1 for channel 0, which the sequencer holds, until the sequencer gives up."""
     dst, hook, _seen, coord, _ = run_scenario(
-        False, SENDER_ORDERS["ch0-sync-sent-first"], [R1P, R0H], receiver_timeout=1.0)
+        False, SENDER_ORDERS["ch0-sync-sent-first"], [R1P, R0H], receiver_timeout=1.0,
+        to_file=to_file)
     try:
         err = coord.exception()
         assert isinstance(err, MultifdError)
