@@ -1,9 +1,10 @@
 """A/B of the destination's way into the image, real `send`/`receive` processes as
 bench/run.py runs them, interleaved, each after a warm-up. Needs the temporary switch
 (`git apply bench/ab/receive_path.patch`; `git apply -R` afterwards): ZCM_AB=fd (pwrite
-through the descriptor, the pool's write lock), nolock (pwrite, no lock), mmap (the mapping).
+through the descriptor) or mmap (the mapping); the lock-or-not A/B of docs/performance.md
+was made with an earlier version of the patch (git log bench/ab/receive_path.patch).
 
-    python bench/ab/receive.py fd,nolock,mmap /dev/shm 7 1G [random|half|zero]
+    python bench/ab/receive.py fd,mmap /dev/shm 7 1G [random|half|zero]
 """
 
 from __future__ import annotations
