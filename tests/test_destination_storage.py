@@ -16,7 +16,7 @@ import pytest
 from tests.migration_procs import Receiver
 from tests.test_destination_protocol import PAGE, SIZE, ctx, handshake, recv_record
 from zcmigrate.migrate.incoming import WRITE_THROUGH_FD, filesystem_type
-from zcmigrate.migrate.protocol import RecordType, encode_flush, encode_record
+from zcmigrate.migrate.protocol import DeviceStateRecord, EndOfRam, MultifdFlush, RecordType
 from zcmigrate.multifd.wire import encode_init, encode_packet, encode_sync
 
 
@@ -55,7 +55,7 @@ def test_a_newer_copy_and_a_zero_page_land_over_older_data(image_dir: Path) -> N
     dst = image_dir / "dst.img"
     recv = Receiver.start(dst)
     main, ack = handshake(recv.port)
-    assert ack.type is RecordType.HELLO_ACK
+    assert ack.TYPE is RecordType.HELLO_ACK
     data = socket.create_connection(("127.0.0.1", recv.port), timeout=10)
     data.sendall(encode_init(ctx(), 0))
     a, b, c = b"\x0a" * PAGE, b"\x0b" * PAGE, b"\x0c" * PAGE
@@ -63,14 +63,13 @@ def test_a_newer_copy_and_a_zero_page_land_over_older_data(image_dir: Path) -> N
     data.sendall(encode_packet(ctx(), packet_num=1, normal=[PAGE * 5, PAGE * 6, PAGE * 7],
                                zero=[PAGE * 9]) + a + b + a)
     data.sendall(encode_sync(ctx(), 2))
-    main.sendall(encode_flush(1, final=False))
+    main.sendall(MultifdFlush(1).encode())
     # Iteration 2: 5 again with new data, 6 now zero (it holds data: it must be cleared).
     data.sendall(encode_packet(ctx(), packet_num=3, normal=[PAGE * 5], zero=[PAGE * 6]) + c)
     data.sendall(encode_sync(ctx(), 4))
-    main.sendall(encode_flush(2, final=True))
-    main.sendall(encode_record(RecordType.END_OF_RAM))
-    main.sendall(encode_record(RecordType.DEVICE_STATE, b'{"kind":"test"}'))
-    assert recv_record(main).type is RecordType.COMMIT_ACK
+    main.sendall(EndOfRam(2).encode())
+    main.sendall(DeviceStateRecord(b'{"kind":"test"}').encode())
+    assert recv_record(main).TYPE is RecordType.COMMIT_ACK
     code, _, err = recv.result(timeout=30)
     assert code == 0, err
     image = dst.read_bytes()
