@@ -7,6 +7,8 @@ called from native/zccrypto.c). It knows bytes and keys, not pages, packets or r
 from __future__ import annotations
 
 import enum
+import hashlib
+import hmac
 import secrets
 import threading
 from dataclasses import dataclass
@@ -424,3 +426,35 @@ def _describe(rc: int) -> str:
         lib.ZCC_EBUSY: "the context is in use by another thread",
         lib.ZCC_ECRYPTO: "libcrypto failed",
     }.get(rc, f"code {rc}")
+
+
+# ---------------------------------------------------------------- the shared key
+
+_KEYFILE_SALT = b"zcmigrate key file v1"
+_HANDSHAKE_INFO = b"zcmigrate handshake mac v1"
+MIN_KEY_MATERIAL = 16
+
+
+def shared_key(material: bytes) -> bytes:
+    """The 32-byte shared key from a key file's contents (at least 16 bytes; `zcmigrate
+    keygen` writes 32 random ones): HKDF-extract and expand, so a longer or shorter
+    secret still gives a uniform key (RFC 5869 3.3)."""
+    if len(material) < MIN_KEY_MATERIAL:
+        raise ValueError(f"a key must hold at least {MIN_KEY_MATERIAL} bytes, "
+                         f"not {len(material)}")
+    return hkdf_sha256(material, salt=_KEYFILE_SALT, length=KEY_LEN)
+
+
+def handshake_mac(key: bytes, label: bytes, *parts: bytes) -> bytes:
+    """HMAC-SHA256 under a key of its own (HKDF from the shared key) over `label` and the
+    handshake's records, each length-prefixed so that no two transcripts collide."""
+    mac_key = hkdf_sha256(key, info=_HANDSHAKE_INFO, length=32)
+    h = hmac.new(mac_key, label, hashlib.sha256)
+    for part in parts:
+        h.update(len(part).to_bytes(4, "big"))
+        h.update(part)
+    return h.digest()
+
+
+def macs_equal(a: bytes, b: bytes) -> bool:
+    return hmac.compare_digest(a, b)

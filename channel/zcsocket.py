@@ -567,6 +567,19 @@ class Listener:
     def port(self) -> int:
         return self.address[1]
 
+    @property
+    def is_loopback(self) -> bool:
+        """Whether only this host can reach the listener (127.0.0.0/8, ::1)."""
+        import ipaddress
+
+        host = self.address[0]
+        try:
+            addr = ipaddress.ip_address(host.split("%", 1)[0])
+        except ValueError:
+            return False
+        mapped = getattr(addr, "ipv4_mapped", None)
+        return bool(addr.is_loopback or (mapped is not None and mapped.is_loopback))
+
     def fileno(self) -> int:
         return self._sock.fileno()
 

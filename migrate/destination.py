@@ -9,9 +9,8 @@ earlier is touched. It knows no CLI, terminal or systemd (status goes to a callb
 from __future__ import annotations
 
 import contextlib
-import hmac
+import hashlib
 import os
-import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -21,6 +20,7 @@ from typing import TypeVar
 
 import structlog
 
+from zcmigrate.channel.aead import Direction, SessionKeys, fresh_nonce, handshake_mac, macs_equal
 from zcmigrate.channel.errors import AcceptTimeout, ChannelError
 from zcmigrate.channel.zcsocket import DEFAULT_PEER_TIMEOUT, Channel, Listener
 from zcmigrate.migrate import faults
@@ -29,7 +29,6 @@ from zcmigrate.migrate.imagefiles import state_path
 from zcmigrate.migrate.incoming import IncomingImage, check_destination
 from zcmigrate.migrate.mainchannel import MainChannel
 from zcmigrate.migrate.protocol import (
-    NONCE_SIZE,
     Cancel,
     CommitAck,
     DeviceStateRecord,
@@ -44,7 +43,6 @@ from zcmigrate.migrate.protocol import (
     Role,
     Writeback,
     WritebackDone,
-    auth_mac,
 )
 from zcmigrate.migrate.stats import RECEIVE_FIELDS, channel_dict, channel_json
 from zcmigrate.multifd.exiting import Exiting, MultifdError
@@ -132,6 +130,7 @@ class DestinationJob:
         self._syncs = 0
         self._committed = False
         self._committing = False
+        self._session: SessionKeys | None = None
         self._acknowledged = True
         self._state_lock = threading.Lock()
         self._seen_bytes = -1
@@ -202,14 +201,11 @@ class DestinationJob:
                            Role.DESTINATION)
         self._main = main
         t0 = time.monotonic()  # the migration starts when its main channel arrives
-        nonce = secrets.token_bytes(NONCE_SIZE)
-        main.send(Greeting(nonce))
+        key = self.auth_key
+        greeting = Greeting(fresh_nonce(), keyed=key is not None)
+        main.send(greeting)
         hello = self._expect(Hello)
-        if self.auth_key is not None:
-            expected = auth_mac(self.auth_key, nonce, hello.uuid)
-            if not hmac.compare_digest(expected, hello.auth):
-                raise RemoteProtocolError("authentication failed: the source does not hold "
-                                          "this receiver's key")
+        self._authenticate(greeting, hello)
         ctx = hello.context()
         uuid = self._uuid = hello.uuid.hex()
         self.log = self.log.bind(uuid=uuid[:8])
@@ -217,7 +213,14 @@ class DestinationJob:
         # on the last one committed here): look again before touching anything.
         check_destination(self.image, replace=self.replace)
         self._incoming.create(ctx.image_size)
-        main.send(HelloAck())
+        if key is None:
+            main.send(HelloAck())
+        else:
+            main.send(HelloAck(handshake_mac(key, b"hello-ack", greeting.payload(),
+                                             hello.payload())))
+            self._session = SessionKeys(key, hello.nonce, greeting.nonce, hello.uuid)
+            main.secure(self._session.sealer(Direction.DESTINATION_TO_SOURCE, None),
+                        self._session.opener(Direction.SOURCE_TO_DESTINATION, None))
         self.status(f"migration {uuid[:8]}: {ctx.image_size >> 20} MiB, {ctx.channels} channels")
         self.log.info("hello", channels=ctx.channels, image_size=ctx.image_size,
                       page_size=ctx.page_size, zero_copy=hello.zero_copy)
@@ -264,6 +267,21 @@ class DestinationJob:
         self.status(f"migration {uuid[:8]}: committed")
         return result
 
+    def _authenticate(self, greeting: Greeting, hello: Hello) -> None:
+        key = self.auth_key
+        if key is None:
+            if hello.mac or hello.encryption:
+                raise RemoteProtocolError("the source holds a key and this receiver none: "
+                                          "give the receiver the same key")
+            return
+        if not hello.mac:
+            raise RemoteProtocolError("authentication failed: the source holds no key, and "
+                                      "this receiver accepts only sources that hold its key")
+        want = handshake_mac(key, b"hello", greeting.payload(), hello.body())
+        if not macs_equal(hello.mac, want):
+            raise RemoteProtocolError("authentication failed: the source does not hold this "
+                                      "receiver's key")
+
     # ------------------------------------------------------- record handlers
 
     def _on_flush(self, rec: Record) -> None:
@@ -305,7 +323,7 @@ class DestinationJob:
         faults.reached("destination:committed")
         self._committed = True
         try:
-            self._main.send(CommitAck())
+            self._main.send(CommitAck(hashlib.sha256(rec.data).digest()))
         except (ChannelError, OSError) as e:
             self._acknowledged = False
             self.log.error("committed, but the acknowledgement could not be delivered",

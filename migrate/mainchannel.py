@@ -1,8 +1,11 @@
 """The main channel's I/O: the records of migrate/protocol.py over a channel.Channel, each
-checked against the conversation table (migrate/conversation.py) in both directions.
+checked against the conversation table (migrate/conversation.py) in both directions, and
+sealed once the handshake has given the session its keys (AES-GCM: the clear header is the
+AAD, so neither type nor length can be changed; the counter is implicit, so a record can
+be neither replayed nor reordered).
 
-Framing, deadlines and order only; what a record means is the job's business. It knows
-nothing of pages or guests.
+Framing, sealing, deadlines and order only; what a record means is the job's business.
+It knows nothing of pages or guests.
 """
 
 from __future__ import annotations
@@ -12,7 +15,8 @@ import time
 from collections.abc import Callable
 
 from zcmigrate import ZcmigrateError
-from zcmigrate.channel.errors import ReadTimeout
+from zcmigrate.channel.aead import TAG_LEN, Opener, Sealer
+from zcmigrate.channel.errors import AeadError, ReadTimeout
 from zcmigrate.channel.zcsocket import Channel
 from zcmigrate.migrate.conversation import Conversation, Phase
 from zcmigrate.migrate.protocol import (
@@ -24,6 +28,7 @@ from zcmigrate.migrate.protocol import (
     Role,
     decode_header,
     decode_record,
+    encode_header,
 )
 from zcmigrate.multifd.wire import RemoteProtocolError
 
@@ -44,6 +49,16 @@ class MainChannel:
         self.channel = channel
         self.conversation = Conversation(role)
         self._device_state_max = device_state_max
+        self._sealer: Sealer | None = None
+        self._opener: Opener | None = None
+
+    def secure(self, sealer: Sealer, opener: Opener) -> None:
+        """From now on every record is sealed on the way out and opened on the way in."""
+        self._sealer, self._opener = sealer, opener
+
+    @property
+    def secured(self) -> bool:
+        return self._sealer is not None
 
     @property
     def phase(self) -> Phase:
@@ -52,7 +67,12 @@ class MainChannel:
     def send(self, record: Record) -> None:
         """Send `record`; LocalProtocolError (nothing sent) if the table forbids it now."""
         self.conversation.send(record)
-        self.channel.write_all(record.encode())
+        if self._sealer is None:
+            self.channel.write_all(record.encode())
+            return
+        payload = record.payload()
+        header = encode_header(record.TYPE, len(payload) + TAG_LEN)
+        self.channel.write_all(header + self._sealer.seal(payload, aad=header))
 
     def recv(self, timeout: float | None = None, *,
              abort: Callable[[], None] | None = None) -> Record:
@@ -76,13 +96,22 @@ class MainChannel:
                 wait = left if wait is None else min(wait, left)
             if self.channel.wait_readable(wait):
                 break
+        overhead = TAG_LEN if self._opener is not None else 0
         try:
-            head = self.channel.read_exact(RECORD_HEADER_SIZE, RECORD_TIMEOUT)
-            rtype, length = decode_header(head, self._device_state_max)
+            head = bytes(self.channel.read_exact(RECORD_HEADER_SIZE, RECORD_TIMEOUT))
+            rtype, length = decode_header(head, self._device_state_max, overhead)
             payload = bytes(self.channel.read_exact(length, RECORD_TIMEOUT)) if length else b""
         except ReadTimeout as e:
             raise RemoteProtocolError(f"main channel: a record from the {self._peer} stalled "
                                       f"half-way ({e})") from None
+        if self._opener is not None:
+            try:
+                payload = self._opener.open(self._opener.expected_counter, payload, aad=head)
+            except AeadError as e:
+                raise RemoteProtocolError(f"main channel: a {rtype.name} record from the "
+                                          f"{self._peer} failed authentication: it was changed "
+                                          f"on the way, or sealed under another key ({e})") \
+                    from None
         record = decode_record(rtype, payload)
         self.conversation.receive(record)
         return record

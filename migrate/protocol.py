@@ -10,8 +10,6 @@ guests or the CLI.
 from __future__ import annotations
 
 import enum
-import hashlib
-import hmac
 import json
 import struct
 from collections.abc import Callable
@@ -21,10 +19,11 @@ from typing import Any, ClassVar, TypeVar
 from zcmigrate.multifd.wire import LocalProtocolError, RemoteProtocolError, WireContext
 
 MAIN_MAGIC = 0x5A434D47  # "ZCMG": a data channel (0x11223344) is never mistaken for it
-MAIN_VERSION = 2
+MAIN_VERSION = 3
 RECORD_HEADER = struct.Struct(">IHHI")
 RECORD_HEADER_SIZE = RECORD_HEADER.size
 NONCE_SIZE = 32
+MAC_SIZE = 32  # HMAC-SHA256
 ERROR_MESSAGE_MAX = 4096
 # The device state is small (a guest's registers); its bound is the one size a receiver
 # may raise (decode_header's device_state_max), every other record's is fixed here. No
@@ -34,9 +33,9 @@ DEVICE_STATE_HARD_MAX = 64 << 20
 
 
 class RecordType(enum.IntEnum):
-    GREETING = 1  # dst -> src: protocol version and an authentication nonce
-    HELLO = 2  # src -> dst: migration UUID, parameters, image and page size, auth MAC
-    HELLO_ACK = 3  # dst -> src: the destination is ready for the data channels
+    GREETING = 1  # dst -> src: protocol version, a fresh nonce, whether it holds a key
+    HELLO = 2  # src -> dst: migration UUID, parameters, a fresh nonce, its MAC
+    HELLO_ACK = 3  # dst -> src: ready for the data channels, with its own MAC
     MULTIFD_FLUSH = 4  # src -> dst: every data channel has sent SYNC for this iteration
     END_OF_RAM = 5  # src -> dst: every data channel has sent its final SYNC; no page follows
     DEVICE_STATE = 6  # src -> dst: the paused guest's device state
@@ -70,7 +69,8 @@ def encode_header(rtype: RecordType, length: int) -> bytes:
 
 
 def decode_header(data: bytes | bytearray | memoryview,
-                  device_state_max: int = DEVICE_STATE_MAX) -> tuple[RecordType, int]:
+                  device_state_max: int = DEVICE_STATE_MAX,
+                  overhead: int = 0) -> tuple[RecordType, int]:
     """Check a record header; return its type and payload length.
 
     The length is checked against the record type's own bound before anything is read or
@@ -94,7 +94,8 @@ def decode_header(data: bytes | bytearray | memoryview,
         kind = RecordType(rtype)
     except ValueError:
         raise RemoteProtocolError(f"main channel: unknown record type {rtype}") from None
-    limit = RECORDS[kind].limit(device_state_max)
+    # `overhead`: what sealing adds to every payload (the AEAD tag).
+    limit = RECORDS[kind].limit(device_state_max) + overhead
     if length > limit:
         raise RemoteProtocolError(
             f"main channel: {kind.name} claims {length} bytes, more than its limit of {limit}"
@@ -186,24 +187,29 @@ class Record:
 
 @dataclass(frozen=True, slots=True)
 class Greeting(Record):
+    """The destination's first word: a fresh nonce, and whether it holds a key (a source
+    with a key refuses one that does not: it could not prove who it is)."""
+
     TYPE: ClassVar[RecordType] = RecordType.GREETING
     SENDERS: ClassVar[frozenset[Role]] = frozenset({Role.DESTINATION})
 
     nonce: bytes
+    keyed: bool = False
 
     def payload(self) -> bytes:
-        return _dumps({"version": MAIN_VERSION, "nonce": self.nonce.hex()})
+        return _dumps({"version": MAIN_VERSION, "nonce": self.nonce.hex(), "key": self.keyed})
 
     @classmethod
     def from_payload(cls, payload: bytes) -> Greeting:
         obj = _json_object("GREETING", payload)
         return cls(nonce=_hex("GREETING: nonce", _field("GREETING", obj, "nonce", str),
-                              NONCE_SIZE))
+                              NONCE_SIZE),
+                   keyed=_field("GREETING", obj, "key", bool))
 
 
-def auth_mac(key: bytes, nonce: bytes, uuid: bytes) -> str:
-    """The source's proof that it holds the shared key, bound to this nonce and migration."""
-    return hmac.new(key, b"zcmigrate-auth-v1" + nonce + uuid, hashlib.sha256).hexdigest()
+def _mac_field(what: str, obj: dict[str, Any]) -> bytes:
+    text = _field(what, obj, "mac", str)
+    return _hex(f"{what}: mac", text, MAC_SIZE) if text else b""
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,7 +228,9 @@ class Hello(Record):
     block: str
     zero_copy: bool
     zero_page_detection: bool
-    auth: str = ""
+    nonce: bytes = bytes(NONCE_SIZE)  # the source's fresh contribution to the session
+    encryption: bool = False  # seal every data packet (with a key only)
+    mac: bytes = b""  # HMAC over the greeting and every field above; b"": no key
 
     def context(self) -> WireContext:
         """The data channels' wire context; LocalProtocolError becomes the peer's fault."""
@@ -238,8 +246,8 @@ class Hello(Record):
         except LocalProtocolError as e:
             raise RemoteProtocolError(f"HELLO: {e}") from e
 
-    def payload(self) -> bytes:
-        return _dumps({
+    def _fields(self) -> dict[str, Any]:
+        return {
             "uuid": self.uuid.hex(),
             "channels": self.channels,
             "page-size": self.page_size,
@@ -248,8 +256,18 @@ class Hello(Record):
             "block": self.block,
             "multifd-zerocopy": self.zero_copy,
             "zero-page-detection": self.zero_page_detection,
-            "auth": self.auth,
-        })
+            "nonce": self.nonce.hex(),
+            "encryption": self.encryption,
+        }
+
+    def body(self) -> bytes:
+        """Every field but the MAC, canonically encoded: what the MAC covers. The
+        destination computes it from the values it decoded, so the MAC vouches for the
+        parameters as understood, not for bytes it might read otherwise."""
+        return _dumps(self._fields())
+
+    def payload(self) -> bytes:
+        return _dumps({**self._fields(), "mac": self.mac.hex()})
 
     @classmethod
     def from_payload(cls, payload: bytes) -> Hello:
@@ -267,7 +285,9 @@ class Hello(Record):
             block=f("block", str),
             zero_copy=f("multifd-zerocopy", bool),
             zero_page_detection=f("zero-page-detection", bool),
-            auth=f("auth", str),
+            nonce=_hex("HELLO: nonce", f("nonce", str), NONCE_SIZE),
+            encryption=f("encryption", bool),
+            mac=_mac_field("HELLO", obj),
         )
         hello.context()  # every parameter in range, or the peer hears why
         return hello
@@ -275,8 +295,20 @@ class Hello(Record):
 
 @dataclass(frozen=True, slots=True)
 class HelloAck(Record):
+    """The destination accepts; with a key, its MAC over the greeting and the hello
+    proves it holds the key too (mutual authentication)."""
+
     TYPE: ClassVar[RecordType] = RecordType.HELLO_ACK
     SENDERS: ClassVar[frozenset[Role]] = frozenset({Role.DESTINATION})
+
+    mac: bytes = b""
+
+    def payload(self) -> bytes:
+        return _dumps({"mac": self.mac.hex()})
+
+    @classmethod
+    def from_payload(cls, payload: bytes) -> HelloAck:
+        return cls(mac=_mac_field("HELLO_ACK", _json_object("HELLO_ACK", payload)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -335,8 +367,24 @@ class DeviceStateRecord(Record):
 
 @dataclass(frozen=True, slots=True)
 class CommitAck(Record):
+    """Image and device state are durable. It names the device state it committed (its
+    SHA-256), so an acknowledgement of another migration's state cannot pass for ours;
+    with a key it is sealed under this session's keys."""
+
     TYPE: ClassVar[RecordType] = RecordType.COMMIT_ACK
     SENDERS: ClassVar[frozenset[Role]] = frozenset({Role.DESTINATION})
+
+    device_state_sha256: bytes = bytes(32)
+
+    def payload(self) -> bytes:
+        return _dumps({"device-state-sha256": self.device_state_sha256.hex()})
+
+    @classmethod
+    def from_payload(cls, payload: bytes) -> CommitAck:
+        obj = _json_object("COMMIT_ACK", payload)
+        return cls(device_state_sha256=_hex(
+            "COMMIT_ACK: device-state-sha256",
+            _field("COMMIT_ACK", obj, "device-state-sha256", str), 32))
 
 
 @dataclass(frozen=True, slots=True)

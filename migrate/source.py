@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import mmap
 import os
 import secrets
@@ -23,6 +24,7 @@ from typing import TypeVar
 
 import structlog
 
+from zcmigrate.channel.aead import Direction, SessionKeys, fresh_nonce, handshake_mac, macs_equal
 from zcmigrate.channel.probe import probe
 from zcmigrate.channel.zcsocket import Channel, connect
 from zcmigrate.migrate import faults
@@ -61,7 +63,6 @@ from zcmigrate.migrate.protocol import (
     Role,
     Writeback,
     WritebackDone,
-    auth_mac,
 )
 from zcmigrate.migrate.ratelimit import RateLimiter
 from zcmigrate.migrate.state import Event, State, StateMachine
@@ -105,6 +106,7 @@ class SourceJob:
         page_size: int = 4096,
         static: bool = False,
         auth_key: bytes | None = None,
+        encryption: bool = True,
         on_iteration: Callable[[MigrationStats], None] | None = None,
     ) -> None:
         self.image = Path(image)
@@ -112,7 +114,10 @@ class SourceJob:
         self.params = params
         self.page_size = page_size
         self.static = static
-        self.auth_key = auth_key
+        self.auth_key = auth_key  # the 32-byte shared key (migrate/keyfile.py), or None
+        self.encryption = encryption  # with a key: seal every data packet too
+        self._session: SessionKeys | None = None
+        self._encrypted = False
         self.on_iteration = on_iteration
         self.uuid = secrets.token_bytes(16)
         self.exiting = Exiting()
@@ -228,11 +233,7 @@ class SourceJob:
                                    peer_timeout=peer_timeout), Role.SOURCE)
         self._main = main
         greeting = self._expect(Greeting, peer_timeout, "the destination's greeting")
-        if self.auth_key is not None:
-            hello = dataclasses.replace(
-                hello, auth=auth_mac(self.auth_key, greeting.nonce, self.uuid))
-        main.send(hello)
-        self._expect(HelloAck, peer_timeout, "the answer to HELLO")
+        self._handshake(main, greeting, hello)
 
         chans: list[Channel] = []
         try:
@@ -256,6 +257,38 @@ class SourceJob:
         self._pool.start()
         self.log.info("connected", channels=channels, zero_copy=self.params.multifd_zerocopy,
                       pages=npages, live=self._guest is not None, in_flight_cap=cap)
+
+    def _handshake(self, main: MainChannel, greeting: Greeting, hello: Hello) -> None:
+        """HELLO and HELLO_ACK; with a key, mutual proof over both ends' fresh nonces
+        and the session's keys (docs/security.md)."""
+        key = self.auth_key
+        if key is not None and not greeting.keyed:
+            raise MigrationError(
+                "the receiver holds no key, so it cannot prove it is the receiver this key "
+                "was shared with: refusing to send the guest there. Give it the same key "
+                "(receive --auth-key-file), or send without one to a receiver on a trusted "
+                "network."
+            )
+        nonce = fresh_nonce()
+        hello = dataclasses.replace(hello, nonce=nonce,
+                                    encryption=key is not None and self.encryption)
+        if key is not None:
+            hello = dataclasses.replace(
+                hello, mac=handshake_mac(key, b"hello", greeting.payload(), hello.body()))
+        main.send(hello)
+        ack = self._expect(HelloAck, self.params.peer_timeout, "the answer to HELLO")
+        if key is None:
+            return
+        want = handshake_mac(key, b"hello-ack", greeting.payload(), hello.payload())
+        if not macs_equal(ack.mac, want):
+            raise MigrationError(
+                "the receiver did not prove that it holds our key (its HELLO_ACK does not "
+                "verify): refusing to send the guest to it"
+            )
+        self._session = SessionKeys(key, nonce, greeting.nonce, self.uuid)
+        self._encrypted = hello.encryption
+        main.secure(self._session.sealer(Direction.SOURCE_TO_DESTINATION, None),
+                    self._session.opener(Direction.DESTINATION_TO_SOURCE, None))
 
     def _open_image(self) -> None:
         try:
@@ -493,10 +526,13 @@ class SourceJob:
         self._main.send(DeviceStateRecord(device_state))
         faults.reached("source:device-sent")
         try:
-            self._expect(CommitAck, self.params.commit_timeout, "commit from the destination",
-                         abortable=False)
+            ack = self._expect(CommitAck, self.params.commit_timeout,
+                               "commit from the destination", abortable=False)
         except MigrationError as e:
             raise CommitUncertain(str(e)) from None
+        if ack.device_state_sha256 != hashlib.sha256(device_state).digest():
+            raise CommitUncertain("the destination acknowledged a commit of another device "
+                                  "state than the one sent")
         self.stats.committed()
         self.log.info("committed", downtime_ms=round(self.stats.downtime_ms or 0, 1))
         if self._guest is not None:

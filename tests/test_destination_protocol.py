@@ -3,6 +3,7 @@ receiver process, for the rules a misbehaving or hostile peer must not get aroun
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 import struct
 from pathlib import Path
@@ -10,6 +11,8 @@ from pathlib import Path
 import pytest
 
 from tests.migration_procs import Receiver, finish, send
+from zcmigrate.channel.aead import handshake_mac, shared_key
+from zcmigrate.migrate.keyfile import keygen
 from zcmigrate.migrate.protocol import (
     RECORD_HEADER_SIZE,
     DeviceStateRecord,
@@ -19,7 +22,6 @@ from zcmigrate.migrate.protocol import (
     MultifdFlush,
     Record,
     RecordType,
-    auth_mac,
     decode_header,
     decode_record,
 )
@@ -45,20 +47,27 @@ def recv_record(s: socket.socket) -> Record:
     return decode_record(rtype, recv_exact(s, length))
 
 
-def hello(channels: int = 1, auth: str = "") -> Hello:
+def hello(channels: int = 1) -> Hello:
     return Hello(uuid=UUID, channels=channels, page_size=PAGE, image_size=SIZE,
                  pages_alloc=64, block="zcmigrate.ram", zero_copy=False,
-                 zero_page_detection=True, auth=auth)
+                 zero_page_detection=True, nonce=bytes(range(32)))
 
 
 def ctx(channels: int = 1) -> WireContext:
     return hello(channels).context()
 
 
-def handshake(port: int, h: Hello | None = None) -> tuple[socket.socket, Record]:
+def handshake(port: int, h: Hello | None = None,
+              key: bytes | None = None) -> tuple[socket.socket, Record]:
+    """Connect, read GREETING, send HELLO (with its MAC under `key`), read the answer."""
     main = socket.create_connection(("127.0.0.1", port), timeout=10)
-    assert isinstance(recv_record(main), Greeting)
-    main.sendall((h or hello()).encode())
+    greeting = recv_record(main)
+    assert isinstance(greeting, Greeting)
+    h = h or hello()
+    if key is not None:
+        h = dataclasses.replace(h, mac=handshake_mac(key, b"hello", greeting.payload(),
+                                                     h.body()))
+    main.sendall(h.encode())
     return main, recv_record(main)
 
 
@@ -148,11 +157,11 @@ def test_a_receiver_with_a_key_refuses_sources_without_it(
     tmp_path: Path, source_key: bytes | None
 ) -> None:
     key = tmp_path / "key"
-    key.write_bytes(b"the-right-key-0123456789")
+    keygen(key)
     dst = tmp_path / "dst.img"
     recv = Receiver.start(dst, "--auth-key-file", str(key))
-    auth = "" if source_key is None else auth_mac(source_key, bytes(32), UUID)
-    main, rec = handshake(recv.port, hello(auth=auth))
+    wrong = None if source_key is None else shared_key(source_key)
+    main, rec = handshake(recv.port, hello(), key=wrong)
     assert rec.TYPE is RecordType.ERROR
     assert "authentication failed" in rec.message  # type: ignore[attr-defined]
     assert recv.result(timeout=30)[0] == 1
@@ -162,7 +171,7 @@ def test_a_receiver_with_a_key_refuses_sources_without_it(
 
 def test_matching_keys_migrate(tmp_path: Path) -> None:
     key = tmp_path / "key"
-    key.write_bytes(b"a-shared-secret-0123456789")
+    keygen(key)
     src, dst = tmp_path / "src.img", tmp_path / "dst.img"
     src.write_bytes(bytes(range(256)) * (SIZE // 256))
     recv = Receiver.start(dst, "--auth-key-file", str(key))

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import struct
 
 import pytest
 
+from zcmigrate.channel.aead import handshake_mac
 from zcmigrate.migrate.protocol import (
+    DEVICE_STATE_HARD_MAX,
     DEVICE_STATE_MAX,
     MAIN_MAGIC,
     MAIN_VERSION,
@@ -22,7 +25,7 @@ from zcmigrate.migrate.protocol import (
     MultifdFlush,
     Record,
     RecordType,
-    auth_mac,
+    Writeback,
     decode_header,
     decode_record,
 )
@@ -136,8 +139,8 @@ def test_greeting_carries_a_32_byte_nonce() -> None:
 
 
 def test_a_record_without_fields_refuses_a_payload() -> None:
-    with pytest.raises(RemoteProtocolError, match="HELLO_ACK: 1 bytes of payload"):
-        HelloAck.from_payload(b"x")
+    with pytest.raises(RemoteProtocolError, match="WRITEBACK: 1 bytes of payload"):
+        Writeback.from_payload(b"x")
 
 
 def test_flush_and_end_of_ram_need_a_positive_iteration() -> None:
@@ -154,13 +157,27 @@ def test_an_error_record_that_cannot_say_why_is_still_an_error() -> None:
 
 
 def test_we_refuse_to_encode_a_record_beyond_its_limit() -> None:
-    with pytest.raises(LocalProtocolError, match="HELLO"):
-        _hello(block="b" * 200, auth="a" * 5000).encode()
+    with pytest.raises(LocalProtocolError, match="DEVICE_STATE"):
+        DeviceStateRecord(b"x" * (DEVICE_STATE_HARD_MAX + 1)).encode()
 
 
-def test_auth_mac_depends_on_key_nonce_and_migration() -> None:
-    n = bytes(32)
-    a = auth_mac(b"k" * 16, n, UUID)
-    assert a != auth_mac(b"j" * 16, n, UUID)
-    assert a != auth_mac(b"k" * 16, b"\x01" * 32, UUID)
-    assert a != auth_mac(b"k" * 16, n, bytes(16))
+def test_the_hello_mac_covers_every_parameter_and_the_greeting() -> None:
+    """handshake_mac over the greeting and the hello's body: any changed field, the
+    nonce of either end included, gives another MAC."""
+    key = bytes(range(32))
+    greeting = Greeting(bytes(32), keyed=True)
+    base = _hello(nonce=bytes(range(32)))
+    mac = handshake_mac(key, b"hello", greeting.payload(), base.body())
+    variants = [_hello(nonce=bytes(range(32)), **{f: v}) for f, v in (
+        ("channels", 3), ("page_size", 8192), ("image_size", 2 << 20), ("pages_alloc", 256),
+        ("block", "other"), ("zero_copy", False), ("zero_page_detection", False),
+        ("encryption", True), ("uuid", bytes(16)))] + [_hello(nonce=bytes(32))]
+    for v in variants:
+        assert handshake_mac(key, b"hello", greeting.payload(), v.body()) != mac, v
+    other_greeting = Greeting(b"\x01" * 32, keyed=True)
+    assert handshake_mac(key, b"hello", other_greeting.payload(), base.body()) != mac
+    assert handshake_mac(bytes(32), b"hello", greeting.payload(), base.body()) != mac
+    # The MAC itself is not part of what it covers, and travels in the payload.
+    signed = dataclasses.replace(base, mac=mac)
+    assert signed.body() == base.body()
+    assert _roundtrip(signed.encode()) == signed

@@ -29,6 +29,7 @@ COMMANDS: Mapping[str, str] = {
     "set": "zcmigrate.migrate.cli.control:set_command",
     "resume": "zcmigrate.migrate.cli.settle:resume_command",
     "retire": "zcmigrate.migrate.cli.settle:retire_command",
+    "keygen": "zcmigrate.migrate.cli.keygen:keygen_command",
 }
 
 

@@ -65,19 +65,22 @@ LOG_FORMAT = click.option(
 AUTH_KEY = click.option(
     "--auth-key-file", type=click.Path(dir_okay=False, exists=True, path_type=Path),
     envvar="ZCMIGRATE_AUTH_KEY_FILE", show_envvar=True,
-    help="Shared secret: the receiver accepts only sources that hold the same key.",
+    help="Shared key (`zcmigrate keygen FILE`): both ends prove they hold it, and every "
+    "record and packet is sealed (AES-GCM) under keys of this migration alone.",
 )
 
 
 def read_key(path: Path | None) -> bytes | None:
-    """The shared secret of --auth-key-file, surrounding whitespace stripped."""
+    """The shared key of --auth-key-file (migrate/keyfile.py), or None without one."""
     if path is None:
         return None
-    key = path.read_bytes().strip()
-    if len(key) < 16:
-        raise click.BadParameter(f"{path}: a key must have at least 16 bytes",
-                                 param_hint="--auth-key-file")
-    return key
+    from zcmigrate.migrate.keyfile import KeyFileError
+    from zcmigrate.migrate.keyfile import read_key as read_key_file
+
+    try:
+        return read_key_file(path)
+    except KeyFileError as e:
+        raise click.BadParameter(str(e), param_hint="--auth-key-file") from e
 
 
 def json_option(help_text: str) -> Callable[[F], F]:

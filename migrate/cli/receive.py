@@ -49,11 +49,14 @@ from zcmigrate.migrate.incoming import claim_destination
               help="Overwrite an existing IMAGE at the commit (never one a guest runs on).")
 @PEER_TIMEOUT
 @AUTH_KEY
+@click.option("--insecure", is_flag=True, envvar="ZCMIGRATE_INSECURE", show_envvar=True,
+              help="Listen beyond loopback without a key: any host that reaches the port "
+              "can then write IMAGE. Only on a network where every host is trusted.")
 @json_option("Print the result as JSON.")
 @LOG_FORMAT
 def receive_command(image: Path, listen: str, serve: bool, accept_timeout: float,
                     replace: bool, peer_timeout: float, auth_key_file: Path | None,
-                    as_json: bool, log_format: str) -> None:
+                    insecure: bool, as_json: bool, log_format: str) -> None:
     """Receive a migration into IMAGE.
 
     Pages land in IMAGE.incoming; IMAGE and its device state IMAGE.state are replaced
@@ -76,6 +79,16 @@ def receive_command(image: Path, listen: str, serve: bool, accept_timeout: float
     except ChannelError as e:
         claim.release()
         raise click.ClickException(str(e)) from e
+    if key is None and not insecure and not listener.is_loopback:
+        where = format_hostport(*listener.address)
+        listener.close()
+        claim.release()
+        raise click.UsageError(
+            f"refusing to listen on {where} without a key: any "
+            f"host that reaches the port could write {image}. Give --auth-key-file (make "
+            "one with `zcmigrate keygen FILE` and give it to the source too), listen on "
+            "127.0.0.1, or pass --insecure on a network where every host is trusted."
+        )
     click.echo(f"listening: {format_hostport(*listener.address)}")
     sys.stdout.flush()
     stopping = threading.Event()

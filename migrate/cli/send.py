@@ -47,15 +47,19 @@ from zcmigrate.migrate.stats import MigrationStats
               envvar="ZCMIGRATE_PAGE_SIZE", show_envvar=True,
               help="Page size of a static image (a running guest says its own).")
 @AUTH_KEY
+@click.option("--no-encryption", is_flag=True, envvar="ZCMIGRATE_NO_ENCRYPTION",
+              show_envvar=True,
+              help="With a key, leave page data in clear (the handshake stays mutual and the "
+              "main channel sealed): only on a link no one else can read or write.")
 @click.option("--control-socket", type=click.Path(path_type=Path), default=None,
               envvar="ZCMIGRATE_CONTROL_SOCKET", show_envvar=True,
-              help="Unix socket for `zcmigrate status|cancel|set` [default: "
-              "$XDG_RUNTIME_DIR/zcmigrate/IMAGE.sock, or /run/zcmigrate/IMAGE.sock as root].")
+              help="Unix socket for `zcmigrate status|cancel|set` [default: one named after "
+              "IMAGE's full path in $XDG_RUNTIME_DIR/zcmigrate, or /run/zcmigrate as root].")
 @json_option("Print the final statistics as JSON.")
 @LOG_FORMAT
 def send_command(image: Path, to: str, static: bool, page_size: int,
-                 auth_key_file: Path | None, control_socket: Path | None, as_json: bool,
-                 log_format: str, **kw: Any) -> None:
+                 auth_key_file: Path | None, no_encryption: bool, control_socket: Path | None,
+                 as_json: bool, log_format: str, **kw: Any) -> None:
     """Migrate IMAGE (and the guest running on it, if any) to a receiver.
 
     With a guest running on IMAGE (started with `zcmigrate guest`), the migration is
@@ -64,8 +68,12 @@ def send_command(image: Path, to: str, static: bool, page_size: int,
     """
     logs.configure(log_format)
     host, port = parse_hostport(to)
+    key = read_key(auth_key_file)
+    if no_encryption and key is None:
+        raise click.UsageError("--no-encryption goes with --auth-key-file: without a key "
+                               "nothing is encrypted anyway")
     job = SourceJob(image, Destination(host, port), params_from(kw), page_size=page_size,
-                    static=static, auth_key=read_key(auth_key_file))
+                    static=static, auth_key=key, encryption=not no_encryption)
     try:
         server = ControlServer(control_socket or default_socket(image), job)
     except (ControlError, OSError) as e:

@@ -1,0 +1,128 @@
+"""Keys and the default of trust: keygen, a receiver that will not listen beyond loopback
+without one, a source that will not send to a receiver that cannot prove it holds its
+key, and a keyed migration sealed end to end. Real processes."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from tests.migration_procs import Receiver, finish, send, spawn
+from zcmigrate.channel.aead import handshake_mac
+from zcmigrate.migrate.keyfile import KeyFileError, keygen, read_key
+from zcmigrate.migrate.protocol import (
+    RECORD_HEADER_SIZE,
+    Greeting,
+    Hello,
+    HelloAck,
+    decode_header,
+    decode_record,
+)
+
+ZCM = [sys.executable, "-m", "zcmigrate"]
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*ZCM, *args], capture_output=True, text=True, timeout=60)
+
+
+def test_keygen_writes_a_private_key_and_never_overwrites(tmp_path: Path) -> None:
+    key = tmp_path / "k"
+    r = _run("keygen", str(key))
+    assert r.returncode == 0, r.stderr
+    assert key.stat().st_mode & 0o777 == 0o600
+    assert len(key.read_text().strip()) == 64
+    before = key.read_bytes()
+    r = _run("keygen", str(key))
+    assert r.returncode != 0 and "exists" in r.stderr
+    assert key.read_bytes() == before
+
+
+def test_a_key_file_everyone_can_read_is_refused(tmp_path: Path) -> None:
+    key = tmp_path / "k"
+    keygen(key)
+    key.chmod(0o644)
+    with pytest.raises(KeyFileError, match="chmod o-r"):
+        read_key(key)
+    key.chmod(0o640)  # a service's group may read it
+    assert len(read_key(key)) == 32
+
+
+def test_without_a_key_the_receiver_listens_on_loopback_only(tmp_path: Path) -> None:
+    r = _run("receive", str(tmp_path / "d.img"), "--listen", "0.0.0.0:0")
+    assert r.returncode == 2
+    assert "without a key" in r.stderr and "keygen" in r.stderr and "--insecure" in r.stderr
+    assert "listening" not in r.stdout
+    # --insecure says the network is trusted; loopback needs nothing.
+    for listen, extra in (("0.0.0.0:0", ["--insecure"]), ("127.0.0.1:0", [])):
+        p = spawn("receive", str(tmp_path / "d.img"), "--listen", listen, *extra,
+                  "--accept-timeout", "1")
+        _code, out, _ = Receiver(tmp_path / "d.img", p, 0).result(timeout=30)
+        assert out.startswith("listening:"), out
+
+
+def test_a_source_with_a_key_refuses_a_receiver_without_one(tmp_path: Path) -> None:
+    key = tmp_path / "k"
+    keygen(key)
+    src = tmp_path / "src.img"
+    src.write_bytes(os.urandom(1 << 20))
+    recv = Receiver.start(tmp_path / "dst.img")  # no key
+    code, _, err = finish(send(src, recv.port, "--auth-key-file", str(key)))
+    assert code == 1
+    assert "holds no key" in err
+    _rcode, _, _ = recv.result(timeout=30)
+    assert not (tmp_path / "dst.img").exists()
+
+
+def test_a_source_with_a_key_refuses_a_receiver_that_cannot_prove_it(tmp_path: Path) -> None:
+    """A fake receiver says it holds a key and accepts the hello, but its HELLO_ACK's MAC
+    is under another key: the source must not send the guest (a forged acknowledgement
+    would otherwise be the end of it)."""
+    key = tmp_path / "k"
+    keygen(key)
+    src = tmp_path / "src.img"
+    src.write_bytes(os.urandom(1 << 20))
+    lsock = socket.create_server(("127.0.0.1", 0))
+    got: list[Hello] = []
+
+    def fake() -> None:
+        conn, _ = lsock.accept()
+        with conn:
+            greeting = Greeting(bytes(range(32)), keyed=True)
+            conn.sendall(greeting.encode())
+            head = conn.recv(RECORD_HEADER_SIZE, socket.MSG_WAITALL)
+            rtype, n = decode_header(head)
+            hello = decode_record(rtype, conn.recv(n, socket.MSG_WAITALL))
+            assert isinstance(hello, Hello)
+            got.append(hello)
+            conn.sendall(HelloAck(handshake_mac(bytes(32), b"hello-ack", greeting.payload(),
+                                                hello.payload())).encode())
+            conn.recv(1)
+
+    t = threading.Thread(target=fake, daemon=True)
+    t.start()
+    try:
+        code, _, err = finish(send(src, lsock.getsockname()[1], "--auth-key-file", str(key)))
+    finally:
+        lsock.close()
+    assert code == 1
+    assert "did not prove that it holds our key" in err
+    assert got and got[0].mac  # the hello itself was authenticated
+
+
+def test_a_keyed_migration_completes_with_both_ends_proven(tmp_path: Path) -> None:
+    key = tmp_path / "k"
+    keygen(key)
+    src, dst = tmp_path / "src.img", tmp_path / "dst.img"
+    src.write_bytes(os.urandom(4 << 20))
+    recv = Receiver.start(dst, "--auth-key-file", str(key))
+    code, _stats, err = finish(send(src, recv.port, "--auth-key-file", str(key)))
+    assert code == 0, err
+    assert recv.result()[0] == 0
+    assert dst.read_bytes() == src.read_bytes()
