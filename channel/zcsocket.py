@@ -128,6 +128,14 @@ class Channel:
         return self._sock
 
     @property
+    def peer_host(self) -> str:
+        """The peer's address, without the port ("" when it cannot be told)."""
+        try:
+            return str(self._sock.getpeername()[0])
+        except OSError:
+            return ""
+
+    @property
     def is_shut_down(self) -> bool:
         return self._shut.is_set()
 
@@ -428,6 +436,22 @@ class Channel:
             self._bytes_received += k
         return buf
 
+    def read_some(self, n: int) -> bytes:
+        """Up to `n` bytes that have arrived, without waiting (b"" if none have yet);
+        ChannelClosed once the peer has closed. For peers served together, none of
+        which may make a read block (migrate/admission.py)."""
+        self._check_open()
+        try:
+            data = self._sock.recv(n, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return b""
+        except OSError as e:
+            raise ChannelClosed(f"channel {self.name}: {e.strerror or e}") from e
+        if not data:
+            raise ChannelClosed(f"channel {self.name}: peer closed the connection")
+        self._bytes_received += len(data)
+        return data
+
     # ------------------------------------------------------------- readiness
 
     def wait_readable(self, timeout: float | None) -> bool:
@@ -492,6 +516,21 @@ class Channel:
         )
 
 
+def wait_readable_any(channels: Iterable[Channel], timeout: float) -> list[Channel]:
+    """The channels a read would not block on (data, a close, an error), waiting up to
+    `timeout` seconds for at least one; [] on timeout. For a set of pending connections
+    served together, none of which may hold up the others."""
+    chans = list(channels)
+    if not chans:
+        time.sleep(max(0.0, timeout))
+        return []
+    poller = select.poll()
+    for ch in chans:
+        poller.register(ch.fileno(), select.POLLIN)
+    ready = {fd for fd, _ in poller.poll(max(0, int(timeout * 1000)))}
+    return [ch for ch in chans if ch.fileno() in ready]
+
+
 def _describe(sock: socket.socket) -> str:
     fam = {socket.AF_INET: "IPv4", socket.AF_INET6: "IPv6", socket.AF_UNIX: "Unix"}
     kind = {socket.SOCK_STREAM: "stream", socket.SOCK_DGRAM: "datagram"}
@@ -533,7 +572,7 @@ def connect(host: str, port: int, *, zero_copy: bool = False, timeout: float = 1
 
 
 class Listener:
-    """A listening TCP socket; accept() returns channels."""
+    """A listening TCP socket; accept() returns channels, try_accept() what is waiting."""
 
     def __init__(self, host: str, port: int, backlog: int = 64) -> None:
         try:
@@ -601,6 +640,23 @@ class Listener:
                 sock.settimeout(None)
                 return Channel(sock, zero_copy=zero_copy, name=name,
                                peer_timeout=peer_timeout)
+
+    def try_accept(self, *, name: str = "",
+                   peer_timeout: float | None = DEFAULT_PEER_TIMEOUT) -> Channel | None:
+        """A connection waiting in the backlog, or None at once if there is none."""
+        if self._shut.is_set():
+            raise ChannelClosed("listener was shut down")
+        r, _, _ = select.select([self._sock], [], [], 0)
+        if not r:
+            return None
+        try:
+            sock, _ = self._sock.accept()
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError as e:
+            raise ChannelError(f"accept failed on port {self.port}: {e.strerror or e}") from e
+        sock.settimeout(None)
+        return Channel(sock, name=name, peer_timeout=peer_timeout)
 
     def shutdown(self) -> None:
         self._shut.set()

@@ -20,10 +20,11 @@ from typing import TypeVar
 
 import structlog
 
-from zcmigrate.channel.aead import Direction, SessionKeys, fresh_nonce, handshake_mac, macs_equal
+from zcmigrate.channel.aead import Direction, SessionKeys, handshake_mac, macs_equal
 from zcmigrate.channel.errors import AcceptTimeout, ChannelError
 from zcmigrate.channel.zcsocket import DEFAULT_PEER_TIMEOUT, Channel, Listener
 from zcmigrate.migrate import faults
+from zcmigrate.migrate.admission import admit_source
 from zcmigrate.migrate.errors import ReceiveCancelled, ReceiveError
 from zcmigrate.migrate.imagefiles import state_path
 from zcmigrate.migrate.incoming import IncomingImage, check_destination
@@ -40,7 +41,6 @@ from zcmigrate.migrate.protocol import (
     Keepalive,
     MultifdFlush,
     Record,
-    Role,
     Writeback,
     WritebackDone,
 )
@@ -184,28 +184,18 @@ class DestinationJob:
             raise ReceiveError(f"the source sent nothing for {self.peer_timeout:g} s "
                                "(peer-timeout): it stopped or the network cut it off")
 
-    def _expect(self, kind: type[R]) -> R:
-        """The next record, which the table allows only as `kind` or ERROR here."""
-        assert self._main is not None
-        rec = self._main.recv(self.peer_timeout, abort=self._check_exiting)
-        if isinstance(rec, Error):
-            raise ReceiveError(f"source gave up: {rec.message}")
-        if not isinstance(rec, kind):  # the table admits nothing else; a bug if it did
-            raise ReceiveError(f"expected {kind.TYPE.name}, got {rec.TYPE.name}")
-        return rec
-
     def _run(self) -> ReceiveResult:
         self.status("waiting for a migration")
-        main = MainChannel(self.listener.accept(timeout=self.accept_timeout, name="main",
-                                                peer_timeout=self.peer_timeout),
-                           Role.DESTINATION)
-        self._main = main
-        t0 = time.monotonic()  # the migration starts when its main channel arrives
         key = self.auth_key
-        greeting = Greeting(fresh_nonce(), keyed=key is not None)
-        main.send(greeting)
-        hello = self._expect(Hello)
-        self._authenticate(greeting, hello)
+        # Every connection is served until one proves it is a migration; strays, probes
+        # and wrong keys are logged and closed, and the wait goes on.
+        admitted = admit_source(self.listener, keyed=key is not None,
+                                authenticate=self._authenticate,
+                                accept_timeout=self.accept_timeout,
+                                peer_timeout=self.peer_timeout, abort=self._check_exiting)
+        main, greeting, hello = admitted.main, admitted.greeting, admitted.hello
+        self._main = main
+        t0 = time.monotonic()  # the migration starts when its HELLO is accepted
         ctx = hello.context()
         uuid = self._uuid = hello.uuid.hex()
         self.log = self.log.bind(uuid=uuid[:8])

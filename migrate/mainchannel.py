@@ -96,14 +96,26 @@ class MainChannel:
                 wait = left if wait is None else min(wait, left)
             if self.channel.wait_readable(wait):
                 break
-        overhead = TAG_LEN if self._opener is not None else 0
         try:
             head = bytes(self.channel.read_exact(RECORD_HEADER_SIZE, RECORD_TIMEOUT))
-            rtype, length = decode_header(head, self._device_state_max, overhead)
-            payload = bytes(self.channel.read_exact(length, RECORD_TIMEOUT)) if length else b""
+            _, length = self.parse_header(head)
+            payload = (bytes(self.channel.read_exact(length, RECORD_TIMEOUT)) if length
+                       else b"")
         except ReadTimeout as e:
             raise RemoteProtocolError(f"main channel: a record from the {self._peer} stalled "
                                       f"half-way ({e})") from None
+        return self.deliver(head, payload)
+
+    def parse_header(self, head: bytes) -> tuple[RecordType, int]:
+        """The type and payload length of a record header, checked against the type's
+        size limit (plus the tag once sealed) before any payload is read."""
+        overhead = TAG_LEN if self._opener is not None else 0
+        return decode_header(head, self._device_state_max, overhead)
+
+    def deliver(self, head: bytes, payload: bytes) -> Record:
+        """The record made of a checked header and its payload: opened if sealed,
+        decoded, and passed through the conversation table."""
+        rtype, _ = self.parse_header(head)
         if self._opener is not None:
             try:
                 payload = self._opener.open(self._opener.expected_counter, payload, aad=head)
