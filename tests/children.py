@@ -172,6 +172,13 @@ class Child:
                                              f"{self.name} never logged {event!r}")
         return doc
 
+    def wait_stderr(self, text: str, timeout: float = 60.0) -> str:
+        """The first stderr line that holds `text`."""
+        def found() -> str | None:
+            return next((x for x in self._err if text in x), None)
+        line: str = self._wait_for(found, timeout, f"{self.name} never wrote {text!r}")
+        return line
+
     def events(self) -> list[dict[str, Any]]:
         """Every JSON log line on stderr so far."""
         docs = []
