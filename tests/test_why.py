@@ -37,6 +37,7 @@ from tests.fault_lab import (
     wait_running,
 )
 from tests.netns import (
+    IS_ROOT,
     NamespacePair,
     loopback_namespace,
     namespace_pair,
@@ -399,6 +400,7 @@ SIZE_RE = r"\d+(\.\d+)?\s*(B|bytes|KiB|MiB|GiB|K|M|G)\b"
 
 
 def test_a_full_destination_disk_is_reported_as_such_on_both_ends(lab: Lab) -> None:
+    unavailable(None if IS_ROOT else "needs root to mount a small tmpfs")
     src = static_image(lab.workdir / "src.img")
     small = lab.mount_tmpfs(lab.workdir / "small", "8M")
     dst = small / "dst.img"
@@ -420,6 +422,7 @@ def test_a_full_destination_disk_is_reported_as_such_on_both_ends(lab: Lab) -> N
 def test_a_missing_or_read_only_destination_directory_is_refused_before_listening(
     lab: Lab,
 ) -> None:
+    unavailable(None if IS_ROOT else "needs root to mount a read-only tmpfs")
     missing = lab.workdir / "missing" / "dst.img"
     said = refused_at_start(lab.spawn("receive", str(missing), "--listen", "127.0.0.1:0",
                                       name="receiver into a missing directory"),
