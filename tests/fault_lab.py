@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -41,6 +42,22 @@ LEASE = 1.0
 LEASE_MARGIN = 0.5
 # A whole clean 256 MiB migration with its process start-ups, on a loaded 2-core machine.
 MIGRATION_BOUND = 90.0
+
+
+_FULL = re.compile(r"no space left|\bfull\b", re.I)
+# A number near "need(s/ed)", and one near "free" or "available", in whatever words:
+# "needs 256 MiB, 128 MiB free", "need 268435456 bytes; available: 134217728".
+_NEED = re.compile(r"need\w*\W{0,3}[^\n\d]{0,30}\d", re.I)
+_FREE = re.compile(r"\d[\d.,]*\s*\w{0,5}(\s+\w+){0,2}\s+(free|available)"
+                   r"|(free|available)\W{0,3}[^\n\d]{0,30}\d", re.I)
+
+
+def reports_full(text: str) -> str | None:
+    """What is missing from a report of a full destination ("No space left" or "full",
+    how much is needed and how much is free); None if nothing is."""
+    missing = [what for what, rx in (("that it is full", _FULL), ("how much is needed", _NEED),
+                                     ("how much is free", _FREE)) if not rx.search(text)]
+    return ", ".join(missing) or None
 
 
 def guest_header(image: Path) -> list[int] | None:
