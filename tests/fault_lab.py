@@ -24,7 +24,7 @@ from pathlib import Path
 from tests.children import ROOT, Child
 from tests.netns import NamespacePair, enter
 from zcmigrate.migrate.guest.layout import CONTROL_MAGIC, Field, GuestState, read_control_header
-from zcmigrate.migrate.imagefiles import control_path, incoming_path, state_path
+from zcmigrate.migrate.imagefiles import control_path, state_path
 
 # --peer-timeout of every send and receive (through ZCMIGRATE_PEER_TIMEOUT, so that
 # today's code, which has no such option yet, still runs and shows what it does).
@@ -324,7 +324,3 @@ class Lab:
 
 def sigcont(child: Child) -> None:
     child.signal(signal.SIGCONT)
-
-
-def leftovers(dst: Path) -> list[Path]:
-    return [p for p in (dst, state_path(dst), incoming_path(dst)) if p.exists()]
