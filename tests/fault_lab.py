@@ -25,6 +25,7 @@ from tests.children import ROOT, Child
 from tests.netns import NamespacePair, enter
 from zcmigrate.migrate.guest.layout import CONTROL_MAGIC, Field, GuestState, read_control_header
 from zcmigrate.migrate.imagefiles import control_path, state_path
+from zcmigrate.migrate.keyfile import keygen
 
 # --peer-timeout of every send and receive (through ZCMIGRATE_PEER_TIMEOUT, so that
 # today's code, which has no such option yet, still runs and shows what it does).
@@ -140,13 +141,18 @@ class Lab:
         self.workdir.mkdir(parents=True, exist_ok=True)
         # Control sockets: a short directory of our own (a socket path has 107 bytes).
         self.runtime = Path(tempfile.mkdtemp(prefix="zcf-"))
+        # Both ends hold one key, as a deployment would (a receiver listens beyond
+        # loopback only with a key): the faults hit sealed, mutually proven migrations.
+        self.key = self.runtime / "key"
+        keygen(self.key)
 
     # ---------------------------------------------------------- processes
 
     def env(self, faults: tuple[str, ...] = ()) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("ZCMIGRATE_")}
         env.update(PYTHONUNBUFFERED="1", ZCMIGRATE_PEER_TIMEOUT=f"{self.peer_timeout:g}",
-                   ZCMIGRATE_RUNTIME_DIR=str(self.runtime))
+                   ZCMIGRATE_RUNTIME_DIR=str(self.runtime),
+                   ZCMIGRATE_AUTH_KEY_FILE=str(self.key))
         if faults:
             env["ZCMIGRATE_FAULT"] = ",".join(faults)
         return env
