@@ -20,7 +20,8 @@ class Phase(enum.Enum):
     HELLO_ACK = "hello-ack"  # the destination accepts (or refuses)
     PRECOPY = "precopy"  # iterations: a MULTIFD_FLUSH after each
     WRITEBACK = "writeback"  # the destination makes its image durable while the guest runs
-    DEVICE = "device"  # END_OF_RAM seen: only the device state may follow
+    DEVICE = "device"  # END_OF_RAM seen: the destination checks it has every page
+    READY = "ready"  # RAM_RECEIVED seen: only the device state may follow
     COMMIT = "commit"  # the device state left: the destination commits; no way back
     DONE = "done"  # COMMIT_ACK: the destination owns the guest
     FAILED = "failed"  # an ERROR record went either way
@@ -37,7 +38,8 @@ TRANSITIONS: dict[tuple[Phase, RecordType], Phase] = {
     (Phase.PRECOPY, R.WRITEBACK): Phase.WRITEBACK,
     (Phase.WRITEBACK, R.WRITEBACK_DONE): Phase.PRECOPY,
     (Phase.PRECOPY, R.END_OF_RAM): Phase.DEVICE,
-    (Phase.DEVICE, R.DEVICE_STATE): Phase.COMMIT,
+    (Phase.DEVICE, R.RAM_RECEIVED): Phase.READY,
+    (Phase.READY, R.DEVICE_STATE): Phase.COMMIT,
     (Phase.COMMIT, R.COMMIT_ACK): Phase.DONE,
 }
 # Either end may give up, and the source may cancel, at any point before the commit.
@@ -45,7 +47,7 @@ TRANSITIONS: dict[tuple[Phase, RecordType], Phase] = {
 # guest, so no record may then claim that nothing was committed (ARCHITECTURE.md,
 # invariant 5); the source that gives up there just closes, and says so to its user.
 _BEFORE_COMMIT = (Phase.GREETING, Phase.HELLO, Phase.HELLO_ACK, Phase.PRECOPY,
-                  Phase.WRITEBACK, Phase.DEVICE)
+                  Phase.WRITEBACK, Phase.DEVICE, Phase.READY)
 for _phase in _BEFORE_COMMIT:
     TRANSITIONS[(_phase, R.ERROR)] = Phase.FAILED
     TRANSITIONS[(_phase, R.CANCEL)] = Phase.CANCELLED

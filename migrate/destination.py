@@ -40,6 +40,7 @@ from zcmigrate.migrate.protocol import (
     HelloAck,
     Keepalive,
     MultifdFlush,
+    RamReceived,
     Record,
     Writeback,
     WritebackDone,
@@ -297,6 +298,8 @@ class DestinationJob:
         # The final sync: every channel's last pages are in place once it is through.
         self._pool.sync(timeout=self.peer_timeout)
         self._syncs += 1
+        assert self._main is not None
+        self._main.send(RamReceived())
 
     def _on_device_state(self, rec: Record) -> None:
         assert isinstance(rec, DeviceStateRecord) and self._main is not None

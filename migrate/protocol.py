@@ -45,6 +45,7 @@ class RecordType(enum.IntEnum):
     WRITEBACK = 10  # src -> dst: make what you have durable now; the guest still runs
     WRITEBACK_DONE = 11  # dst -> src: done; the commit has only the last pages left
     KEEPALIVE = 12  # src -> dst: still here, while no page moves (max-bandwidth pacing)
+    RAM_RECEIVED = 13  # dst -> src: every page is in place: send the device state
 
 
 class Role(enum.Enum):
@@ -438,10 +439,20 @@ class Keepalive(Record):
     SENDERS: ClassVar[frozenset[Role]] = frozenset({Role.SOURCE})
 
 
+@dataclass(frozen=True, slots=True)
+class RamReceived(Record):
+    """The destination has passed the final sync and found every page: the device state
+    may leave. Until the source hears it, the device state has not left, so a stalled or
+    silent destination lets the source resume its guest within the pause's bound."""
+
+    TYPE: ClassVar[RecordType] = RecordType.RAM_RECEIVED
+    SENDERS: ClassVar[frozenset[Role]] = frozenset({Role.DESTINATION})
+
+
 RECORDS: dict[RecordType, type[Record]] = {
     cls.TYPE: cls
     for cls in (Greeting, Hello, HelloAck, MultifdFlush, EndOfRam, DeviceStateRecord,
-                CommitAck, Error, Cancel, Writeback, WritebackDone, Keepalive)
+                CommitAck, Error, Cancel, Writeback, WritebackDone, Keepalive, RamReceived)
 }
 if set(RECORDS) != set(RecordType):
     raise ImportError("migrate.protocol: a record type has no class")

@@ -58,6 +58,7 @@ from zcmigrate.migrate.protocol import (
     HelloAck,
     Keepalive,
     MultifdFlush,
+    RamReceived,
     Record,
     RecordType,
     Role,
@@ -512,6 +513,11 @@ class SourceJob:
         # END_OF_RAM goes with the final sync, and the device state only after it: after
         # the final sync and flush of every data channel (the invariant, point 3).
         self._sync(self.stats.iterations, final=True)
+        # The destination says when it has every page: only then may the device state
+        # leave. A destination that stalls here has not got it, so the pause's bound (a
+        # cancel too) still ends the wait and resumes the guest here.
+        self._expect(RamReceived, self.params.peer_timeout,
+                     "word from the destination that every page arrived")
         with self._lock:
             self._check_exiting()
             if self._guest is not None:

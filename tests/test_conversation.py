@@ -21,6 +21,7 @@ from zcmigrate.migrate.protocol import (
     HelloAck,
     Keepalive,
     MultifdFlush,
+    RamReceived,
     Record,
     RecordType,
     Role,
@@ -36,7 +37,7 @@ HELLO = Hello(uuid=bytes(16), channels=2, page_size=4096, image_size=1 << 20,
 MIGRATION: list[Record] = [
     Greeting(bytes(32)), HELLO, HelloAck(), MultifdFlush(1), Keepalive(), MultifdFlush(2),
     Writeback(),
-    WritebackDone(), EndOfRam(3), DeviceStateRecord(b"{}"), CommitAck(),
+    WritebackDone(), EndOfRam(3), RamReceived(), DeviceStateRecord(b"{}"), CommitAck(),
 ]
 
 
@@ -84,7 +85,7 @@ def test_a_record_from_the_wrong_end_is_refused_whatever_the_phase() -> None:
         dst.send(Cancel())
 
 
-@pytest.mark.parametrize("upto", range(0, 9))
+@pytest.mark.parametrize("upto", range(0, 11))
 def test_either_end_may_give_up_before_the_commit(upto: int) -> None:
     src, dst = _pair()
     _play(src, dst, MIGRATION[:upto])
@@ -98,7 +99,7 @@ def test_once_the_device_state_left_nothing_may_say_nothing_was_committed() -> N
     """The commit point (ARCHITECTURE.md, invariant 5): after DEVICE_STATE neither end
     may send ERROR or CANCEL, and neither accepts one."""
     src, dst = _pair()
-    _play(src, dst, MIGRATION[:10])
+    _play(src, dst, MIGRATION[:11])
     assert src.phase is dst.phase is Phase.COMMIT
     for end, rtype in itertools.product((src, dst), (RecordType.ERROR, RecordType.CANCEL)):
         assert not end.may_send(rtype)

@@ -124,6 +124,7 @@ def test_strangers_on_the_data_port_are_turned_away_and_the_migration_goes_on(
     data.sendall(encode_packet(ctx(), packet_num=1, normal=[PAGE * 5]) + page)
     data.sendall(encode_sync(ctx(), 2))
     main.sendall(EndOfRam(1).encode())
+    assert recv_record(main).TYPE is RecordType.RAM_RECEIVED
     main.sendall(DeviceStateRecord(b'{"kind":"test"}').encode())
     assert recv_record(main).TYPE is RecordType.COMMIT_ACK
     code, _, err = recv.result(timeout=30)

@@ -68,6 +68,7 @@ def test_a_newer_copy_and_a_zero_page_land_over_older_data(image_dir: Path) -> N
     data.sendall(encode_packet(ctx(), packet_num=3, normal=[PAGE * 5], zero=[PAGE * 6]) + c)
     data.sendall(encode_sync(ctx(), 4))
     main.sendall(EndOfRam(2).encode())
+    assert recv_record(main).TYPE is RecordType.RAM_RECEIVED
     main.sendall(DeviceStateRecord(b'{"kind":"test"}').encode())
     assert recv_record(main).TYPE is RecordType.COMMIT_ACK
     code, _, err = recv.result(timeout=30)
