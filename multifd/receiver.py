@@ -25,6 +25,7 @@ from zcmigrate.multifd.wire import (
     INIT_SIZE,
     InitTracker,
     RemoteProtocolError,
+    SequenceTracker,
     WireContext,
     decode_header,
     decode_offsets,
@@ -78,6 +79,7 @@ class _Worker:
         self.name = f"multifd-recv-{channel_id}"
         self.state = _RUNNING
         self.synced = 0  # SYNC packets read
+        self.sequence = SequenceTracker(channel_id)  # its worker's alone: no lock
         self.packets = 0
         self.normal_pages = 0
         self.zero_pages = 0
@@ -270,6 +272,7 @@ class ReceiverPool(PoolBase):
         hook = self._hook
         known_zero = self._written is not None
         written_c = self._written_c
+        sequence = w.sequence
         # Reused for every packet: nothing is allocated per page.
         header_buf = bytearray(HEADER_SIZE)
         header_iov = IoVec.from_buffers([header_buf], writable=True)
@@ -310,6 +313,9 @@ class ReceiverPool(PoolBase):
                 return _CLOSED
             consumed += HEADER_SIZE
             header = decode_header(header_buf, ctx)
+            # Before a byte of the packet's pages is read: a repeated or reordered packet
+            # never reaches the image, and a lost one fails the channel here.
+            sequence.accept(header)
             if header.is_sync:
                 if not self._at_sync(w):
                     return _STOPPED

@@ -75,8 +75,8 @@ def test_device_state_before_the_final_sync_is_refused(tmp_path: Path) -> None:
     data = socket.create_connection(("127.0.0.1", recv.port), timeout=10)
     data.sendall(encode_init(ctx(), 0))
     page = b"\x07" * PAGE
-    data.sendall(encode_packet(ctx(), packet_num=1, normal=[0]) + page)
-    data.sendall(encode_sync(ctx(), 2))
+    data.sendall(encode_packet(ctx(), packet_num=1, seq=1, normal=[0]) + page)
+    data.sendall(encode_sync(ctx(), 2, 2, packets=1, pages=1))
     main.sendall(MultifdFlush(1).encode())
     # A source that skips the final sync and sends the device state at once:
     main.sendall(DeviceStateRecord(b"{}").encode())
@@ -112,8 +112,8 @@ def test_strangers_on_the_data_port_are_turned_away_and_the_migration_goes_on(
     dup = socket.create_connection(("127.0.0.1", recv.port), timeout=10)
     dup.sendall(encode_init(ctx(), 0))
     page = b"\x07" * PAGE
-    data.sendall(encode_packet(ctx(), packet_num=1, normal=[PAGE * 5]) + page)
-    data.sendall(encode_sync(ctx(), 2))
+    data.sendall(encode_packet(ctx(), packet_num=1, seq=1, normal=[PAGE * 5]) + page)
+    data.sendall(encode_sync(ctx(), 2, 2, packets=1, pages=1))
     main.sendall(EndOfRam(1).encode())
     main.sendall(DeviceStateRecord(b'{"kind":"test"}').encode())
     assert recv_record(main).TYPE is RecordType.COMMIT_ACK
@@ -134,7 +134,7 @@ def test_a_page_offset_outside_the_image_stops_the_migration_without_writing(
     data = socket.create_connection(("127.0.0.1", recv.port), timeout=10)
     data.sendall(encode_init(ctx(), 0))
     # Built by hand: the encoder itself refuses offsets outside the image.
-    header = bytearray(encode_packet(ctx(), packet_num=1, normal=[0]))
+    header = bytearray(encode_packet(ctx(), packet_num=1, seq=1, normal=[0]))
     header[320:328] = struct.pack(">Q", SIZE)  # one page past the end
     data.sendall(bytes(header) + b"\x01" * PAGE)
     code, _, err = recv.result(timeout=30)

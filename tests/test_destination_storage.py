@@ -60,13 +60,14 @@ def test_a_newer_copy_and_a_zero_page_land_over_older_data(image_dir: Path) -> N
     data.sendall(encode_init(ctx(), 0))
     a, b, c = b"\x0a" * PAGE, b"\x0b" * PAGE, b"\x0c" * PAGE
     # Iteration 1: pages 5, 6, 7 (5 and 6 adjacent: one run), 9 sent as zero (never written).
-    data.sendall(encode_packet(ctx(), packet_num=1, normal=[PAGE * 5, PAGE * 6, PAGE * 7],
-                               zero=[PAGE * 9]) + a + b + a)
-    data.sendall(encode_sync(ctx(), 2))
+    data.sendall(encode_packet(ctx(), packet_num=1, seq=1,
+                               normal=[PAGE * 5, PAGE * 6, PAGE * 7], zero=[PAGE * 9]) + a + b + a)
+    data.sendall(encode_sync(ctx(), 2, 2, packets=1, pages=4))
     main.sendall(MultifdFlush(1).encode())
     # Iteration 2: 5 again with new data, 6 now zero (it holds data: it must be cleared).
-    data.sendall(encode_packet(ctx(), packet_num=3, normal=[PAGE * 5], zero=[PAGE * 6]) + c)
-    data.sendall(encode_sync(ctx(), 4))
+    data.sendall(encode_packet(ctx(), packet_num=3, seq=3, normal=[PAGE * 5],
+                               zero=[PAGE * 6]) + c)
+    data.sendall(encode_sync(ctx(), 4, 4, packets=1, pages=2))
     main.sendall(EndOfRam(2).encode())
     main.sendall(DeviceStateRecord(b'{"kind":"test"}').encode())
     assert recv_record(main).TYPE is RecordType.COMMIT_ACK
