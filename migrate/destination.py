@@ -295,16 +295,25 @@ class DestinationJob:
 
     def _on_end_of_ram(self, rec: Record) -> None:
         assert isinstance(rec, EndOfRam) and self._pool is not None
-        # The final sync: every channel's last pages are in place once it is through.
-        self._pool.sync(timeout=self.peer_timeout)
+        # The final sync: every channel's last pages are in place once it is through, and
+        # every worker stopped at it and was joined: nothing after it reaches the image.
+        self._pool.sync(timeout=self.peer_timeout, final=True)
         self._syncs += 1
+        # Every page arrived and nothing came after the final SYNC, or nothing is
+        # committed: checked before RAM_RECEIVED, so that the refusal still travels as an
+        # ERROR and the source, which has not sent the device state, resumes its guest.
+        self._pool.check_complete()
         assert self._main is not None
         self._main.send(RamReceived())
 
     def _on_device_state(self, rec: Record) -> None:
         assert isinstance(rec, DeviceStateRecord) and self._main is not None
+        assert self._pool is not None
         # The table lets the device state in only after END_OF_RAM, whose sync every data
         # channel has passed: it is applied after the final sync (the invariant, point 3).
+        # Looked at again right before the commit point, for bytes that came after the
+        # final SYNC since END_OF_RAM: a failure here commits nothing.
+        self._pool.check_complete()
         with self._state_lock:
             # Past this point nothing turns the migration into "nothing committed": a
             # cancel or SIGTERM waits for the commit (ARCHITECTURE.md, invariant 5).

@@ -1,6 +1,8 @@
 """The multifd receiver pool: N worker threads reading packets and writing their pages into the
-destination image (a file through its descriptor, or a mapping), and the sync barrier that keeps
-iterations in order. It knows pages and packets; not guests, the CLI, systemd or the main channel.
+destination image (a file through its descriptor, or a mapping), the sync barrier that keeps
+iterations in order, and the proof that nothing went missing (every packet of every channel in
+sequence, every page arrived). It knows pages and packets; not guests, the CLI, systemd or the
+main channel.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import threading
 import time
 from array import array
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -25,6 +28,7 @@ from zcmigrate.multifd.wire import (
     INIT_SIZE,
     InitTracker,
     RemoteProtocolError,
+    SequenceTracker,
     WireContext,
     decode_header,
     decode_offsets,
@@ -34,7 +38,7 @@ from zcmigrate.native import ffi, lib
 if TYPE_CHECKING:
     from typing_extensions import Buffer
 
-__all__ = ["Hook", "ReceiverPool", "accept_data_channel"]
+__all__ = ["Hook", "MissingPages", "ReceiverPool", "accept_data_channel"]
 
 Hook = Callable[[str, int], None]
 
@@ -44,8 +48,28 @@ _log = structlog.get_logger("zcmigrate.multifd.receiver")
 # notify or from Exiting, the slice only bounds a missed one.
 _WAIT_SLICE = 0.5
 _JOIN_TIMEOUT = 5.0  # after close() has shut every channel down, workers end at once
+_MISSING_SHOWN = 8  # missing pages named in a message
 
-_RUNNING, _CLOSED, _STOPPED, _FAILED = "running", "closed", "stopped", "failed"
+# _FINAL: stopped at the final SYNC, as sync(final=True) asked; _CLOSED: the peer closed at a
+# packet boundary; _STOPPED: close() or Exiting; _FAILED: this worker's own error.
+_RUNNING, _FINAL, _CLOSED, _STOPPED, _FAILED = "running", "final", "closed", "stopped", "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class MissingPages:
+    """The pages of the image that no packet has carried yet, as a normal or a zero page."""
+
+    count: int
+    pages: int  # all pages of the image
+    first: tuple[int, ...]  # byte offsets of the first few missing, in page order
+
+    def __str__(self) -> str:
+        if not self.count:
+            return f"all {self.pages} pages arrived"
+        shown = ", ".join(f"0x{off:x}" for off in self.first[1:])
+        return (f"{self.count} of {self.pages} pages never arrived, first at offset "
+                f"0x{self.first[0]:x}" + (f", then {shown}" if shown else "")
+                + (", ..." if self.count > len(self.first) else ""))
 
 
 def accept_data_channel(channel: Channel, tracker: InitTracker, timeout: float) -> int:
@@ -78,6 +102,7 @@ class _Worker:
         self.name = f"multifd-recv-{channel_id}"
         self.state = _RUNNING
         self.synced = 0  # SYNC packets read
+        self.sequence = SequenceTracker(channel_id)  # its worker's alone: no lock
         self.packets = 0
         self.normal_pages = 0
         self.zero_pages = 0
@@ -88,7 +113,9 @@ class ReceiverPool(PoolBase):
     """N receiver workers over N data channels (index == channel id) and their sync barrier.
 
     sync() is called from one thread (the destination's main-channel thread); statistics()
-    from any. Every wait is bounded or woken by the shared Exiting.
+    from any. Every wait is bounded or woken by the shared Exiting. Before a commit: the last
+    sync with final=True (every worker stops at it and is joined), then check_complete()
+    (nothing after the final SYNC, every page arrived at least once; missing_pages() counts).
 
     hook(point, channel_id), for tests, runs in the worker at: "recv_header" (a data
     packet's header and offsets read, its pages not yet), "recv_packet" (its pages in
@@ -142,7 +169,13 @@ class ReceiverPool(PoolBase):
         if known_zero:
             self._written = array("Q", bytes(8 * ((npages + 63) // 64)))
             self._written_c = ffi.from_buffer("uint64_t[]", self._written)
+        # One bit per page, set once a packet carried it (normal or zero) and it is in place:
+        # a commit needs every page to have arrived at least once.
+        self._npages = npages
+        self._arrived = array("Q", bytes(8 * ((npages + 63) // 64)))
+        self._arrived_c: Any = ffi.from_buffer("uint64_t[]", self._arrived)
         self._released = 0  # the last sync number the coordinator released
+        self._final = 0  # the final sync's number once sync(final=True) released it
         self._join_exiting()
 
     # ------------------------------------------------------------------ state
@@ -154,13 +187,18 @@ class ReceiverPool(PoolBase):
     # ------------------------------------------------------------------ API
 
 
-    def sync(self, timeout: float | None = None) -> int:
+    def sync(self, timeout: float | None = None, *, final: bool = False) -> int:
         """Wait until every worker has read its next SYNC packet, then release them all.
 
         Every page sent before that SYNC on any channel is then in place, and no worker
         writes a page sent after it until this returns. Returns the sync number (1 first).
         MultifdError if a worker failed, its peer closed the channel before this SYNC, or
         `timeout` seconds passed; each of those fails the pool.
+
+        final: the last sync of the migration. Every worker stops at this SYNC instead of
+        reading on, and its thread is joined before this returns: nothing read after it can
+        reach the image. Then check_complete() says whether the image may be committed; no
+        sync() may follow.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         failure: MultifdError | None = None
@@ -168,6 +206,9 @@ class ReceiverPool(PoolBase):
             if not self._started or self._stopping:
                 raise MultifdError("multifd receive: the pool is not running "
                                    "(not started, or closed)")
+            if self._final:
+                raise MultifdError(f"multifd receive: sync after the final sync "
+                                   f"({self._final})")
             k = self._released + 1
             while True:
                 err = self.error
@@ -177,9 +218,13 @@ class ReceiverPool(PoolBase):
                     raise MultifdError(f"multifd receive: the pool was closed during sync {k}")
                 behind = [w for w in self._workers if w.synced < k]
                 if not behind:
+                    if final:
+                        self._final = k  # before the release: a woken worker must see it
                     self._released = k
                     self._cond.notify_all()
-                    return k
+                    if not final:
+                        return k
+                    break
                 ended = [w for w in behind if w.state != _RUNNING]
                 if ended:
                     w = ended[0]
@@ -204,10 +249,80 @@ class ReceiverPool(PoolBase):
                         break
                     wait = min(wait, left)
                 self._cond.wait(wait)
+        if failure is None:
+            return self._join_at_final(k, deadline)
         # Outside the lock: Exiting's callbacks take it to wake the workers.
         self._exiting.set(failure, where="multifd-recv sync")
         err = self.error
         raise err if err is not None else failure
+
+    def _join_at_final(self, k: int, deadline: float | None) -> int:
+        """After the final release: every worker ends at its SYNC k; join their threads."""
+        # Released workers only have to wake up and return: a worker still running after
+        # this long is stuck, and one that ended otherwise failed or was stopped.
+        join_deadline = time.monotonic() + _JOIN_TIMEOUT
+        if deadline is not None:
+            join_deadline = max(join_deadline, deadline)
+        threads = [w.thread for w in self._workers if w.thread is not None]
+        for t in threads:
+            t.join(max(0.0, join_deadline - time.monotonic()))
+        with self._cond:
+            err = self.error
+            if err is not None:
+                raise err
+            wrong = [w for w in self._workers if w.state != _FINAL]
+        if not wrong and not any(t.is_alive() for t in threads):
+            return k
+        w = wrong[0] if wrong else self._workers[0]
+        failure = MultifdError(
+            f"multifd receive channel {w.id}: the worker did not stop at the final sync {k} "
+            f"(it is {w.state})",
+            channel_id=w.id,
+        )
+        self._exiting.set(failure, where="multifd-recv sync")
+        err = self.error
+        raise err if err is not None else failure
+
+    def missing_pages(self) -> MissingPages:
+        """The pages no packet has carried yet (normal or zero), counted in C from the arrival
+        bitmap. While workers run it is a snapshot; after the final sync it is the answer."""
+        first: Any = ffi.new("uint64_t[]", _MISSING_SHOWN)
+        with ffi.from_buffer("uint64_t[]", self._arrived) as bm:  # valid after close() too
+            count = int(lib.zc_bitmap_missing(bm, self._npages, self._ctx.page_size, first,
+                                              _MISSING_SHOWN))
+        shown = tuple(int(first[i]) for i in range(min(count, _MISSING_SHOWN)))
+        return MissingPages(count=count, pages=self._npages, first=shown)
+
+    def check_complete(self) -> None:
+        """After sync(final=True), right before the commit: RemoteProtocolError if a channel
+        holds bytes after its final SYNC, or if a page of the image never arrived.
+
+        Either means the source broke the protocol or something between lost part of the
+        stream; what arrived must not be committed. Bytes that arrive after this call are
+        never read (the workers are joined); a caller that looks twice catches late ones.
+        """
+        with self._cond:
+            if not self._final:
+                raise RuntimeError("ReceiverPool.check_complete() before sync(final=True)")
+            err = self.error
+            if err is not None:
+                raise err
+        for w in self._workers:
+            try:
+                extra = w.channel.peek(1)
+            except BlockingIOError:
+                continue  # nothing there: the channel is idle, as it should be
+            except ChannelError:
+                continue  # reset or shut down after the final sync: nothing more to read
+            if extra:
+                raise RemoteProtocolError(
+                    f"multifd receive: data after the final sync on channel {w.id}, expected "
+                    f"nothing more on it (seq {w.sequence.next_seq - 1} was its final SYNC)"
+                )
+        missing = self.missing_pages()
+        if missing.count:
+            raise RemoteProtocolError(f"multifd receive: {missing}")
+        _log.info("receive complete", pages=missing.pages, channels=len(self._workers))
 
     def statistics(self) -> PoolStats:
         with self._lock:
@@ -236,8 +351,10 @@ class ReceiverPool(PoolBase):
         threads = [w.thread for w in self._workers if w.thread is not None]
         for t in threads:
             t.join(_JOIN_TIMEOUT)
-        if self._release(threads) and self._written is not None:
-            ffi.release(self._written_c)
+        if self._release(threads):
+            ffi.release(self._arrived_c)
+            if self._written is not None:
+                ffi.release(self._written_c)
 
     # ------------------------------------------------------------------ workers
 
@@ -263,13 +380,16 @@ class ReceiverPool(PoolBase):
         log.debug("receive channel ended", how=end)
 
     def _receive(self, w: _Worker) -> str:
-        """Read packets until the peer closes at a sync point (_CLOSED) or the pool stops."""
+        """Read packets until the peer closes at a sync point (_CLOSED), the final sync
+        (_FINAL) or the pool stops (_STOPPED)."""
         ctx = self._ctx
         ps = ctx.page_size
         ch = w.channel
         hook = self._hook
         known_zero = self._written is not None
         written_c = self._written_c
+        arrived_c = self._arrived_c
+        sequence = w.sequence
         # Reused for every packet: nothing is allocated per page.
         header_buf = bytearray(HEADER_SIZE)
         header_iov = IoVec.from_buffers([header_buf], writable=True)
@@ -310,9 +430,13 @@ class ReceiverPool(PoolBase):
                 return _CLOSED
             consumed += HEADER_SIZE
             header = decode_header(header_buf, ctx)
+            # Before a byte of the packet's pages is read: a repeated or reordered packet
+            # never reaches the image, and a lost one fails the channel here.
+            sequence.accept(header)
             if header.is_sync:
-                if not self._at_sync(w):
-                    return _STOPPED
+                end = self._at_sync(w)
+                if end != _RUNNING:
+                    return end
                 after_data = False
                 continue
             size = header.offsets_size
@@ -350,6 +474,7 @@ class ReceiverPool(PoolBase):
                     raise OSError(rc, f"writing pages to the image file: {os.strerror(rc)}")
                 if known_zero:
                     lib.zc_mark_pages(written_c, normal_c, nn, ps)
+                lib.zc_mark_pages(arrived_c, normal_c, nn, ps)
             elif nn:
                 normal_c = ffi.from_buffer("uint64_t[]", normal)
 
@@ -364,6 +489,7 @@ class ReceiverPool(PoolBase):
                 consumed += header.payload_size
                 if known_zero:
                     lib.zc_mark_pages(written_c, normal_c, nn, ps)
+                lib.zc_mark_pages(arrived_c, normal_c, nn, ps)
             nz = len(zero)
             if nz and to_file:
                 zero_c = ffi.from_buffer("uint64_t[]", zero)
@@ -376,11 +502,13 @@ class ReceiverPool(PoolBase):
                 if rc:
                     raise OSError(rc, f"writing zero pages to the image file: "
                                       f"{os.strerror(rc)}")
+                lib.zc_mark_pages(arrived_c, zero_c, nz, ps)
             elif nz:
                 zero_c = ffi.from_buffer("uint64_t[]", zero)
                 if lib.zc_zero_pages(self._base, ctx.image_size, zero_c, nz, ps, written_c,
                                      nwritten):
                     raise RemoteProtocolError("packet offsets: outside the image (zc_zero_pages)")
+                lib.zc_mark_pages(arrived_c, zero_c, nz, ps)
             with self._lock:
                 w.packets += 1
                 w.normal_pages += nn
@@ -389,8 +517,9 @@ class ReceiverPool(PoolBase):
             if hook is not None:
                 hook("recv_packet", w.id)
 
-    def _at_sync(self, w: _Worker) -> bool:
-        """Record a SYNC packet and wait for the coordinator's release; False: stop instead."""
+    def _at_sync(self, w: _Worker) -> str:
+        """Record a SYNC packet and wait for the coordinator's release. _RUNNING: read on;
+        _FINAL: this was the final sync, stop here; _STOPPED: the pool stops."""
         hook = self._hook
         if hook is not None:
             hook("recv_sync", w.id)
@@ -403,6 +532,9 @@ class ReceiverPool(PoolBase):
             # before it on another channel (ARCHITECTURE.md, invariant 2).
             while self._released < k:
                 if self._stopping or self._exiting.is_set():
-                    return False
+                    return _STOPPED
                 self._cond.wait(_WAIT_SLICE)
-        return True
+            # Not a byte after the final SYNC is read: the device state is applied to
+            # exactly what came before it (invariant 3), and check_complete() finds
+            # anything after it still in the socket.
+            return _FINAL if self._final == k else _RUNNING

@@ -75,6 +75,11 @@ class _Worker:
         self.normal_pages = 0
         self.zero_pages = 0
         self.syncs = 0
+        # The channel's numbering (docs/protocol.md, "Sequence"), touched by its worker
+        # thread alone: the last seq sent, and what went out since the last SYNC.
+        self.seq = 0
+        self.since_sync_packets = 0
+        self.since_sync_pages = 0
         self.thread: threading.Thread | None = None
         # Reused for every job, so the hot path allocates nothing per page.
         self.iov = IoVec(pages_alloc)
@@ -326,7 +331,13 @@ class SenderPool(PoolBase):
         else:
             nn, nz = n, 0
             normal, zero, normal_c = offsets, _NO_OFFSETS, offsets_c
-        header = encode_packet(ctx, packet_num=job.packet_num, normal=normal, zero=zero)
+        # Numbered here, in the worker, because the order packets leave on the channel is
+        # the order the receiver checks; every packet encoded is sent, or the pool fails.
+        header = encode_packet(ctx, packet_num=job.packet_num, seq=w.seq + 1, normal=normal,
+                               zero=zero)
+        w.seq += 1
+        w.since_sync_packets += 1
+        w.since_sync_pages += nn + nz
         cnt = int(lib.zc_page_iov(self._base, ctx.image_size, normal_c, nn, ps, w.iov.entries))
         if cnt < 0:
             raise LocalProtocolError("zc_page_iov refused offsets the wire encoder accepted")
@@ -348,7 +359,13 @@ class SenderPool(PoolBase):
         hook = self._hook
         if hook is not None:
             hook("send_sync", w.id)
-        w.channel.write_all(encode_sync(self._ctx, job.packet_num))
+        # The counts let the receiver prove nothing went missing between two SYNCs, even
+        # past a middlebox that renumbers what it forwards.
+        sync = encode_sync(self._ctx, job.packet_num, w.seq + 1, packets=w.since_sync_packets,
+                           pages=w.since_sync_pages)
+        w.seq += 1
+        w.since_sync_packets = w.since_sync_pages = 0
+        w.channel.write_all(sync)
         copied = 0
         if self._zero_copy:
             # Why the flush is here: with MSG_ZEROCOPY, writev only queued this iteration's

@@ -35,6 +35,7 @@ __all__ = [
     "PacketHeader",
     "ProtocolError",
     "RemoteProtocolError",
+    "SequenceTracker",
     "WireContext",
     "decode_header",
     "decode_init",
@@ -46,7 +47,7 @@ __all__ = [
 ]
 
 MULTIFD_MAGIC = 0x11223344
-MULTIFD_VERSION = 1
+MULTIFD_VERSION = 2  # 2: seq and the SYNC counts in what QEMU keeps reserved
 INIT_SIZE = 64
 HEADER_SIZE = 320
 FLAG_SYNC = 1
@@ -63,11 +64,11 @@ MAX_IMAGE_SIZE = 1 << 63
 # QEMU's MultiFDInit_t: magic, version, uuid, channel id, 7 reserved bytes, 4 reserved u64.
 _INIT = struct.Struct(">II16sB7s4Q")
 # QEMU's MultiFDPacket_t without its trailing offset[]: magic, version, flags, pages_alloc,
-# normal_pages, next_packet_size, packet_num, zero_pages, reserved u32, 3 reserved u64, ramblock.
-_HEADER = struct.Struct(">IIIIIIQII3Q256s")
+# normal_pages, next_packet_size, packet_num, zero_pages, reserved u32, then where QEMU keeps
+# 3 reserved u64: seq, sync_packets, sync_pages; ramblock.
+_HEADER = struct.Struct(">IIIIIIQIIQQQ256s")
 _INIT_RESERVED_AT = 25  # everything from here to the end of the init record is reserved
 _HEADER_RESERVED_U32_AT = 36
-_HEADER_RESERVED_U64_AT = 40
 _U64_LIMIT = 1 << 64
 _TOP = 1 << 63
 # Offsets are big-endian on the wire; array('Q') holds host order.
@@ -156,7 +157,15 @@ class PacketHeader:
     next_packet_size: int
     packet_num: int
     zero_pages: int
+    seq: int  # this channel's packet count, this packet included: 1, 2, ... (never 0)
+    sync_packets: int  # SYNC: data packets on this channel since the previous SYNC; else 0
+    sync_pages: int  # SYNC: their pages, normal + zero; else 0
     block: str
+
+    @property
+    def pages(self) -> int:
+        """Pages the packet carries, normal and zero: what a SYNC's sync_pages counts."""
+        return self.normal_pages + self.zero_pages
 
     @property
     def is_sync(self) -> bool:
@@ -355,14 +364,20 @@ def encode_packet(
     ctx: WireContext,
     *,
     packet_num: int,
+    seq: int,
     normal: Sequence[int] | array[int],
     zero: Sequence[int] | array[int] = (),
     sync: bool = False,
+    sync_packets: int = 0,
+    sync_pages: int = 0,
 ) -> bytes:
     """The header and offsets of one packet, without the page payload.
 
-    The caller sends normal_pages * page_size bytes of pages after these bytes, straight from
-    the mmap and uncopied (h11's data passthrough), in the order of `normal`.
+    `seq` is the packet's number on its channel (1 for the first after the init record, and
+    one more for each packet after it, SYNC or not); a SYNC packet carries `sync_packets` and
+    `sync_pages`, what its channel sent since the previous SYNC. The caller sends
+    normal_pages * page_size bytes of pages after these bytes, straight from the mmap and
+    uncopied (h11's data passthrough), in the order of `normal`.
     """
     n_normal, n_zero = len(normal), len(zero)
     if sync and (n_normal or n_zero):
@@ -376,6 +391,15 @@ def encode_packet(
         )
     if not _is_int(packet_num) or not 0 <= packet_num < _U64_LIMIT:
         raise LocalProtocolError(f"packet: packet_num {packet_num!r}, expected a u64")
+    # Never 0 and never past the top: a channel's seq must not wrap (the next issue's AEAD
+    # nonce is built from it, and a nonce must never repeat under one key).
+    if not _is_int(seq) or not 1 <= seq < _U64_LIMIT:
+        raise LocalProtocolError(f"packet: seq {seq!r}, expected 1..{_U64_LIMIT - 1}")
+    for name, count in (("sync_packets", sync_packets), ("sync_pages", sync_pages)):
+        if not _is_int(count) or not 0 <= count < _U64_LIMIT:
+            raise LocalProtocolError(f"packet: {name} {count!r}, expected a u64")
+        if count and not sync:
+            raise LocalProtocolError(f"packet: {name} {count} on a data packet, expected 0")
     offsets = _u64_array(normal, "normal")
     if n_zero:
         offsets.extend(_u64_array(zero, "zero"))
@@ -395,17 +419,20 @@ def encode_packet(
         packet_num,
         n_zero,
         0,
-        0,
-        0,
-        0,
+        seq,
+        sync_packets,
+        sync_pages,
         _block_field(ctx.block),
     )
     return header + offsets_be
 
 
-def encode_sync(ctx: WireContext, packet_num: int) -> bytes:
-    """A SYNC packet: no pages, just the mark that everything before it was sent."""
-    return encode_packet(ctx, packet_num=packet_num, normal=(), sync=True)
+def encode_sync(ctx: WireContext, packet_num: int, seq: int, *, packets: int,
+                pages: int) -> bytes:
+    """A SYNC packet: no pages, the mark that everything before it was sent, and how much
+    that was since the previous SYNC: `packets` data packets holding `pages` pages."""
+    return encode_packet(ctx, packet_num=packet_num, seq=seq, normal=(), sync=True,
+                         sync_packets=packets, sync_pages=pages)
 
 
 def decode_header(data: bytes | bytearray | memoryview, ctx: WireContext) -> PacketHeader:
@@ -423,7 +450,9 @@ def decode_header(data: bytes | bytearray | memoryview, ctx: WireContext) -> Pac
         packet_num,
         zero_pages,
         reserved32,
-        *reserved64,
+        seq,
+        sync_packets,
+        sync_pages,
         block_raw,
     ) = _HEADER.unpack(mv)
     _check_magic_version("packet header", magic, version)
@@ -458,12 +487,14 @@ def decode_header(data: bytes | bytearray | memoryview, ctx: WireContext) -> Pac
             f"packet header: reserved u32 at offset {_HEADER_RESERVED_U32_AT}"
             f" = 0x{reserved32:x}, expected 0"
         )
-    for i, value in enumerate(reserved64):
-        if value:
-            raise RemoteProtocolError(
-                f"packet header: reserved u64 at offset {_HEADER_RESERVED_U64_AT + 8 * i}"
-                f" = 0x{value:x}, expected 0"
-            )
+    if seq == 0:
+        raise RemoteProtocolError("packet header: seq 0, expected at least 1 (a channel's"
+                                  " first packet is 1)")
+    if not flags & FLAG_SYNC and (sync_packets or sync_pages):
+        raise RemoteProtocolError(
+            f"packet header: data packet with sync_packets {sync_packets} and sync_pages"
+            f" {sync_pages}, expected 0 and 0 (only a SYNC packet counts)"
+        )
     if block_raw != _block_field(ctx.block):
         shown = block_raw.rstrip(b"\0").decode("ascii", "backslashreplace")
         raise RemoteProtocolError(f"packet header: block name {shown!r}, expected {ctx.block!r}")
@@ -474,6 +505,9 @@ def decode_header(data: bytes | bytearray | memoryview, ctx: WireContext) -> Pac
         next_packet_size=next_packet_size,
         packet_num=packet_num,
         zero_pages=zero_pages,
+        seq=seq,
+        sync_packets=sync_packets,
+        sync_pages=sync_pages,
         block=ctx.block,
     )
 
@@ -518,3 +552,58 @@ def decode_packet(data: bytes | bytearray | memoryview, ctx: WireContext) -> Pac
             _length_problem("packet payload", len(payload), header.payload_size)
         )
     return Packet(header=header, normal=normal, zero=zero, payload=payload)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sequence: every packet of a channel accounted for
+
+
+class SequenceTracker:
+    """One data channel's packets as its receiver sees them: seq exactly one more each time,
+    and every SYNC's counts equal to what arrived since the previous SYNC.
+
+    Fed every decoded header in the order it came off the channel, before the packet's pages
+    are written, so a repeated or reordered packet never reaches the image, and a dropped one
+    is found at the next packet or, at the latest, at the SYNC after it. Owned by the channel's
+    one receiving thread; it does no locking.
+    """
+
+    __slots__ = ("_channel_id", "_next_seq", "_packets", "_pages")
+
+    def __init__(self, channel_id: int) -> None:
+        self._channel_id = channel_id
+        self._next_seq = 1  # the init record is not counted: the first packet is 1
+        self._packets = 0  # data packets since the previous SYNC
+        self._pages = 0  # their pages, normal + zero
+
+    def accept(self, header: PacketHeader) -> None:
+        """Count one packet, or RemoteProtocolError naming the channel, what came and what
+        was expected."""
+        expected, got = self._next_seq, header.seq
+        if got != expected:
+            if got > expected:
+                missing = got - expected
+                why = f"{missing} packet{'s' if missing > 1 else ''} missing"
+            else:
+                why = "a packet repeated or out of order"
+            raise RemoteProtocolError(
+                f"packet header: seq {got} on channel {self._channel_id}, expected {expected}"
+                f" ({why})"
+            )
+        if not header.is_sync:
+            self._packets += 1
+            self._pages += header.pages
+        elif (header.sync_packets, header.sync_pages) != (self._packets, self._pages):
+            raise RemoteProtocolError(
+                f"SYNC packet (seq {got}) on channel {self._channel_id}: the sender counts"
+                f" {header.sync_packets} data packets and {header.sync_pages} pages since the"
+                f" previous SYNC, received {self._packets} packets and {self._pages} pages"
+            )
+        else:
+            self._packets = self._pages = 0
+        self._next_seq = expected + 1
+
+    @property
+    def next_seq(self) -> int:
+        """The seq the next packet must carry."""
+        return self._next_seq

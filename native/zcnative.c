@@ -496,6 +496,26 @@ void zc_bitmap_set_range(uint64_t *bm, uint64_t first, uint64_t count)
         bitmap_mark(bm, p);
 }
 
+uint64_t zc_bitmap_missing(const uint64_t *bm, uint64_t npages, uint32_t page_size,
+                           uint64_t *out, uint32_t max)
+{
+    /* The receiver's arrival bitmap, read once after its workers were joined (or as a
+     * snapshot while they run: hence the atomic loads). */
+    uint64_t cnt = 0, nwords = (npages + 63) / 64;
+    uint32_t shown = 0;
+    for (uint64_t i = 0; i < nwords; i++) {
+        uint64_t w = ~__atomic_load_n(&bm[i], __ATOMIC_ACQUIRE);
+        if (i == nwords - 1 && npages % 64)
+            w &= (1ULL << (npages % 64)) - 1; /* bits past the last page are no pages */
+        cnt += (uint64_t)__builtin_popcountll(w);
+        while (w && shown < max) {
+            out[shown++] = (i * 64 + (uint64_t)__builtin_ctzll(w)) * page_size;
+            w &= w - 1;
+        }
+    }
+    return cnt;
+}
+
 /* ----------------------------------------------------------------------- guest */
 
 uint64_t zc_guest_touch(uint64_t base, uint64_t *bm, uint64_t npages, uint32_t page_size,

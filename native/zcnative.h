@@ -47,6 +47,10 @@ uint64_t zc_bitmap_fetch_clear(uint64_t *bm, uint64_t nwords, uint64_t *out);
 uint64_t zc_bitmap_offsets(const uint64_t *bm, uint64_t npages, uint32_t page_size,
                            uint64_t *out);
 void zc_bitmap_set_range(uint64_t *bm, uint64_t first, uint64_t count);
+/* Pages among the first npages whose bit is clear: returns how many, and writes the byte
+ * offsets of the first `max` of them to out. */
+uint64_t zc_bitmap_missing(const uint64_t *bm, uint64_t npages, uint32_t page_size,
+                           uint64_t *out, uint32_t max);
 uint64_t zc_guest_touch(uint64_t base, uint64_t *bm, uint64_t npages, uint32_t page_size,
                         uint64_t pos, uint64_t count);
 int64_t zc_guest_check(uint64_t base, uint64_t npages, uint32_t page_size, uint64_t pos,

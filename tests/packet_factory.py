@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
+from typing import Any
 
 from zcmigrate.multifd.wire import WireContext
 
 # Spelled out again rather than imported: a wrong constant in wire.py must fail the tests.
 MAGIC = 0x11223344
-VERSION = 1
+VERSION = 2
 FLAG_SYNC = 1
 INIT_FORMAT = ">II16sB7s4Q"  # magic, version, uuid, channel id, 7 reserved, 4 x u64 reserved
-HEADER_FORMAT = ">IIIIIIQII3Q256s"  # see docs/protocol.md, "Packet header"
+# magic, version, flags, pages_alloc, normal_pages, next_packet_size, packet_num, zero_pages,
+# reserved u32, seq, sync_packets, sync_pages, ramblock: see docs/protocol.md, "Packet header"
+HEADER_FORMAT = ">IIIIIIQIIQQQ256s"
 
 
 class PacketFactory:
@@ -57,7 +60,9 @@ class PacketFactory:
         packet_num: int = 0,
         zero_pages: int = 0,
         reserved: int = 0,
-        reserved64: Sequence[int] = (0, 0, 0),
+        seq: int = 1,
+        sync_packets: int = 0,
+        sync_pages: int = 0,
         block: str | None = None,
         block_raw: bytes | None = None,
     ) -> bytes:
@@ -79,7 +84,9 @@ class PacketFactory:
             packet_num,
             zero_pages,
             reserved,
-            *reserved64,
+            seq,
+            sync_packets,
+            sync_pages,
             block_raw,
         )
 
@@ -107,7 +114,9 @@ class PacketFactory:
         next_packet_size: int | None = None,
         packet_num: int = 0,
         reserved: int = 0,
-        reserved64: Sequence[int] = (0, 0, 0),
+        seq: int = 1,
+        sync_packets: int = 0,
+        sync_pages: int = 0,
         block: str | None = None,
         block_raw: bytes | None = None,
     ) -> bytes:
@@ -123,10 +132,47 @@ class PacketFactory:
             packet_num=packet_num,
             zero_pages=len(zero) if zero_pages is None else zero_pages,
             reserved=reserved,
-            reserved64=reserved64,
+            seq=seq,
+            sync_packets=sync_packets,
+            sync_pages=sync_pages,
             block=block,
             block_raw=block_raw,
         )
         if payload is None:
             payload = self.page_data(len(normal))
         return header + self.build_offsets([*normal, *zero]) + payload
+
+
+class ChannelStream:
+    """One data channel's packets in order, numbered and counted as a correct sender does:
+    seq 1 for the first packet after the init record, one more for every packet, and on each
+    SYNC the data packets and pages since the previous one. Every packet is built (and
+    counted) when asked for; a test that does not send one plays a proxy that dropped it.
+    Keyword overrides reach PacketFactory.build_packet, to build a wrong one."""
+
+    def __init__(self, factory: PacketFactory, channel_id: int = 0) -> None:
+        self.factory = factory
+        self.channel_id = channel_id
+        self.seq = 0  # the last seq handed out
+        self.packets = 0  # data packets since the last SYNC
+        self.pages = 0
+        self.packet_num = 0
+
+    def init(self) -> bytes:
+        return self.factory.build_init(channel_id=self.channel_id)
+
+    def _next(self, fields: dict[str, Any]) -> dict[str, Any]:
+        self.seq += 1
+        self.packet_num += 1
+        return {"seq": self.seq, "packet_num": self.packet_num, **fields}
+
+    def data(self, normal: Sequence[int] = (), zero: Sequence[int] = (),
+             **overrides: Any) -> bytes:
+        self.packets += 1
+        self.pages += len(normal) + len(zero)
+        return self.factory.build_packet(normal=normal, zero=zero, **self._next(overrides))
+
+    def sync(self, **overrides: Any) -> bytes:
+        fields = {"sync_packets": self.packets, "sync_pages": self.pages, **overrides}
+        self.packets = self.pages = 0
+        return self.factory.build_packet(sync=True, **self._next(fields))

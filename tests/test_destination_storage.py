@@ -14,10 +14,16 @@ from pathlib import Path
 import pytest
 
 from tests.migration_procs import Receiver
-from tests.test_destination_protocol import PAGE, SIZE, ctx, handshake, recv_record
+from tests.test_destination_protocol import (
+    PAGE,
+    SIZE,
+    handshake,
+    recv_record,
+    rest_as_zero,
+    stream,
+)
 from zcmigrate.migrate.incoming import WRITE_THROUGH_FD, filesystem_type
 from zcmigrate.migrate.protocol import DeviceStateRecord, EndOfRam, MultifdFlush, RecordType
-from zcmigrate.multifd.wire import encode_init, encode_packet, encode_sync
 
 
 def test_dev_shm_is_tmpfs_which_is_written_through_the_descriptor() -> None:
@@ -57,16 +63,19 @@ def test_a_newer_copy_and_a_zero_page_land_over_older_data(image_dir: Path) -> N
     main, ack = handshake(recv.port)
     assert ack.TYPE is RecordType.HELLO_ACK
     data = socket.create_connection(("127.0.0.1", recv.port), timeout=10)
-    data.sendall(encode_init(ctx(), 0))
+    s = stream()
+    data.sendall(s.init())
     a, b, c = b"\x0a" * PAGE, b"\x0b" * PAGE, b"\x0c" * PAGE
-    # Iteration 1: pages 5, 6, 7 (5 and 6 adjacent: one run), 9 sent as zero (never written).
-    data.sendall(encode_packet(ctx(), packet_num=1, normal=[PAGE * 5, PAGE * 6, PAGE * 7],
-                               zero=[PAGE * 9]) + a + b + a)
-    data.sendall(encode_sync(ctx(), 2))
+    # Iteration 1: pages 5, 6, 7 (5 and 6 adjacent: one run), 9 sent as zero (never written),
+    # and every other page as zero too, so that the whole image arrived.
+    data.sendall(s.data(normal=[PAGE * 5, PAGE * 6, PAGE * 7], zero=[PAGE * 9],
+                        payload=a + b + a))
+    data.sendall(s.data(zero=rest_as_zero(*(PAGE * p for p in (5, 6, 7, 9)))))
+    data.sendall(s.sync())
     main.sendall(MultifdFlush(1).encode())
     # Iteration 2: 5 again with new data, 6 now zero (it holds data: it must be cleared).
-    data.sendall(encode_packet(ctx(), packet_num=3, normal=[PAGE * 5], zero=[PAGE * 6]) + c)
-    data.sendall(encode_sync(ctx(), 4))
+    data.sendall(s.data(normal=[PAGE * 5], zero=[PAGE * 6], payload=c))
+    data.sendall(s.sync())
     main.sendall(EndOfRam(2).encode())
     assert recv_record(main).TYPE is RecordType.RAM_RECEIVED
     main.sendall(DeviceStateRecord(b'{"kind":"test"}').encode())

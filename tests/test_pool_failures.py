@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.conftest import tcp_pair
-from tests.packet_factory import PacketFactory
+from tests.packet_factory import ChannelStream, PacketFactory
 from tests.sequencer import HookSchedule, Sequencer
 from tests.test_sender_receiver import Background, make_pools, pool_threads
 from tests.thread_wait import Timeline, wait_until_blocked
@@ -42,18 +42,21 @@ def context(channels: int, size: int = 1 * MiB, pages_alloc: int = 64) -> WireCo
 class RawSources:
     """N data channels whose source side the test writes by hand (PacketFactory bytes)."""
 
-    def __init__(self, ctx: WireContext, dst: mmap.mmap) -> None:
+    def __init__(self, ctx: WireContext, dst: mmap.mmap | int, *,
+                 known_zero: bool = True) -> None:
         self.ctx = ctx
         self.factory = PacketFactory(ctx)
+        # Each channel's packets numbered and counted as a correct source does.
+        self.streams = [ChannelStream(self.factory, i) for i in range(ctx.channels)]
         pairs = [tcp_pair(zero_copy=False) for _ in range(ctx.channels)]
         self.tx = [p[0] for p in pairs]
         tracker = InitTracker(ctx)
         rx: list[Channel | None] = [None] * ctx.channels
         for i, (tx, r) in enumerate(pairs):
-            tx.write_all(self.factory.build_init(channel_id=i))
+            tx.write_all(self.streams[i].init())
             rx[accept_data_channel(r, tracker, timeout=5)] = r
         self.rx = [c for c in rx if c is not None]
-        self.pool = ReceiverPool(self.rx, ctx, dst, known_zero=True)
+        self.pool = ReceiverPool(self.rx, ctx, dst, known_zero=known_zero)
         self.pool.start()
 
     def close(self) -> None:
@@ -195,7 +198,7 @@ def test_bad_magic_stops_the_receiver_pool_naming_channel_and_field(dst: mmap.mm
         coord = Background(lambda: raw.pool.sync(timeout=10))
         # The failure must wake a sync() already waiting, not one that starts after it.
         wait_until_blocked(coord.thread, inside="ReceiverPool.sync", syscalls={"futex"})
-        raw.tx[0].write_all(raw.factory.build_packet(sync=True))
+        raw.tx[0].write_all(raw.streams[0].sync())
         raw.tx[1].write_all(raw.factory.build_header(magic=0xDEADBEEF))
         err = coord.exception(10)
         assert isinstance(err, MultifdError) and err is raw.pool.error
@@ -211,7 +214,7 @@ def test_an_offset_outside_the_image_is_refused_before_any_write(dst: mmap.mmap)
     raw = RawSources(context(1), dst)
     try:
         outside = raw.ctx.image_size
-        raw.tx[0].write_all(raw.factory.build_packet(normal=[0, outside]))
+        raw.tx[0].write_all(raw.streams[0].data(normal=[0, outside]))
         pool_ends_within(raw.pool, 5)
         err = raw.pool.error
         assert err is not None and err.channel_id == 0
@@ -226,7 +229,7 @@ def test_an_offset_outside_the_image_is_refused_before_any_write(dst: mmap.mmap)
 def test_eof_inside_a_packet_is_an_error(dst: mmap.mmap) -> None:
     raw = RawSources(context(1), dst)
     try:
-        packet = raw.factory.build_packet(normal=[0, PAGE])
+        packet = raw.streams[0].data(normal=[0, PAGE])
         raw.tx[0].write_all(packet[:-PAGE // 2])
         raw.tx[0].close()
         pool_ends_within(raw.pool, 5)
@@ -240,7 +243,7 @@ def test_eof_inside_a_packet_is_an_error(dst: mmap.mmap) -> None:
 def test_eof_after_data_without_a_sync_fails_at_once(dst: mmap.mmap) -> None:
     raw = RawSources(context(1), dst)
     try:
-        raw.tx[0].write_all(raw.factory.build_packet(normal=[0]))
+        raw.tx[0].write_all(raw.streams[0].data(normal=[0]))
         raw.tx[0].close()
         pool_ends_within(raw.pool, 5)  # no sync() needed to notice
         err = raw.pool.error
@@ -257,7 +260,7 @@ def test_eof_after_data_without_a_sync_fails_at_once(dst: mmap.mmap) -> None:
 def test_sync_fails_clearly_when_the_peer_closed_early(dst: mmap.mmap) -> None:
     raw = RawSources(context(2), dst)
     try:
-        raw.tx[0].write_all(raw.factory.build_packet(sync=True))
+        raw.tx[0].write_all(raw.streams[0].sync())
         raw.tx[1].close()  # right after its init record: a boundary, so no error yet
         with pytest.raises(MultifdError) as info:
             raw.pool.sync(timeout=10)
@@ -272,9 +275,9 @@ def test_sync_fails_clearly_when_the_peer_closed_early(dst: mmap.mmap) -> None:
 def test_a_clean_close_after_the_last_sync_is_not_an_error(dst: mmap.mmap) -> None:
     raw = RawSources(context(2), dst)
     try:
-        for tx in raw.tx:
-            tx.write_all(raw.factory.build_packet(normal=[0, PAGE]))
-            tx.write_all(raw.factory.build_packet(sync=True))
+        for tx, stream in zip(raw.tx, raw.streams, strict=True):
+            tx.write_all(stream.data(normal=[0, PAGE]))
+            tx.write_all(stream.sync())
         assert raw.pool.sync(timeout=10) == 1
         for tx in raw.tx:
             tx.close()
@@ -291,7 +294,7 @@ def test_a_clean_close_after_the_last_sync_is_not_an_error(dst: mmap.mmap) -> No
 def test_receiver_sync_times_out_and_fails_the_pool(dst: mmap.mmap) -> None:
     raw = RawSources(context(2), dst)
     try:
-        raw.tx[1].write_all(raw.factory.build_packet(sync=True))
+        raw.tx[1].write_all(raw.streams[1].sync())
         t0 = time.monotonic()
         with pytest.raises(MultifdError, match=r"receive channel 0: no SYNC packet for sync 1 "
                                                r"within 0\.2 s") as info:

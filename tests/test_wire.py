@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from tests.packet_factory import PacketFactory
+from tests.packet_factory import ChannelStream, PacketFactory
 from zcmigrate.multifd.wire import (
     BLOCK_NAME_SIZE,
     FLAG_SYNC,
@@ -23,6 +23,7 @@ from zcmigrate.multifd.wire import (
     PacketHeader,
     ProtocolError,
     RemoteProtocolError,
+    SequenceTracker,
     WireContext,
     decode_header,
     decode_init,
@@ -50,14 +51,14 @@ def header_of(packet: bytes) -> PacketHeader:
 
 
 def test_constants_follow_qemu_multifd() -> None:
-    assert (MULTIFD_MAGIC, MULTIFD_VERSION, FLAG_SYNC) == (0x11223344, 1, 1)
+    assert (MULTIFD_MAGIC, MULTIFD_VERSION, FLAG_SYNC) == (0x11223344, 2, 1)
     assert (INIT_SIZE, HEADER_SIZE, BLOCK_NAME_SIZE) == (64, 320, 256)
 
 
 def test_init_record_is_64_bytes_and_header_320() -> None:
     assert len(encode_init(CTX, 0)) == INIT_SIZE
-    assert len(encode_sync(CTX, 0)) == HEADER_SIZE
-    assert len(encode_packet(CTX, packet_num=0, normal=[0, PAGE])) == HEADER_SIZE + 16
+    assert len(encode_sync(CTX, 0, 1, packets=0, pages=0)) == HEADER_SIZE
+    assert len(encode_packet(CTX, packet_num=0, seq=1, normal=[0, PAGE])) == HEADER_SIZE + 16
 
 
 def test_local_and_remote_errors_are_protocol_errors() -> None:
@@ -76,35 +77,50 @@ def test_encode_init_matches_factory(channel_id: int) -> None:
 
 def test_encode_packet_matches_factory_without_payload() -> None:
     normal, zero = [0, LAST, 5 * PAGE], [PAGE, 7 * PAGE]
-    expected = F.build_packet(normal=normal, zero=zero, packet_num=2**64 - 1, payload=b"")
-    assert encode_packet(CTX, packet_num=2**64 - 1, normal=normal, zero=zero) == expected
+    expected = F.build_packet(normal=normal, zero=zero, packet_num=2**64 - 1, seq=2**64 - 1,
+                              payload=b"")
+    got = encode_packet(CTX, packet_num=2**64 - 1, seq=2**64 - 1, normal=normal, zero=zero)
+    assert got == expected
 
 
 def test_encode_packet_with_only_zero_pages_matches_factory() -> None:
-    expected = F.build_packet(zero=[3 * PAGE], packet_num=9, payload=b"")
-    assert encode_packet(CTX, packet_num=9, normal=[], zero=[3 * PAGE]) == expected
+    expected = F.build_packet(zero=[3 * PAGE], packet_num=9, seq=4, payload=b"")
+    assert encode_packet(CTX, packet_num=9, seq=4, normal=[], zero=[3 * PAGE]) == expected
 
 
 def test_encode_sync_matches_factory() -> None:
-    assert encode_sync(CTX, 77) == F.build_packet(sync=True, packet_num=77)
-    assert encode_packet(CTX, packet_num=77, normal=(), sync=True) == encode_sync(CTX, 77)
+    expected = F.build_packet(sync=True, packet_num=77, seq=12, sync_packets=11,
+                              sync_pages=2**64 - 1)
+    assert encode_sync(CTX, 77, 12, packets=11, pages=2**64 - 1) == expected
+    assert encode_packet(CTX, packet_num=77, seq=12, normal=(), sync=True, sync_packets=11,
+                         sync_pages=2**64 - 1) == expected
+
+
+def test_the_new_fields_sit_where_qemu_keeps_three_reserved_u64() -> None:
+    header = encode_sync(CTX, 0, 0x0102030405060708, packets=0x1112131415161718,
+                         pages=0x2122232425262728)
+    assert header[36:40] == bytes(4)  # QEMU's reserved u32 stays reserved
+    assert header[40:48] == bytes(range(1, 9))
+    assert header[48:56] == bytes(range(0x11, 0x19))
+    assert header[56:64] == bytes(range(0x21, 0x29))
 
 
 def test_encode_packet_with_custom_block_name_matches_factory() -> None:
     ctx = dataclasses.replace(CTX, block="pc.ram")
     expected = PacketFactory(ctx).build_packet(normal=[PAGE], payload=b"")
-    assert encode_packet(ctx, packet_num=0, normal=[PAGE]) == expected
+    assert encode_packet(ctx, packet_num=0, seq=1, normal=[PAGE]) == expected
 
 
 def test_encode_packet_accepts_arrays_and_leaves_them_untouched() -> None:
     normal, zero = array("Q", [PAGE, 2 * PAGE]), array("Q", [0])
-    got = encode_packet(CTX, packet_num=1, normal=normal, zero=zero)
+    got = encode_packet(CTX, packet_num=1, seq=1, normal=normal, zero=zero)
     assert got == F.build_packet(normal=[PAGE, 2 * PAGE], zero=[0], packet_num=1, payload=b"")
     assert normal == array("Q", [PAGE, 2 * PAGE]) and zero == array("Q", [0])
 
 
 def test_encode_packet_accepts_other_integer_arrays() -> None:
-    got = encode_packet(CTX, packet_num=1, normal=array("q", [PAGE]), zero=array("L", [0]))
+    got = encode_packet(CTX, packet_num=1, seq=1, normal=array("q", [PAGE]),
+                        zero=array("L", [0]))
     assert got == F.build_packet(normal=[PAGE], zero=[0], packet_num=1, payload=b"")
 
 
@@ -119,7 +135,7 @@ def test_init_round_trip() -> None:
 def test_packet_round_trip_with_normal_and_zero_pages() -> None:
     normal, zero = [LAST, 0, 9 * PAGE], [PAGE, 2 * PAGE]
     payload = F.page_data(len(normal))
-    data = encode_packet(CTX, packet_num=42, normal=normal, zero=zero) + payload
+    data = encode_packet(CTX, packet_num=42, seq=7, normal=normal, zero=zero) + payload
     packet = decode_packet(data, CTX)
     assert packet.header == PacketHeader(
         flags=0,
@@ -128,30 +144,34 @@ def test_packet_round_trip_with_normal_and_zero_pages() -> None:
         next_packet_size=3 * PAGE,
         packet_num=42,
         zero_pages=2,
+        seq=7,
+        sync_packets=0,
+        sync_pages=0,
         block="zcmigrate.ram",
     )
     assert packet.normal == array("Q", normal) and packet.zero == array("Q", zero)
     assert bytes(packet.payload) == payload
-    assert not packet.header.is_sync
+    assert not packet.header.is_sync and packet.header.pages == 5
     assert packet.header.offsets_size == 40 and packet.header.payload_size == 3 * PAGE
 
 
 def test_sync_packet_round_trip() -> None:
-    packet = decode_packet(encode_sync(CTX, 5), CTX)
+    packet = decode_packet(encode_sync(CTX, 5, 9, packets=8, pages=300), CTX)
     assert packet.header.is_sync and packet.header.packet_num == 5
+    assert (packet.header.seq, packet.header.sync_packets, packet.header.sync_pages) == (9, 8, 300)
     assert len(packet.normal) == len(packet.zero) == len(packet.payload) == 0
 
 
 def test_full_packet_round_trip() -> None:
     normal = [i * PAGE for i in range(5)]
     zero = [(PAGES - 1 - i) * PAGE for i in range(3)]
-    data = encode_packet(CTX, packet_num=0, normal=normal, zero=zero) + F.page_data(5)
+    data = encode_packet(CTX, packet_num=0, seq=1, normal=normal, zero=zero) + F.page_data(5)
     packet = decode_packet(data, CTX)
     assert list(packet.normal) == normal and list(packet.zero) == zero
 
 
 def test_empty_non_sync_packet_is_accepted() -> None:
-    packet = decode_packet(encode_packet(CTX, packet_num=3, normal=[]), CTX)
+    packet = decode_packet(encode_packet(CTX, packet_num=3, seq=1, normal=[]), CTX)
     assert not packet.header.is_sync and packet.header.offsets_size == 0
 
 
@@ -185,8 +205,10 @@ def test_init_bad_magic_is_rejected() -> None:
 
 
 def test_init_bad_version_is_rejected() -> None:
-    with pytest.raises(RemoteProtocolError, match="init record: bad version 2, expected 1"):
-        decode_init(F.build_init(version=2), CTX)
+    for version in (1, 3):
+        with pytest.raises(RemoteProtocolError,
+                           match=f"init record: bad version {version}, expected 2"):
+            decode_init(F.build_init(version=version), CTX)
 
 
 def test_init_wrong_uuid_is_rejected() -> None:
@@ -275,8 +297,10 @@ def test_header_bad_magic_is_rejected() -> None:
 
 
 def test_header_bad_version_is_rejected() -> None:
-    with pytest.raises(RemoteProtocolError, match="packet header: bad version 0, expected 1"):
-        decode_packet(F.build_packet(version=0), CTX)
+    for version in (0, 1, 3):  # 1: a sender without seq and the SYNC counts
+        with pytest.raises(RemoteProtocolError,
+                           match=f"packet header: bad version {version}, expected 2"):
+            decode_packet(F.build_packet(version=version), CTX)
 
 
 @pytest.mark.parametrize("flags", [0x2, 0x3, 0x100, 0x80000000, 0xFFFFFFFF])
@@ -315,12 +339,39 @@ def test_header_nonzero_reserved_u32_is_rejected() -> None:
         decode_packet(F.build_packet(reserved=1), CTX)
 
 
-@pytest.mark.parametrize("index", range(3))
-def test_header_nonzero_reserved_u64_is_rejected(index: int) -> None:
-    words = [0, 0, 0]
-    words[index] = 2**64 - 1
-    with pytest.raises(RemoteProtocolError, match=f"reserved u64 at offset {40 + 8 * index}"):
-        decode_packet(F.build_packet(reserved64=words), CTX)
+@pytest.mark.parametrize("sync", [False, True])
+def test_header_seq_zero_is_rejected(sync: bool) -> None:
+    with pytest.raises(RemoteProtocolError, match="packet header: seq 0, expected at least 1"):
+        decode_packet(F.build_packet(normal=[] if sync else [PAGE], sync=sync, seq=0), CTX)
+
+
+@pytest.mark.parametrize("seq", [1, 2, 2**63, 2**64 - 1])
+def test_header_any_other_seq_is_accepted_by_the_decoder(seq: int) -> None:
+    # Which seq is right is the channel's business (SequenceTracker), not one header's.
+    assert decode_packet(F.build_packet(normal=[PAGE], seq=seq), CTX).header.seq == seq
+
+
+@pytest.mark.parametrize(("packets", "pages"), [(1, 0), (0, 1), (3, 24), (2**64 - 1, 2**64 - 1)])
+def test_data_packet_with_sync_counts_is_rejected(packets: int, pages: int) -> None:
+    with pytest.raises(
+        RemoteProtocolError,
+        match=f"data packet with sync_packets {packets} and sync_pages {pages}, expected 0 and 0",
+    ):
+        decode_packet(F.build_packet(normal=[PAGE], sync_packets=packets, sync_pages=pages),
+                      CTX)
+
+
+def test_an_empty_data_packet_with_sync_counts_is_rejected_too() -> None:
+    with pytest.raises(RemoteProtocolError, match="data packet with sync_packets 1"):
+        decode_packet(F.build_packet(sync_packets=1), CTX)
+
+
+@pytest.mark.parametrize(("packets", "pages"), [(0, 0), (5, 0), (0, 5), (2**64 - 1, 2**64 - 1)])
+def test_sync_packet_counts_are_decoded_as_sent(packets: int, pages: int) -> None:
+    header = decode_packet(
+        F.build_packet(sync=True, seq=3, sync_packets=packets, sync_pages=pages), CTX
+    ).header
+    assert (header.seq, header.sync_packets, header.sync_pages) == (3, packets, pages)
 
 
 @pytest.mark.parametrize(
@@ -425,6 +476,129 @@ def test_decode_offsets_rejects_a_header_with_more_pages_than_pages_alloc() -> N
         decode_offsets(bytes(72), header, CTX)
 
 
+# --- a channel's sequence: every packet accounted for --------------------------------------
+
+
+def feed(tracker: SequenceTracker, *packets: bytes) -> None:
+    for packet in packets:
+        tracker.accept(decode_packet(packet, CTX).header)
+
+
+def test_a_correct_channel_passes_the_tracker() -> None:
+    stream = ChannelStream(F, channel_id=2)
+    tracker = SequenceTracker(2)
+    feed(tracker, stream.sync())  # a SYNC with nothing before it: counts 0 and 0
+    feed(tracker, stream.data(normal=[0, PAGE], zero=[LAST]), stream.data(zero=[PAGE]),
+         stream.data(), stream.sync())
+    feed(tracker, stream.data(normal=[PAGE]), stream.sync(), stream.sync())
+    assert tracker.next_seq == 9 == stream.seq + 1
+
+
+def test_the_sync_counts_are_what_the_stream_built() -> None:
+    stream = ChannelStream(F)
+    stream.data(normal=[0, PAGE], zero=[LAST])
+    stream.data(zero=[PAGE])
+    header = decode_packet(stream.sync(), CTX).header
+    assert (header.seq, header.sync_packets, header.sync_pages) == (3, 2, 4)
+
+
+def test_the_first_packet_must_be_seq_1() -> None:
+    with pytest.raises(RemoteProtocolError,
+                       match=r"seq 2 on channel 1, expected 1 \(1 packet missing\)"):
+        feed(SequenceTracker(1), F.build_packet(normal=[0], seq=2))
+
+
+def test_a_dropped_data_packet_is_a_gap() -> None:
+    stream, tracker = ChannelStream(F), SequenceTracker(0)
+    feed(tracker, stream.data(normal=[0]))
+    stream.data(normal=[PAGE])  # built, counted, never delivered
+    stream.data(normal=[2 * PAGE])
+    with pytest.raises(
+        RemoteProtocolError,
+        match=r"packet header: seq 4 on channel 0, expected 2 \(2 packets missing\)",
+    ):
+        feed(tracker, stream.data(normal=[3 * PAGE]))
+
+
+def test_a_dropped_sync_packet_is_a_gap() -> None:
+    stream, tracker = ChannelStream(F), SequenceTracker(3)
+    feed(tracker, stream.data(normal=[0]))
+    stream.sync()
+    with pytest.raises(RemoteProtocolError, match=r"seq 3 on channel 3, expected 2"):
+        feed(tracker, stream.data(normal=[PAGE]))
+
+
+@pytest.mark.parametrize("again", ["data", "sync"])
+def test_a_repeated_packet_is_refused(again: str) -> None:
+    stream, tracker = ChannelStream(F), SequenceTracker(0)
+    first = stream.data(normal=[0])
+    packet = stream.data(normal=[PAGE]) if again == "data" else stream.sync()
+    feed(tracker, first, packet)
+    with pytest.raises(
+        RemoteProtocolError,
+        match=r"seq 2 on channel 0, expected 3 \(a packet repeated or out of order\)",
+    ):
+        feed(tracker, packet)
+
+
+def test_packets_swapped_on_a_channel_are_refused() -> None:
+    stream, tracker = ChannelStream(F), SequenceTracker(0)
+    first, second = stream.data(normal=[0]), stream.data(normal=[PAGE])
+    with pytest.raises(RemoteProtocolError, match=r"seq 2 on channel 0, expected 1"):
+        feed(tracker, second, first)
+
+
+@pytest.mark.parametrize(
+    ("override", "claims"),
+    [
+        ({"sync_packets": 1}, "1 data packets and 3 pages"),
+        ({"sync_packets": 3}, "3 data packets and 3 pages"),
+        ({"sync_pages": 2}, "2 data packets and 2 pages"),
+        ({"sync_pages": 2**64 - 1}, f"2 data packets and {2**64 - 1} pages"),
+        ({"sync_packets": 0, "sync_pages": 0}, "0 data packets and 0 pages"),
+    ],
+)
+def test_a_sync_whose_counts_differ_from_what_arrived_is_refused(
+    override: dict[str, int], claims: str
+) -> None:
+    stream, tracker = ChannelStream(F), SequenceTracker(1)
+    feed(tracker, stream.data(normal=[0, PAGE]), stream.data(zero=[LAST]))
+    with pytest.raises(
+        RemoteProtocolError,
+        match=rf"SYNC packet \(seq 3\) on channel 1: the sender counts {claims} since the"
+              r" previous SYNC, received 2 packets and 3 pages",
+    ):
+        feed(tracker, stream.sync(**override))
+
+
+def test_a_dropped_packet_renumbered_by_a_proxy_is_found_at_the_sync() -> None:
+    # A middlebox that drops a packet and renumbers the rest gets past seq, not the counts.
+    stream, tracker = ChannelStream(F), SequenceTracker(0)
+    feed(tracker, stream.data(normal=[0]))
+    stream.data(normal=[PAGE])  # dropped
+    with pytest.raises(RemoteProtocolError, match="counts 2 data packets and 2 pages"):
+        feed(tracker, stream.sync(seq=2))
+
+
+def test_the_counts_start_again_after_each_sync() -> None:
+    stream, tracker = ChannelStream(F), SequenceTracker(0)
+    feed(tracker, stream.data(normal=[0]), stream.sync(), stream.data(zero=[0, PAGE]))
+    with pytest.raises(RemoteProtocolError, match="received 1 packets and 2 pages"):
+        feed(tracker, stream.sync(sync_packets=2, sync_pages=3))
+
+
+def test_a_refused_packet_does_not_move_the_tracker() -> None:
+    stream, tracker = ChannelStream(F), SequenceTracker(0)
+    with pytest.raises(RemoteProtocolError):
+        feed(tracker, F.build_packet(normal=[0], seq=5))
+    assert tracker.next_seq == 1
+    feed(tracker, stream.data(normal=[0]))
+    with pytest.raises(RemoteProtocolError):
+        feed(tracker, F.build_packet(sync=True, seq=2, sync_packets=7))
+    assert tracker.next_seq == 2
+    feed(tracker, stream.sync())
+
+
 # --- payload ---------------------------------------------------------------------------------
 
 
@@ -440,7 +614,7 @@ def test_trailing_bytes_after_the_payload_are_rejected(extra: int) -> None:
     with pytest.raises(RemoteProtocolError, match=rf"\({extra} trailing bytes\)"):
         decode_packet(F.build_packet(normal=[0, PAGE]) + bytes(extra), CTX)
     with pytest.raises(RemoteProtocolError, match="trailing bytes"):
-        decode_packet(encode_sync(CTX, 0) + bytes(extra), CTX)
+        decode_packet(encode_sync(CTX, 0, 1, packets=0, pages=0) + bytes(extra), CTX)
 
 
 # --- LocalProtocolError: we were asked to encode something invalid ---------------------------
@@ -454,46 +628,71 @@ def test_encode_init_rejects_channel_id_out_of_range() -> None:
 
 def test_encode_packet_rejects_more_pages_than_pages_alloc() -> None:
     with pytest.raises(LocalProtocolError, match=r"5 normal \+ 4 zero pages"):
-        encode_packet(CTX, packet_num=0, normal=[0] * 5, zero=[PAGE] * 4)
+        encode_packet(CTX, packet_num=0, seq=1, normal=[0] * 5, zero=[PAGE] * 4)
 
 
 @pytest.mark.parametrize("offset", [1, PAGE - 1, LAST + 1])
 def test_encode_packet_rejects_misaligned_offsets(offset: int) -> None:
     with pytest.raises(LocalProtocolError, match=rf"zero offset \[0\] 0x{offset:x}, expected"):
-        encode_packet(CTX, packet_num=0, normal=[0], zero=[offset])
+        encode_packet(CTX, packet_num=0, seq=1, normal=[0], zero=[offset])
 
 
 @pytest.mark.parametrize("offset", [IMAGE, 2**63, 2**64 - PAGE])
 def test_encode_packet_rejects_offsets_outside_the_image(offset: int) -> None:
     with pytest.raises(LocalProtocolError, match=r"normal offset \[1\] .* outside the image"):
-        encode_packet(CTX, packet_num=0, normal=[LAST, offset])
+        encode_packet(CTX, packet_num=0, seq=1, normal=[LAST, offset])
 
 
 @pytest.mark.parametrize("offset", [-PAGE, 2**64, 2**70, 1.0, "0", None])
 def test_encode_packet_rejects_offsets_that_are_not_u64(offset: Any) -> None:
     with pytest.raises(LocalProtocolError, match="offsets must be u64"):
-        encode_packet(CTX, packet_num=0, normal=[0], zero=[offset])
+        encode_packet(CTX, packet_num=0, seq=1, normal=[0], zero=[offset])
 
 
 def test_encode_packet_rejects_sync_with_pages() -> None:
     with pytest.raises(LocalProtocolError, match="SYNC packet with 1 normal and 0 zero pages"):
-        encode_packet(CTX, packet_num=0, normal=[0], sync=True)
+        encode_packet(CTX, packet_num=0, seq=1, normal=[0], sync=True)
     with pytest.raises(LocalProtocolError, match="SYNC packet with 0 normal and 1 zero pages"):
-        encode_packet(CTX, packet_num=0, normal=[], zero=[0], sync=True)
+        encode_packet(CTX, packet_num=0, seq=1, normal=[], zero=[0], sync=True)
 
 
 @pytest.mark.parametrize("packet_num", [-1, 2**64, False])
 def test_encode_packet_rejects_packet_num_outside_u64(packet_num: Any) -> None:
     with pytest.raises(LocalProtocolError, match="packet_num"):
-        encode_packet(CTX, packet_num=packet_num, normal=[0])
+        encode_packet(CTX, packet_num=packet_num, seq=1, normal=[0])
     with pytest.raises(LocalProtocolError, match="packet_num"):
-        encode_sync(CTX, packet_num)
+        encode_sync(CTX, packet_num, 1, packets=0, pages=0)
+
+
+@pytest.mark.parametrize("seq", [0, -1, 2**64, True, 1.0])
+def test_encode_packet_rejects_seq_outside_one_to_u64_max(seq: Any) -> None:
+    # 0 is never a packet's seq, and a seq past 2**64 - 1 would wrap: neither may be sent.
+    with pytest.raises(LocalProtocolError,
+                       match=r"packet: seq .*, expected 1\.\.18446744073709551615"):
+        encode_packet(CTX, packet_num=0, seq=seq, normal=[0])
+    with pytest.raises(LocalProtocolError, match="packet: seq"):
+        encode_sync(CTX, 0, seq, packets=0, pages=0)
+
+
+@pytest.mark.parametrize("count", [-1, 2**64, False, None])
+def test_encode_sync_rejects_counts_that_are_not_u64(count: Any) -> None:
+    with pytest.raises(LocalProtocolError, match=r"packet: sync_packets .*, expected a u64"):
+        encode_sync(CTX, 0, 1, packets=count, pages=0)
+    with pytest.raises(LocalProtocolError, match=r"packet: sync_pages .*, expected a u64"):
+        encode_sync(CTX, 0, 1, packets=0, pages=count)
+
+
+def test_encode_packet_rejects_sync_counts_on_a_data_packet() -> None:
+    with pytest.raises(LocalProtocolError, match="sync_packets 1 on a data packet, expected 0"):
+        encode_packet(CTX, packet_num=0, seq=1, normal=[0], sync_packets=1)
+    with pytest.raises(LocalProtocolError, match="sync_pages 2 on a data packet, expected 0"):
+        encode_packet(CTX, packet_num=0, seq=1, normal=[0], sync_pages=2)
 
 
 def test_encode_packet_error_leaves_caller_array_untouched() -> None:
     normal = array("Q", [0, 1])
     with pytest.raises(LocalProtocolError):
-        encode_packet(CTX, packet_num=0, normal=normal)
+        encode_packet(CTX, packet_num=0, seq=1, normal=normal)
     assert normal.tolist() == [0, 1]
 
 
@@ -547,5 +746,8 @@ def test_wire_context_is_frozen() -> None:
 def test_factory_and_struct_agree_on_sizes() -> None:
     # Guards the factory itself: the tests above are only as good as its layout.
     assert struct.calcsize(">II16sB7s4Q") == INIT_SIZE
-    assert struct.calcsize(">IIIIIIQII3Q256s") == HEADER_SIZE
+    assert struct.calcsize(">IIIIIIQIIQQQ256s") == HEADER_SIZE
     assert F.build_header(packet_num=0x0102030405060708)[24:32] == bytes(range(1, 9))
+    assert F.build_header(seq=0x0102030405060708)[40:48] == bytes(range(1, 9))
+    assert F.build_header(sync_packets=0x0102030405060708)[48:56] == bytes(range(1, 9))
+    assert F.build_header(sync_pages=0x0102030405060708)[56:64] == bytes(range(1, 9))
