@@ -143,7 +143,8 @@ class Lab:
         self.runtime = Path(tempfile.mkdtemp(prefix="zcf-"))
         # Both ends hold one key, as a deployment would (a receiver listens beyond
         # loopback only with a key): the faults hit sealed, mutually proven migrations.
-        self.key = self.runtime / "key"
+        self.keydir = Path(tempfile.mkdtemp(prefix="zck-"))
+        self.key = self.keydir / "key"
         keygen(self.key)
 
     # ---------------------------------------------------------- processes
@@ -321,6 +322,7 @@ class Lab:
                 subprocess.run(["umount", "-l", str(m)], capture_output=True, timeout=30,
                                check=False)
         shutil.rmtree(self.runtime, ignore_errors=True)
+        shutil.rmtree(self.keydir, ignore_errors=True)
         # The images are 256 MiB each: do not leave them for pytest's basetemp.
         for p in self.workdir.rglob("*"):
             if p.is_file() and not any(m in p.parents for m in self.mounts):

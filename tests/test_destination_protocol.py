@@ -336,9 +336,10 @@ def test_a_packet_after_the_final_sync_is_refused(tmp_path: Path) -> None:
 def test_a_packet_after_the_final_sync_that_comes_late_is_refused_at_the_commit(
     tmp_path: Path,
 ) -> None:
-    """Sent once the destination checked the image at END_OF_RAM, before the device state:
-    the look right before the commit finds it. The table lets no ERROR through once the
-    device state arrived, so the source hears nothing more than the main channel closing."""
+    """Sent once the destination checked the image at END_OF_RAM (and said RAM_RECEIVED),
+    before the device state: the look right before the commit finds it. The table lets no
+    ERROR through once the device state arrived, so the source hears nothing more than the
+    main channel closing."""
     dst = tmp_path / "dst.img"
     recv = Receiver.start(dst)
     s = stream()
@@ -351,7 +352,8 @@ def test_a_packet_after_the_final_sync_that_comes_late_is_refused_at_the_commit(
     assert code == 1 and "data after the final sync on channel 0" in err
     assert "nothing committed" in err
     assert_nothing_committed(dst)
-    assert main.recv(1) == b""
+    assert recv_record(main).TYPE is RecordType.RAM_RECEIVED  # the check at END_OF_RAM
+    assert main.recv(1) == b""  # and nothing after the device state came in
 
 
 def faulty_streams() -> dict[str, tuple[list[bytes], str]]:

@@ -27,6 +27,7 @@ from zcmigrate.migrate.cli.progress import ProgressDisplay
 from zcmigrate.migrate.cli.send import run_source
 from zcmigrate.migrate.guest import check_oracle, read_device_state
 from zcmigrate.migrate.imagefiles import GUEST_SUFFIX, INCOMING_SUFFIX, LOCK_SUFFIX, STATE_SUFFIX
+from zcmigrate.migrate.keyfile import keygen, read_key
 from zcmigrate.migrate.source import Destination, SourceJob
 from zcmigrate.migrate.units import format_rate, format_size, parse_bandwidth, parse_size
 
@@ -130,17 +131,22 @@ def demo_command(size: str, dirty_rate: str, workdir: Path | None, as_json: bool
     logs.configure("console" if sys.stderr.isatty() else "json", level="warning")
     nbytes, rate = parse_size(size), parse_bandwidth(dirty_rate)
     params = params_from(kw)
-    ours = workdir is None  # a directory we made is ours to remove
+    # A directory we made is ours to remove; in the user's --dir, only our files are.
+    ours = workdir is None or not workdir.exists()
     base = (workdir or Path(tempfile.mkdtemp(prefix="zcmigrate-demo-"))).resolve()
     base.mkdir(parents=True, exist_ok=True)
     src, dst = base / "source.img", base / "destination.img"
+    key = base / "demo.key"
     for p in (src, dst):
         for suffix in ("", *SUFFIXES):
             Path(str(p) + suffix).unlink(missing_ok=True)
+    key.unlink(missing_ok=True)
     say = click.echo
     say(f"demo: {format_size(nbytes)} guest dirtying {format_rate(rate)}, "
         f"{params.multifd_channels} channels, multifd-zerocopy "
-        f"{'on' if params.multifd_zerocopy else 'off'}, in {base}")
+        f"{'on' if params.multifd_zerocopy else 'off'}, a key of its own, in {base}")
+    # Secure as a deployment is: both ends prove one key, and the migration is sealed.
+    keygen(key)
     children: list[Child] = []
     ok = False
     try:
@@ -149,11 +155,11 @@ def demo_command(size: str, dirty_rate: str, workdir: Path | None, as_json: bool
         children.append(guest)
         say(f"source guest: {guest.wait_line('guest running', timeout=120)}")
         recv = Child(["receive", str(dst), "--listen", "127.0.0.1:0", "--log-format", "json",
-                      "--json"], base, stderr=subprocess.DEVNULL)
+                      "--json", "--auth-key-file", str(key)], base, stderr=subprocess.DEVNULL)
         children.append(recv)
         port = int(recv.wait_line("listening:").rsplit(":", 1)[1])
         say(f"receiver: listening on 127.0.0.1:{port}")
-        job = SourceJob(src, Destination("127.0.0.1", port), params)
+        job = SourceJob(src, Destination("127.0.0.1", port), params, auth_key=read_key(key))
         code = run_source(job, as_json=as_json, display=ProgressDisplay())
         recv_code, out = recv.output(timeout=60)
         if code != 0 or recv_code != 0:
@@ -175,16 +181,22 @@ def demo_command(size: str, dirty_rate: str, workdir: Path | None, as_json: bool
     finally:
         for child in children:
             child.stop()
-        _tidy(base, remove=ours and ok, failed=not ok)
+        files = [Path(str(p) + suffix) for p in (src, dst) for suffix in ("", *SUFFIXES)]
+        _tidy(base, [*files, key], whole_dir=ours, failed=not ok)
 
 
-def _tidy(base: Path, *, remove: bool, failed: bool) -> None:
-    """Remove the demo's directory, or say what it left and where: a failed run's files
-    are kept for a look, and a --dir is the user's."""
-    if remove:
-        shutil.rmtree(base, ignore_errors=True)
-        click.echo(f"demo: removed {base}")
+def _tidy(base: Path, files: list[Path], *, whole_dir: bool, failed: bool) -> None:
+    """Remove what the demo made (its directory too, if it made that), or, after a
+    failure, keep it for a look and say where it is and how big."""
+    if not failed:
+        for f in files:
+            f.unlink(missing_ok=True)
+        if whole_dir:
+            shutil.rmtree(base, ignore_errors=True)
+        click.echo(f"demo: removed what it made in {base}")
         return
-    size = sum(p.stat().st_blocks * 512 for p in base.iterdir() if p.is_file())
-    click.echo(f"demo: left {base} ({format_size(size)} on disk); remove it with "
-               f"`rm -r {base}`", err=failed)
+    size = sum(f.stat().st_blocks * 512 for f in files if f.is_file())
+    click.echo(f"demo: left its files in {base} ({format_size(size)} on disk) for a look; "
+               f"remove them with `rm -r {base}`" if whole_dir else
+               f"demo: left its files in {base} ({format_size(size)} on disk) for a look",
+               err=True)
