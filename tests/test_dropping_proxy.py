@@ -22,14 +22,20 @@ def stream(channel: int, trailer: int = 0) -> tuple[bytes, list[bytes]]:
     packets one by one (each with `trailer` bytes of stand-in tag after it)."""
     tag = b"\xee" * trailer
     packets = []
+    packets_since_sync = pages_since_sync = 0
     for num in range(8):
+        seq = num + 1  # the channel's sequence number, 1 for its first packet
         if num == 2:
-            pkt = encode_packet(CTX, packet_num=num, normal=(), zero=[4096 * num])
+            pkt = encode_packet(CTX, packet_num=num, seq=seq, normal=(), zero=[4096 * num])
+            packets_since_sync, pages_since_sync = packets_since_sync + 1, pages_since_sync + 1
         elif num == 5:
-            pkt = encode_sync(CTX, num)
+            pkt = encode_sync(CTX, num, seq, packets=packets_since_sync, pages=pages_since_sync)
+            packets_since_sync = pages_since_sync = 0
         else:
             offsets = [4096 * (16 * num + i) for i in range(3)]
-            pkt = encode_packet(CTX, packet_num=num, normal=offsets) + os.urandom(3 * 4096)
+            pkt = encode_packet(CTX, packet_num=num, seq=seq,
+                                normal=offsets) + os.urandom(3 * 4096)
+            packets_since_sync, pages_since_sync = packets_since_sync + 1, pages_since_sync + 3
         packets.append(pkt + tag)
     return encode_init(CTX, channel) + tag + b"".join(packets), packets
 
