@@ -34,6 +34,7 @@ MAX_CHANNEL = 0xFFFF
 # HKDF's info starts with this label, so keys for anything else derived from the same
 # shared key can never collide with ours (RFC 5869 3.2: info binds keys to a context).
 _INFO_LABEL = b"zcmigrate session key v1\x00"
+_BINDING_LABEL = b"zcmigrate channel binding v1\x00"
 _KIND_MAIN = 0
 _KIND_DATA = 1
 
@@ -133,6 +134,18 @@ class SessionKeys:
         """The 32-byte AES-256-GCM key of one stream."""
         info = _INFO_LABEL + self.migration_uuid + stream.prefix
         return hkdf_sha256(self._shared, salt=self._salt, info=info, length=KEY_LEN)
+
+    def binding_mac(self, channel: int, challenge: bytes) -> bytes:
+        """The MAC a data channel's init record carries: HMAC-SHA256, under a key of this
+        session kept for nothing else, over the destination's fresh challenge for that
+        connection, the migration and the channel id. Only the session's two ends can
+        make it, and a recorded one fits no other connection (a replay or a squat)."""
+        if not 0 <= channel <= MAX_CHANNEL:
+            raise ValueError(f"data channel {channel}, expected 0..{MAX_CHANNEL}")
+        key = hkdf_sha256(self._shared, salt=self._salt,
+                          info=_BINDING_LABEL + self.migration_uuid, length=32)
+        msg = bytes(challenge) + self.migration_uuid + channel.to_bytes(2, "big")
+        return hmac.new(key, msg, hashlib.sha256).digest()
 
     def sealer(self, direction: Direction, channel: int | None) -> Sealer:
         """The sealer of a stream (the end that sends in `direction`); channel None: main.

@@ -1,10 +1,12 @@
-"""Who gets in: the connections that claim to be a source's main channel, served together
-before any is trusted, each with its own deadline and size limits, until one proves it is
-a migration (a HELLO that decodes and, with a key, authenticates).
+"""Who gets in: the connections that claim to be a source's main channel, or one of its
+data channels, served together before any is trusted, each with its own deadline and size
+limits, until they prove what they are (a HELLO that decodes and, with a key,
+authenticates; an init record bound to the session over a fresh challenge, from the main
+channel's peer).
 
-A stray probe, a connection that sends nothing or one byte a second, or one with the wrong
-key is logged and closed; it never holds up the others and never ends a receiver's wait.
-It knows records and channels, not pages or images.
+A stray probe, a connection that sends nothing or one byte a second, a forged, replayed or
+squatting channel, or one with the wrong key is logged and closed; it never holds up the
+others and never ends a receiver's wait. It knows records and channels, not pages.
 """
 
 from __future__ import annotations
@@ -16,17 +18,26 @@ from dataclasses import dataclass, field
 import structlog
 
 from zcmigrate import ZcmigrateError
-from zcmigrate.channel.aead import fresh_nonce
+from zcmigrate.channel.aead import fresh_nonce, macs_equal
 from zcmigrate.channel.errors import ChannelClosed
-from zcmigrate.channel.zcsocket import Listener, wait_readable_any
+from zcmigrate.channel.zcsocket import Channel, Listener, wait_readable_any
 from zcmigrate.migrate.errors import ReceiveError
 from zcmigrate.migrate.mainchannel import MainChannel
 from zcmigrate.migrate.protocol import RECORD_HEADER_SIZE, Error, Greeting, Hello, Role
+from zcmigrate.multifd.wire import (
+    CHALLENGE_SIZE,
+    INIT_SIZE,
+    InitTracker,
+    RemoteProtocolError,
+    decode_init,
+)
 
 # From accept to a whole HELLO: a source sends it at once, after one round trip.
 PREAUTH_TIMEOUT = 10.0
 # Connections served at once; more wait in the listen backlog until one is done.
 MAX_PENDING = 32
+# From accept to a data channel's whole init record: the source sends it on our challenge.
+INIT_TIMEOUT = 5.0
 _POLL = 0.1
 
 log = structlog.get_logger("zcmigrate.admission")
@@ -139,4 +150,105 @@ def _refuse(pending: list[_Candidate], c: _Candidate, why: str, *,
     if answer:
         c.main.send_error(why)
     c.main.close()
+    pending.remove(c)
+
+
+# ------------------------------------------------------------------ data channels
+
+
+@dataclass
+class _DataCandidate:
+    channel: Channel
+    challenge: bytes
+    deadline: float
+    peer: str
+    buf: bytearray = field(default_factory=bytearray)
+
+
+def admit_data_channels(
+    listener: Listener,
+    tracker: InitTracker,
+    *,
+    n: int,
+    main: MainChannel,
+    binding: Callable[[int, bytes], bytes] | None,
+    timeout: float,
+    peer_timeout: float,
+    abort: Callable[[], None],
+) -> list[Channel]:
+    """The migration's N data channels, by id. Each connection gets a fresh challenge at
+    once and INIT_TIMEOUT to answer with its init record; it is admitted only from the
+    main channel's peer address, for this migration (`tracker`), with an id not taken, and
+    with a key (`binding(channel id, challenge)` gives the MAC) only with the right MAC.
+    Anything else is logged and closed, the real channels unaffected. ReceiveError if the
+    N are not there within `timeout`, or once the source closes its main channel."""
+    deadline = time.monotonic() + timeout
+    got: dict[int, Channel] = {}
+    pending: list[_DataCandidate] = []
+    peer = main.channel.peer_host
+    try:
+        while len(got) < n:
+            abort()
+            now = time.monotonic()
+            if now >= deadline:
+                raise ReceiveError(f"only {len(got)} of {n} data channels connected within "
+                                   f"{timeout:g} s")
+            if main.peer_closed():
+                # The source is gone: no more of its channels will come.
+                raise ReceiveError(f"the source closed the main channel after {len(got)} of "
+                                   f"{n} data channels connected")
+            while len(pending) < MAX_PENDING:
+                ch = listener.try_accept(name="multifd?", peer_timeout=peer_timeout)
+                if ch is None:
+                    break
+                challenge = fresh_nonce()[:CHALLENGE_SIZE]
+                try:
+                    ch.write_all(challenge)
+                except ZcmigrateError:
+                    ch.close()
+                    continue
+                pending.append(_DataCandidate(ch, challenge, now + INIT_TIMEOUT, ch.peer_host))
+            for c in [c for c in pending if now >= c.deadline]:
+                _refuse_data(pending, c, f"no init record within {INIT_TIMEOUT:g} s")
+            ready = wait_readable_any([c.channel for c in pending], _POLL)
+            for c in [c for c in pending if c.channel in ready]:
+                cid = _hear_init(pending, c, tracker, peer, binding)
+                if cid is not None:
+                    c.channel.name = f"multifd{cid}"
+                    got[cid] = c.channel
+    except BaseException:
+        for ch in got.values():
+            ch.close()
+        raise
+    finally:
+        for c in pending:
+            c.channel.close()
+    return [got[i] for i in range(n)]
+
+
+def _hear_init(pending: list[_DataCandidate], c: _DataCandidate, tracker: InitTracker,
+               peer: str, binding: Callable[[int, bytes], bytes] | None) -> int | None:
+    try:
+        c.buf += c.channel.read_some(INIT_SIZE - len(c.buf))
+        if len(c.buf) < INIT_SIZE:
+            return None
+        if c.peer != peer:
+            raise RemoteProtocolError(f"data channel from {c.peer}, not from the main "
+                                      f"channel's peer {peer}")
+        record = decode_init(bytes(c.buf), tracker.context)
+        if binding is not None and not macs_equal(record.mac,
+                                                  binding(record.channel_id, c.challenge)):
+            raise RemoteProtocolError(f"data channel {record.channel_id}: its init record is "
+                                      "not bound to this session (a forged or replayed one)")
+        tracker.accept(bytes(c.buf))  # an id already taken: a squatter or a duplicate
+    except ZcmigrateError as e:
+        _refuse_data(pending, c, str(e))
+        return None
+    pending.remove(c)
+    return record.channel_id
+
+
+def _refuse_data(pending: list[_DataCandidate], c: _DataCandidate, why: str) -> None:
+    log.warning("data channel refused", peer=c.peer, reason=why)
+    c.channel.close()
     pending.remove(c)

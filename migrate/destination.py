@@ -21,10 +21,10 @@ from typing import TypeVar
 import structlog
 
 from zcmigrate.channel.aead import Direction, SessionKeys, handshake_mac, macs_equal
-from zcmigrate.channel.errors import AcceptTimeout, ChannelError
-from zcmigrate.channel.zcsocket import DEFAULT_PEER_TIMEOUT, Channel, Listener
+from zcmigrate.channel.errors import ChannelError
+from zcmigrate.channel.zcsocket import DEFAULT_PEER_TIMEOUT, Listener
 from zcmigrate.migrate import faults
-from zcmigrate.migrate.admission import admit_source
+from zcmigrate.migrate.admission import admit_data_channels, admit_source
 from zcmigrate.migrate.errors import ReceiveCancelled, ReceiveError
 from zcmigrate.migrate.imagefiles import state_path
 from zcmigrate.migrate.incoming import IncomingImage, check_destination
@@ -46,9 +46,9 @@ from zcmigrate.migrate.protocol import (
     WritebackDone,
 )
 from zcmigrate.migrate.stats import RECEIVE_FIELDS, channel_dict, channel_json
-from zcmigrate.multifd.exiting import Exiting, MultifdError
-from zcmigrate.multifd.receiver import ReceiverPool, accept_data_channel
-from zcmigrate.multifd.wire import InitTracker, ProtocolError, RemoteProtocolError
+from zcmigrate.multifd.exiting import Exiting
+from zcmigrate.multifd.receiver import ReceiverPool
+from zcmigrate.multifd.wire import InitTracker, RemoteProtocolError
 
 log = structlog.get_logger("zcmigrate.destination")
 
@@ -216,7 +216,12 @@ class DestinationJob:
         self.log.info("hello", channels=ctx.channels, image_size=ctx.image_size,
                       page_size=ctx.page_size, zero_copy=hello.zero_copy)
 
-        channels = self._accept_data_channels(InitTracker(ctx), ctx.channels)
+        session = self._session
+        channels = admit_data_channels(
+            self.listener, InitTracker(ctx), n=ctx.channels, main=main,
+            binding=session.binding_mac if session is not None else None,
+            timeout=self.peer_timeout, peer_timeout=self.peer_timeout,
+            abort=self._check_exiting)
         self._pool = ReceiverPool(channels, ctx, self._incoming.sink, known_zero=True,
                                   exiting=self.exiting)
         self._pool.start()
@@ -337,45 +342,6 @@ class DestinationJob:
     def _on_error(self, rec: Record) -> None:
         assert isinstance(rec, Error)
         raise ReceiveError(f"the source failed: {rec.message}")
-
-    def _accept_data_channels(self, tracker: InitTracker, n: int) -> list[Channel]:
-        """The N data channels of this migration, by id; strangers are turned away."""
-        got: dict[int, Channel] = {}
-        deadline = time.monotonic() + self.peer_timeout
-        try:
-            while not tracker.complete:
-                left = deadline - time.monotonic()
-                if left <= 0 or self.exiting.is_set():
-                    raise ReceiveError(
-                        f"only {len(got)} of {n} data channels connected within "
-                        f"{self.peer_timeout:g} s"
-                    )
-                if self._main is not None and self._main.peer_closed():
-                    # The source is gone: no more of its channels will come.
-                    raise ReceiveError(
-                        f"the source closed the main channel after {len(got)} of {n} data "
-                        "channels connected"
-                    )
-                try:
-                    ch = self.listener.accept(timeout=min(left, 0.25), name="multifd?",
-                                              peer_timeout=self.peer_timeout)
-                except AcceptTimeout:
-                    continue  # look at the main channel again, then wait on
-                try:
-                    cid = accept_data_channel(ch, tracker, timeout=min(left, 10.0))
-                except (ProtocolError, MultifdError, ChannelError) as e:
-                    # Not a channel of this migration: a stray or hostile connection must
-                    # not be able to end (or join) the migration.
-                    self.log.warning("data channel refused", reason=str(e))
-                    ch.close()
-                    continue
-                ch.name = f"multifd{cid}"
-                got[cid] = ch
-        except BaseException:
-            for ch in got.values():
-                ch.close()
-            raise
-        return [got[i] for i in range(n)]
 
     # ------------------------------------------------------------- failure
 

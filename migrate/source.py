@@ -71,6 +71,7 @@ from zcmigrate.migrate.stats import MigrationStats, StatsBuilder
 from zcmigrate.multifd.exiting import Exiting, MultifdError
 from zcmigrate.multifd.pages import dirty_offsets, fetch_clear_dirty, or_words
 from zcmigrate.multifd.sender import SenderPool
+from zcmigrate.multifd.wire import CHALLENGE_SIZE, INIT_MAC_SIZE
 
 log = structlog.get_logger("zcmigrate.source")
 
@@ -237,6 +238,7 @@ class SourceJob:
         self._handshake(main, greeting, hello)
 
         chans: list[Channel] = []
+        macs: list[bytes] = []
         try:
             for i in range(channels):
                 ch = connect(self.dest.host, self.dest.port,
@@ -245,6 +247,12 @@ class SourceJob:
                 chans.append(ch)
                 if self.params.multifd_zerocopy and not ch.supports_zero_copy:
                     raise MigrationError(ch.zero_copy_refusal)
+                # The destination's fresh challenge for this connection: our init record
+                # answers it with a MAC of the session, so no one else can take the
+                # channel's place, and no recorded init record fits another connection.
+                challenge = bytes(ch.read_exact(CHALLENGE_SIZE, peer_timeout))
+                macs.append(self._session.binding_mac(i, challenge)
+                            if self._session is not None else bytes(INIT_MAC_SIZE))
         except BaseException:
             for ch in chans:
                 ch.close()
@@ -254,6 +262,7 @@ class SourceJob:
             zero_copy=self.params.multifd_zerocopy,
             zero_page_detection=self.params.zero_page_detection,
             exiting=self.exiting,
+            init_macs=macs,
         )
         self._pool.start()
         self.log.info("connected", channels=channels, zero_copy=self.params.multifd_zerocopy,

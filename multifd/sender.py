@@ -115,6 +115,7 @@ class SenderPool(PoolBase):
         flush_timeout: float | None = 60.0,
         exiting: Exiting | None = None,
         hook: Hook | None = None,
+        init_macs: Sequence[bytes] | None = None,
     ) -> None:
         if queue_depth < 1:
             raise ValueError(f"queue_depth {queue_depth}, expected at least 1")
@@ -128,6 +129,11 @@ class SenderPool(PoolBase):
         self._depth = queue_depth
         self._flush_timeout = flush_timeout
         self._hook = hook
+        # Each channel's init record carries the MAC that binds it to the session (over
+        # the destination's challenge, read by whoever connected it); zeros without a key.
+        self._init_macs = list(init_macs) if init_macs is not None else None
+        if self._init_macs is not None and len(self._init_macs) != len(channels):
+            raise ValueError(f"{len(self._init_macs)} init MACs for {len(channels)} channels")
         self._room = threading.Condition(self._lock)  # producers and the sync waiter
         self._workers = [_Worker(i, ch, self._lock, ctx.pages_alloc)
                          for i, ch in enumerate(channels)]
@@ -286,7 +292,10 @@ class SenderPool(PoolBase):
     def _run(self, w: _Worker) -> None:
         log = _log.bind(channel=w.id)
         try:
-            w.channel.write_all(encode_init(self._ctx, w.id))
+            if self._init_macs is None:
+                w.channel.write_all(encode_init(self._ctx, w.id))
+            else:
+                w.channel.write_all(encode_init(self._ctx, w.id, self._init_macs[w.id]))
             while True:
                 job = self._take(w)
                 if job is None:

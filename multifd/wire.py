@@ -62,12 +62,17 @@ MAX_PAGES_ALLOC = 1024
 MAX_IMAGE_SIZE = 1 << 63
 
 # QEMU's MultiFDInit_t: magic, version, uuid, channel id, 7 reserved bytes, 4 reserved u64.
-_INIT = struct.Struct(">II16sB7s4Q")
+# QEMU's MultiFDInit_t: magic, version, uuid, channel id, 7 reserved bytes, then where
+# QEMU keeps 4 reserved u64: the channel's binding MAC (32 bytes; zero without a key).
+_INIT = struct.Struct(">II16sB7s32s")
 # QEMU's MultiFDPacket_t without its trailing offset[]: magic, version, flags, pages_alloc,
 # normal_pages, next_packet_size, packet_num, zero_pages, reserved u32, then where QEMU keeps
 # 3 reserved u64: seq, sync_packets, sync_pages; ramblock.
 _HEADER = struct.Struct(">IIIIIIQIIQQQ256s")
-_INIT_RESERVED_AT = 25  # everything from here to the end of the init record is reserved
+_INIT_RESERVED_AT = 25  # 7 reserved bytes from here, then the MAC
+_INIT_MAC_AT = 32
+INIT_MAC_SIZE = 32
+CHALLENGE_SIZE = 32  # what the destination sends first on every data connection
 _HEADER_RESERVED_U32_AT = 36
 _U64_LIMIT = 1 << 64
 _TOP = 1 << 63
@@ -141,10 +146,12 @@ def _context_problem(ctx: WireContext) -> str | None:
 
 @dataclass(frozen=True, slots=True)
 class InitRecord:
-    """The first 64 bytes of a data channel: which migration, which channel."""
+    """The first 64 bytes of a data channel: which migration, which channel, and the MAC
+    that binds the connection to the session (over the destination's challenge)."""
 
     uuid: bytes
     channel_id: int
+    mac: bytes = bytes(INIT_MAC_SIZE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,13 +228,17 @@ def _block_field(block: str) -> bytes:
 # Init record
 
 
-def encode_init(ctx: WireContext, channel_id: int) -> bytes:
-    """The 64-byte record that opens data channel `channel_id`."""
+def encode_init(ctx: WireContext, channel_id: int, mac: bytes = bytes(INIT_MAC_SIZE)) -> bytes:
+    """The 64-byte record that opens data channel `channel_id`; `mac` binds it to the
+    session (channel.aead.SessionKeys.binding_mac over the destination's challenge)."""
+    if not isinstance(mac, bytes) or len(mac) != INIT_MAC_SIZE:
+        raise LocalProtocolError(f"init record: mac of {len(mac)} bytes, expected "
+                                 f"{INIT_MAC_SIZE}")
     if not _is_int(channel_id) or not 0 <= channel_id < ctx.channels:
         raise LocalProtocolError(
             f"init record: channel id {channel_id!r}, expected 0..{ctx.channels - 1}"
         )
-    return _INIT.pack(MULTIFD_MAGIC, MULTIFD_VERSION, ctx.uuid, channel_id, bytes(7), 0, 0, 0, 0)
+    return _INIT.pack(MULTIFD_MAGIC, MULTIFD_VERSION, ctx.uuid, channel_id, bytes(7), mac)
 
 
 def decode_init(data: bytes | bytearray | memoryview, ctx: WireContext) -> InitRecord:
@@ -235,7 +246,7 @@ def decode_init(data: bytes | bytearray | memoryview, ctx: WireContext) -> InitR
     mv = _view(data)
     if len(mv) != INIT_SIZE:
         raise RemoteProtocolError(_length_problem("init record", len(mv), INIT_SIZE))
-    magic, version, uuid, channel_id, *_ = _INIT.unpack(mv)
+    magic, version, uuid, channel_id, _, mac = _INIT.unpack(mv)
     _check_magic_version("init record", magic, version)
     if uuid != ctx.uuid:
         # A channel of another (perhaps earlier, failed) migration must not feed this image.
@@ -246,14 +257,14 @@ def decode_init(data: bytes | bytearray | memoryview, ctx: WireContext) -> InitR
         raise RemoteProtocolError(
             f"init record: channel id {channel_id}, expected 0..{ctx.channels - 1}"
         )
-    reserved = mv[_INIT_RESERVED_AT:]
+    reserved = mv[_INIT_RESERVED_AT:_INIT_MAC_AT]
     if any(reserved):
         at = next(i for i, b in enumerate(reserved) if b)
         raise RemoteProtocolError(
             f"init record: reserved byte at offset {_INIT_RESERVED_AT + at}"
             f" = 0x{reserved[at]:02x}, expected 0"
         )
-    return InitRecord(uuid=uuid, channel_id=channel_id)
+    return InitRecord(uuid=uuid, channel_id=channel_id, mac=bytes(mac))
 
 
 class InitTracker:
@@ -282,6 +293,10 @@ class InitTracker:
     @property
     def complete(self) -> bool:
         return len(self._seen) == self._ctx.channels
+
+    @property
+    def context(self) -> WireContext:
+        return self._ctx
 
     @property
     def seen(self) -> frozenset[int]:

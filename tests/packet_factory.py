@@ -16,7 +16,7 @@ from zcmigrate.multifd.wire import WireContext
 MAGIC = 0x11223344
 VERSION = 2
 FLAG_SYNC = 1
-INIT_FORMAT = ">II16sB7s4Q"  # magic, version, uuid, channel id, 7 reserved, 4 x u64 reserved
+INIT_FORMAT = ">II16sB7s32s"  # magic, version, uuid, channel id, 7 reserved, binding MAC
 # magic, version, flags, pages_alloc, normal_pages, next_packet_size, packet_num, zero_pages,
 # reserved u32, seq, sync_packets, sync_pages, ramblock: see docs/protocol.md, "Packet header"
 HEADER_FORMAT = ">IIIIIIQIIQQQ256s"
@@ -36,7 +36,7 @@ class PacketFactory:
         uuid: bytes | None = None,
         channel_id: int = 0,
         reserved: bytes = bytes(7),
-        reserved64: Sequence[int] = (0, 0, 0, 0),
+        mac: bytes = bytes(32),
     ) -> bytes:
         return struct.pack(
             INIT_FORMAT,
@@ -45,7 +45,7 @@ class PacketFactory:
             self.ctx.uuid if uuid is None else uuid,
             channel_id,
             reserved,
-            *reserved64,
+            mac,
         )
 
     def build_header(

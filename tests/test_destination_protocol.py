@@ -30,7 +30,7 @@ from zcmigrate.migrate.protocol import (
     decode_header,
     decode_record,
 )
-from zcmigrate.multifd.wire import WireContext, encode_init, encode_packet
+from zcmigrate.multifd.wire import CHALLENGE_SIZE, WireContext, encode_init, encode_packet
 
 UUID = bytes(range(16))
 PAGE = 4096
@@ -128,6 +128,7 @@ def test_strangers_on_the_data_port_are_turned_away_and_the_migration_goes_on(
     for init in strangers:
         s = socket.create_connection(("127.0.0.1", recv.port), timeout=10)
         s.sendall(init)
+        assert len(recv_exact(s, CHALLENGE_SIZE)) == CHALLENGE_SIZE  # every one gets one
         assert s.recv(1) == b"", "the destination kept a stranger's connection"
         s.close()
     data = socket.create_connection(("127.0.0.1", recv.port), timeout=10)

@@ -258,6 +258,7 @@ def test_a_failure_after_the_pause_resumes_the_guest_at_the_source(tmp_path: Pat
         main.sendall(HelloAck().encode())
         for _ in range(2):
             d, _ = lsock.accept()
+            d.sendall(bytes(32))  # the challenge every data connection gets first
             conns.append(d)
             threads.append(threading.Thread(target=drain, args=(d,), daemon=True))
             threads[-1].start()

@@ -232,12 +232,11 @@ def test_init_nonzero_reserved_byte_is_rejected(index: int) -> None:
         decode_init(F.build_init(reserved=bytes(reserved)), CTX)
 
 
-@pytest.mark.parametrize("index", range(4))
-def test_init_nonzero_reserved_u64_is_rejected(index: int) -> None:
-    words = [0, 0, 0, 0]
-    words[index] = 1
-    with pytest.raises(RemoteProtocolError, match=f"reserved byte at offset {39 + 8 * index}"):
-        decode_init(F.build_init(reserved64=words), CTX)
+def test_init_carries_the_binding_mac_in_its_last_32_bytes() -> None:
+    mac = bytes(range(32))
+    record = decode_init(F.build_init(channel_id=2, mac=mac), CTX)
+    assert record.mac == mac and record.channel_id == 2
+    assert encode_init(CTX, 2, mac) == F.build_init(channel_id=2, mac=mac)
 
 
 @pytest.mark.parametrize("length", [0, 1, 32, 63])
