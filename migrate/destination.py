@@ -202,13 +202,14 @@ class DestinationJob:
         # Every connection is served until one proves it is a migration; strays, probes
         # and wrong keys are logged and closed, and the wait goes on.
         admitted = admit_source(self.listener, keyed=key is not None,
-                                authenticate=self._admissible,
+                                authenticate=self._authenticate,
                                 accept_timeout=self.accept_timeout,
                                 peer_timeout=self.peer_timeout, abort=self._check_exiting,
                                 device_state_max=self.max_device_state)
         main, greeting, hello = admitted.main, admitted.greeting, admitted.hello
         self._main = main
         t0 = time.monotonic()  # the migration starts when its HELLO is accepted
+        self._check_size(hello)
         ctx = hello.context()
         uuid = self._uuid = hello.uuid.hex()
         self.log = self.log.bind(uuid=uuid[:8])
@@ -275,13 +276,12 @@ class DestinationJob:
         self.status(f"migration {uuid[:8]}: committed")
         return result
 
-    def _admissible(self, greeting: Greeting, hello: Hello) -> None:
-        """Raise unless this HELLO may become our migration: proven (with a key) and of
-        a size we take, checked before anything is sized or allocated for it."""
-        self._authenticate(greeting, hello)
+    def _check_size(self, hello: Hello) -> None:
+        """A source (proven, with a key) that proposes more than we take: its migration
+        fails at once, before anything is sized or allocated for it."""
         limit = self.max_image_size
         if limit is not None and hello.image_size > limit:
-            raise RemoteProtocolError(
+            raise ReceiveError(
                 f"the source proposes an image of {format_size(hello.image_size)}; this "
                 f"receiver takes at most {format_size(limit)} (--max-image-size)")
         # The old image (with --replace) goes only at the commit: the new one needs all of
