@@ -15,9 +15,12 @@ still waiting in it.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import errno
 import mmap
 import os
+import random
 import shutil
 import statistics
 import subprocess
@@ -25,14 +28,37 @@ import sys
 import tempfile
 import threading
 import time
+from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from tests.guest_children import Child, child, zcmigrate
+from zcmigrate.channel.errors import ReadTimeout
+from zcmigrate.channel.fdpass import FdListener
+from zcmigrate.migrate.guest import (
+    CONTROL_MAGIC,
+    CONTROL_SIZE,
+    ControlRecord,
+    DeviceState,
+    GuestControl,
+    GuestError,
+    GuestState,
+    LeaseMode,
+    PostcopyGuest,
+    PostcopyPhase,
+    check_oracle,
+    control_path,
+    create_image,
+    read_control_record,
+    threads_waiting_for_pages,
+)
+from zcmigrate.migrate.guest.layout import Field
 from zcmigrate.multifd.pages import MappedFile
 from zcmigrate.multifd.userfault import (
+    Fault,
     Features,
     RangeGone,
     UnsupportedMapping,
@@ -128,6 +154,16 @@ def next_faults(pages: UserfaultRange, timeout: float = WAIT_S) -> list:
 
 def page_of(byte: int) -> bytes:
     return bytes([byte]) * PS
+
+
+def present(fd: int, offset: int) -> bool:
+    """Whether the file holds the page at `offset` (it is no hole)."""
+    try:
+        return os.lseek(fd, offset, os.SEEK_DATA) == offset
+    except OSError as e:
+        if e.errno == errno.ENXIO:  # no data from there to the end
+            return False
+        raise
 
 
 # ------------------------------------------------------------------ the mechanism
@@ -404,3 +440,432 @@ def test_fault_service_latency_as_the_faulting_thread_sees_it(
     print(f"\nfault stall, in-process server: median {median_us:.1f} us, p99 {p99_us:.1f} us "
           f"over {len(stalls)} faults")
     assert median_us < 100_000  # 0.1 s: only a stuck server would miss it
+
+
+# ------------------------------------------------------------------ the harness: a guest process
+
+NPAGES = 8192  # 32 MiB
+MISSING, SERVING, PUSHING, PRESENT = range(4)
+
+
+@dataclass
+class Images:
+    src: Path
+    """The source's latest version of every page (and the device state's step)."""
+    dst: Path
+    """The destination's image: the source's pages, less the holes."""
+    state: DeviceState
+    holes: list[int]
+
+
+def make_images(d: Path, holes_of: Callable[[random.Random], set[int]]) -> Images:
+    """A source image with its step at a third of the pages, and a destination copy of
+    an older version of it from which every page the source changed since (and the
+    pages never sent) is punched out: the destination holds no stale page, and every
+    page it lacks must come from the source."""
+    src, dst = d / "src.img", d / "dst.img"
+    create_image(src, NPAGES * PS, PS, "random", seed=13)
+    position = NPAGES // 3
+    rng = random.Random(29)
+    fd = os.open(src, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        for p in range(position):  # touched once more: byte 0 is value + 1
+            os.pwrite(fd, b"\1", p * PS)
+        shutil.copyfile(src, dst)
+        holes = holes_of(rng)
+        # Dirtied at the source after precopy sent them: the source's newer contents.
+        for p in sorted(holes)[::2]:
+            byte0 = os.pread(fd, 1, p * PS)
+            os.pwrite(fd, byte0 + rng.randbytes(PS - 1), p * PS)
+    finally:
+        os.close(fd)
+    dfd = os.open(dst, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        assert punch_pages(dfd, [p * PS for p in sorted(holes)], PS) == len(holes)
+    finally:
+        os.close(dfd)
+    state = DeviceState(npages=NPAGES, page_size=PS, position=position, value=0,
+                        touched=position)
+    return Images(src, dst, state, sorted(holes))
+
+
+class Receiver:
+    """The test's receiver for one guest: a thread serves each fault from the source copy
+    (the page fetched on demand), another pwrites missing pages into the destination file
+    (the background push). Every page is placed once, by whichever of the two claims it
+    while it is missing: a pwrite onto a page that is there may undo a write the guest
+    made since. Every `defer`-th fault is not copied but asked of the pusher (a page
+    request answered on the background stream): the server waits for its pwrite, and its
+    copy then finds the page there (EEXIST) and wakes the faulting thread."""
+
+    def __init__(self, guest: PostcopyGuest, images: Images, *, push: bool, defer: int = 0,
+                 die_at: Callable[[Fault], bool] | None = None, push_rate: float = 20000.0):
+        self.guest = guest
+        self.pages = guest.pages
+        self._src_fd = os.open(images.src, os.O_RDONLY | os.O_CLOEXEC)
+        self.src = mmap.mmap(self._src_fd, NPAGES * PS, prot=mmap.PROT_READ)
+        self.dst_fd = os.open(images.dst, os.O_RDWR | os.O_CLOEXEC)
+        self.state = {p: MISSING for p in images.holes}
+        # Pages present already, whatever this receiver saw (a take-over after another).
+        for p in images.holes:
+            if present(self.dst_fd, p * PS):
+                self.state[p] = PRESENT
+        self.cond = threading.Condition()
+        self.requests: list[int] = []
+        self.defer, self.die_at, self.push_gap = defer, die_at, 1.0 / push_rate
+        self.faults = self.copied = self.existed = self.deferred = self.pushed = 0
+        self.on_demand_ns: list[int] = []
+        self.via_push_ns: list[int] = []
+        self.died_on: Fault | None = None
+        self.errors: list[BaseException] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._guarded, args=(self._serve,),
+                                          daemon=True)]
+        if push:
+            self._order = [p for p in images.holes if self.state[p] == MISSING]
+            random.Random(3).shuffle(self._order)
+            self._threads.append(threading.Thread(target=self._guarded, args=(self._push,),
+                                                  daemon=True))
+
+    def start(self) -> Receiver:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def _guarded(self, fn: Callable[[], None]) -> None:
+        try:
+            fn()
+        except BaseException as e:
+            self.errors.append(e)
+            self._stop.set()
+
+    def _page(self, page: int) -> memoryview:
+        return memoryview(self.src)[page * PS:(page + 1) * PS]
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            if not self.pages.wait_faults(0.05):
+                continue
+            t_read = time.monotonic_ns()
+            for f in self.pages.read_faults():
+                if self.die_at is not None and self.die_at(f):
+                    self.died_on = f
+                    self.guest.close()  # the receiver dies holding the fault it read
+                    self._stop.set()
+                    return
+                self.faults += 1
+                page = f.offset // PS
+                with self.cond:
+                    mine = self.state.get(page, PRESENT) == MISSING
+                    if mine and self.defer and self.faults % self.defer == 0 and len(
+                            self._threads) > 1:
+                        self.requests.append(page)
+                        self.cond.notify_all()
+                        self.deferred += 1
+                        mine = False
+                    if mine:
+                        self.state[page] = SERVING
+                    else:
+                        assert self.cond.wait_for(
+                            lambda p=page: self.state.get(p, PRESENT) == PRESENT, WAIT_S)
+                r = self.pages.copy(f.offset, self._page(page))
+                self.copied += r.copied
+                self.existed += r.existed
+                if mine:
+                    with self.cond:
+                        self.state[page] = PRESENT
+                        self.cond.notify_all()
+                (self.on_demand_ns if mine else self.via_push_ns).append(
+                    time.monotonic_ns() - t_read)
+
+    def _push(self) -> None:
+        while not self._stop.is_set():
+            with self.cond:
+                if not self.requests and not self._order:
+                    return
+                page = self.requests.pop(0) if self.requests else self._order.pop()
+                if self.state[page] != MISSING:
+                    continue
+                self.state[page] = PUSHING
+            os.pwrite(self.dst_fd, self._page(page), page * PS)
+            with self.cond:
+                self.state[page] = PRESENT
+                self.cond.notify_all()
+            self.pushed += 1
+            time.sleep(self.push_gap)
+
+    def wait_all_present(self, timeout: float = 60.0) -> None:
+        with self.cond:
+            assert self.cond.wait_for(
+                lambda: all(s == PRESENT for s in self.state.values()) or bool(self.errors),
+                timeout), "pages still missing"
+        assert not self.errors, self.errors
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(WAIT_S)
+        self.src.close()
+        os.close(self._src_fd)
+        os.close(self.dst_fd)
+        assert not self.errors, self.errors
+
+
+@pytest.fixture
+def link_path(tmp_path: Path) -> Path:
+    d = tmp_path / "run"
+    d.mkdir(mode=0o700)
+    return d / "postcopy.sock"
+
+
+def start_guest(images: Images, sock: Path, rate: str) -> contextlib.AbstractContextManager[
+        Child]:
+    return child([sys.executable, "-m", "zcmigrate", "guest", str(images.dst), "--postcopy",
+                  str(sock), "--dirty-rate", rate, "--go-timeout", "30"])
+
+
+def control(images: Images) -> ControlRecord:
+    record = read_control_record(images.dst)
+    assert record is not None
+    return record
+
+
+def wait_for(what: str, ok: Callable[[], bool], timeout: float = WAIT_S) -> None:
+    deadline = time.monotonic() + timeout
+    while not ok():
+        assert time.monotonic() < deadline, f"not {what} within {timeout} s"
+        time.sleep(0.01)
+
+
+def assert_no_page_invented(images: Images, *, complete: bool) -> None:
+    """Every page the destination holds is the source's latest version (bytes 1..; byte
+    0 is the workload's), and with `complete` every page is there."""
+    with open(images.src, "rb") as s, open(images.dst, "rb") as d:
+        fd = d.fileno()
+        for p in range(NPAGES):
+            if not present(fd, p * PS):
+                assert not complete, f"page {p} is missing"
+                continue
+            want, got = os.pread(s.fileno(), PS, p * PS), os.pread(fd, PS, p * PS)
+            assert got[1:] == want[1:], f"page {p} is not the source's latest version"
+
+
+def finish(receiver: Receiver, guest: PostcopyGuest, proc: Child, images: Images) -> None:
+    """Every page pushed, the guest told, it unregisters, runs on, exits on request; the
+    oracle holds for the state it exits with and every page is the source's."""
+    receiver.wait_all_present()
+    assert guest.done(WAIT_S) is None
+    proc.expect("guest post-copy complete")
+    assert control(images).postcopy.phase == PostcopyPhase.COMPLETE
+    receiver.stop()
+    guest.close()
+    touched = control(images).touched
+    wait_for("running on", lambda: control(images).touched > touched + 1000)
+    with GuestControl.open(images.dst) as ctl:
+        ctl.request_exit(WAIT_S)
+    assert proc.wait() == 0
+    final = control(images)
+    state = DeviceState(npages=NPAGES, page_size=PS, position=final.position,
+                        value=final.value, touched=final.touched)
+    verdict = check_oracle(images.dst, state)
+    assert verdict.ok, verdict.message
+    assert_no_page_invented(images, complete=True)
+    fd = os.open(images.dst, os.O_RDONLY)
+    try:
+        assert first_missing(fd, NPAGES * PS) is None
+    finally:
+        os.close(fd)
+
+
+def test_a_postcopy_guest_gets_every_page_from_its_receiver(
+    shm_dir: Path, link_path: Path, record_property: Callable[[str, object], None]
+) -> None:
+    """A fifth of the pages dirtied after precopy and four runs never sent are missing;
+    the guest runs as fast as it can from the go on, its faults are served from the
+    source copy while a paced pusher pwrites the rest, and some faults are answered by
+    the pusher (EEXIST, then wake)."""
+    def holes(rng: random.Random) -> set[int]:
+        runs = {p for start in (200, 3000, 5100, 8000) for p in range(start, start + 150)}
+        return runs | set(rng.sample(range(NPAGES), NPAGES // 5))
+
+    images = make_images(shm_dir, holes)
+    with FdListener(link_path) as lst, start_guest(images, link_path, "0") as proc:
+        guest = PostcopyGuest.accept(lst, WAIT_S)
+        assert (guest.hello.size, guest.hello.granule, guest.hello.recovery) == (
+            NPAGES * PS, PS, False)
+        assert guest.peer.pid == proc.pid
+        proc.expect("guest offered:")
+        receiver = Receiver(guest, images, push=True, defer=5, push_rate=4000).start()
+        guest.go(images.state, WAIT_S)
+        proc.expect("guest running:")
+        assert control(images).postcopy.phase == PostcopyPhase.SERVED
+        assert control(images).postcopy.peer == os.getpid()
+        finish(receiver, guest, proc, images)
+    assert receiver.faults > 0 and receiver.pushed > 0
+    assert receiver.existed >= receiver.deferred > 0  # the race was run, and woke
+    assert receiver.copied + receiver.pushed == len(images.holes)
+    assert receiver.pages.stray_messages == 0
+    median_us, p99_us = _latency(receiver.on_demand_ns)
+    push_median_us, push_p99_us = _latency(receiver.via_push_ns)
+    for name, value in (("faults", receiver.faults), ("copied", receiver.copied),
+                        ("pushed", receiver.pushed), ("existed", receiver.existed),
+                        ("service_median_us", round(median_us, 1)),
+                        ("service_p99_us", round(p99_us, 1)),
+                        ("via_push_median_us", round(push_median_us, 1)),
+                        ("via_push_p99_us", round(push_p99_us, 1))):
+        record_property(name, value)
+    print(f"\nguest process: {receiver.faults} faults, {receiver.copied} pages copied on "
+          f"demand, {receiver.pushed} pushed, {receiver.existed} found there (EEXIST, woken); "
+          f"service from read to wake: median {median_us:.1f} us, p99 {p99_us:.1f} us; "
+          f"through the pusher: median {push_median_us:.1f} us, p99 {push_p99_us:.1f} us")
+    assert median_us < 100_000
+
+
+def _die_in_the_last_quarter(f: Fault) -> bool:
+    return f.offset >= NPAGES * 3 // 4 * PS
+
+
+def every_other_page(rng: random.Random) -> set[int]:
+    return set(range(1, NPAGES, 2))
+
+
+def wait_blocked(images: Images, receiver: Receiver, proc: Child) -> None:
+    """The receiver died holding a fault: the guest stops, says so, and invents nothing."""
+    wait_for("the receiver's death", lambda: receiver.died_on is not None)
+    proc.expect("guest post-copy: the receiver")
+    wait_for("lost", lambda: control(images).postcopy.phase == PostcopyPhase.LOST)
+    touched = control(images).touched
+    time.sleep(1.0)
+    record = control(images)
+    assert record.touched == touched, "the guest went on past a missing page"
+    assert time.monotonic_ns() - record.heartbeat_ns > 900_000_000
+    assert record.state == GuestState.RUNNING and proc.proc.poll() is None
+    assert receiver.died_on is not None
+    waited = receiver.died_on.offset
+    fd = os.open(images.dst, os.O_RDONLY)
+    try:
+        assert not present(fd, waited), "the awaited page was filled"
+    finally:
+        os.close(fd)
+    assert_no_page_invented(images, complete=False)
+    status = zcmigrate("guest", str(images.dst), "--status")
+    assert status.returncode == 0, status.stderr
+    assert "postcopy=lost" in status.stdout and f"pid={proc.pid}" in status.stdout
+    if threads_waiting_for_pages(proc.pid) is not None:
+        assert "waiting-for-pages=1" in status.stdout
+
+
+def test_a_dead_receiver_leaves_the_guest_waiting_never_reading_zeros(
+    shm_dir: Path, link_path: Path
+) -> None:
+    images = make_images(shm_dir, every_other_page)
+    with start_guest(images, link_path, "64M") as proc:
+        with FdListener(link_path) as lst:
+            guest = PostcopyGuest.accept(lst, WAIT_S)
+            receiver = Receiver(guest, images, push=False,
+                                die_at=_die_in_the_last_quarter).start()
+            guest.go(images.state, WAIT_S)
+            wait_blocked(images, receiver, proc)
+            receiver.stop()
+        proc.proc.kill()
+        assert proc.wait() == -9
+    assert_no_page_invented(images, complete=False)
+
+
+def test_a_second_receiver_takes_over_and_the_guest_completes(
+    shm_dir: Path, link_path: Path
+) -> None:
+    """After the death above, a receiver on the same socket gets the guest's descriptor
+    again (a recovery hello), wakes the range so the fault the dead one read comes
+    again, and serves everything: the guest ends as if nothing had happened."""
+    images = make_images(shm_dir, every_other_page)
+    with start_guest(images, link_path, "64M") as proc:
+        with FdListener(link_path) as lst:
+            first = PostcopyGuest.accept(lst, WAIT_S)
+            dead = Receiver(first, images, push=False, die_at=_die_in_the_last_quarter).start()
+            first.go(images.state, WAIT_S)
+            wait_blocked(images, dead, proc)
+            dead.stop()
+        with FdListener(link_path) as lst:
+            second = PostcopyGuest.accept(lst, WAIT_S)
+            assert second.hello.recovery and second.peer.pid == proc.pid
+            receiver = Receiver(second, images, push=True).start()
+            second.take_over()
+            proc.expect("took over")
+            wait_for("served again", lambda: control(images).postcopy.phase
+                     == PostcopyPhase.SERVED)
+            finish(receiver, second, proc, images)
+    assert receiver.faults >= 1  # the fault the dead receiver had read came again
+
+
+# ------------------------------------------------------------------ the guest command's edges
+
+
+def test_postcopy_excludes_the_other_starts(tmp_path: Path) -> None:
+    for extra in (["--resume"], ["--check"], ["--status"], ["--size", "1M"]):
+        r = zcmigrate("guest", str(tmp_path / "img"), "--postcopy", str(tmp_path / "s"), *extra)
+        assert r.returncode == 2, r.stderr
+        assert "--postcopy" in r.stderr
+
+
+def test_without_a_receiver_the_guest_gives_up_at_its_deadline_having_run_nothing(
+    shm_dir: Path, link_path: Path
+) -> None:
+    create_image(shm_dir / "img", 64 * PS, PS, "random")
+    t0 = time.monotonic()
+    r = zcmigrate("guest", str(shm_dir / "img"), "--postcopy", str(link_path),
+                  "--go-timeout", "0.5")
+    assert r.returncode == 1 and "no receiver" in r.stderr and "nothing listens" in r.stderr
+    assert time.monotonic() - t0 < WAIT_S
+    assert not (shm_dir / "img.guest").exists()  # no control block: it never ran
+
+
+def test_an_image_on_a_disk_file_system_is_refused_before_anything_is_sent(
+    tmp_path: Path, link_path: Path
+) -> None:
+    create_image(tmp_path / "img", 64 * PS, PS, "random")
+    fd = os.open(tmp_path / "img", os.O_RDONLY)
+    try:
+        fs = filesystem_type(fd)
+    finally:
+        os.close(fd)
+    if fs in ("tmpfs", "hugetlbfs"):
+        pytest.skip("the temporary directory is on a tmpfs here")
+    with FdListener(link_path) as lst:
+        r = zcmigrate("guest", str(tmp_path / "img"), "--postcopy", str(link_path))
+        assert r.returncode == 1
+        assert f"on {fs}" in r.stderr and "tmpfs" in r.stderr
+        with pytest.raises(ReadTimeout):
+            lst.accept(0.1)  # it never connected
+
+
+def test_a_go_for_another_image_is_refused_and_the_guest_never_runs(
+    shm_dir: Path, link_path: Path
+) -> None:
+    create_image(shm_dir / "img", 64 * PS, PS, "random")
+    images = Images(src=shm_dir / "img", dst=shm_dir / "img", state=DeviceState(
+        npages=64, page_size=PS, position=0, value=0, touched=0), holes=[])
+    with FdListener(link_path) as lst, start_guest(images, link_path, "0") as proc:
+        guest = PostcopyGuest.accept(lst, WAIT_S)
+        with guest, pytest.raises(GuestError, match=r"refused the go: .*128 pages"):
+            guest.go(DeviceState(npages=128, page_size=PS, position=0, value=0, touched=0),
+                     WAIT_S)
+        assert proc.wait() == 1
+    assert not (shm_dir / "img.guest").exists()
+
+
+def test_a_control_block_of_version_2_is_still_read(tmp_path: Path) -> None:
+    """Fields are only appended: a v2 block's hand-over mark still stops a second copy
+    after an upgrade, and its post-copy fields read as none."""
+    image = tmp_path / "img"
+    create_image(image, 64 * PS, PS, "zero")
+    words = [0] * (CONTROL_SIZE // 8)
+    words[Field.MAGIC], words[Field.VERSION], words[Field.PID] = CONTROL_MAGIC, 2, 1
+    words[Field.STATE], words[Field.LEASE_MODE] = GuestState.EXITED, LeaseMode.HOLD
+    words[Field.HANDED_OVER] = time.time_ns()
+    control_path(image).write_bytes(array("Q", words).tobytes())
+    record = read_control_record(image)
+    assert record is not None and record.version == 2
+    assert record.postcopy.phase == PostcopyPhase.NONE and record.lease.handed_over_ns
+    r = zcmigrate("guest", str(image), "--dirty-rate", "0")
+    assert r.returncode == 1 and "handed over" in r.stderr
