@@ -174,6 +174,9 @@ class UserfaultRange:
     unregisters it, and a thread that waits in it then faults again and finds zeros on a
     missing page: the registering side keeps its own descriptor for as long as a page
     may be missing.
+
+    Any number of threads may copy() and wake() at once; faults have one reader at a
+    time (read_faults reuses its buffer).
     """
 
     def __init__(self, fd: int, base: int, length: int, granule: int) -> None:
@@ -186,7 +189,6 @@ class UserfaultRange:
         """Messages that were no page fault inside the range (none can come with this
         layer's features and one range per descriptor); counted, never served."""
         self._faults: Any = ffi.new("struct zcu_fault[]", FAULT_BATCH)
-        self._result: Any = ffi.new("struct zcu_copy_result *")
 
     @classmethod
     def register(
@@ -261,16 +263,16 @@ class UserfaultRange:
         threads that wait for them. A page that is there already is left as it is and its
         waiters are woken (it came another way: the newer of the two versions is the
         caller's to know). RangeGone once the registering process or its range is gone."""
+        r: Any = ffi.new("struct zcu_copy_result *")  # per call: copies run in parallel
         with ffi.from_buffer(data) as src:
             n = len(src)
             rc = int(lib.zcu_copy(self.fileno(), self.base, self.length, self.granule,
-                                  offset, src, n, self._result))
+                                  offset, src, n, r))
         if rc == lib.ZCU_EBOUNDS:
             raise ValueError(
                 f"{n} bytes at offset {offset} are not whole {self.granule}-byte pages "
                 f"inside the {self.length}-byte range"
             )
-        r = self._result
         if rc in (errno.ESRCH, errno.ENOENT):
             raise RangeGone(_gone(rc, "copy"))
         if rc:

@@ -259,6 +259,27 @@ def test_a_punched_page_faults_as_missing_again(registered: Registered) -> None:
     assert t.join() == bytes([3]) * 8
 
 
+def test_threads_may_place_pages_into_one_range_at_once(registered: Registered) -> None:
+    """A receiver's workers each place the pages they received: copies run in parallel,
+    each counted by its own call."""
+    results: dict[int, tuple[int, int]] = {}
+
+    def place(worker: int) -> None:
+        copied = existed = 0
+        for page in range(worker, 64, 4):
+            r = registered.pages.copy(page * PS, page_of(page))
+            copied, existed = copied + r.copied, existed + r.existed
+        results[worker] = (copied, existed)
+
+    workers = [threading.Thread(target=place, args=(w,)) for w in range(4)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(WAIT_S)
+    assert results == {w: (16, 0) for w in range(4)}
+    assert all(os.pread(registered.fd, PS, p * PS) == page_of(p) for p in range(64))
+
+
 def test_first_missing_finds_the_first_hole_and_none_once_every_page_is_there(
     registered: Registered,
 ) -> None:
