@@ -286,7 +286,8 @@ class UserfaultRange:
         """Wake the threads that wait in [offset, offset + length) (the whole range by
         default): each retries its access and faults again if its page is still missing,
         so its fault can be read anew (what a new server does after the last one died
-        holding faults it had read)."""
+        holding faults it had read). The kernel looks for waiters, not for the
+        registration: on an unregistered range it is a no-op."""
         span = self.length - offset if length is None else length
         rc = int(lib.zcu_wake(self.fileno(), self.base, self.length, self.granule, offset,
                               span))

@@ -117,7 +117,9 @@ class PostcopyGuest:
 
     def done(self, timeout: float) -> str | None:
         """Say every page is in place; None once the guest unregistered its range, or the
-        guest's reason for refusing (a hole is left: go on serving)."""
+        guest's reason for refusing (a hole is left: go on serving). A fault read just
+        before the guest unregistered may find the range gone when served (RangeGone):
+        its page was there, and the unregister woke its thread. Nothing to do."""
         self._send(Done())
         record = self._recv(timeout)
         if isinstance(record, Refused):
