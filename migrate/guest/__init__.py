@@ -1,13 +1,15 @@
 """The guest stand-in: a process that increments byte 0 of every page of a shared image
 and marks each write in a dirty bitmap it shares with the migration; the migration's
-handle on it, its device state and the oracle. It must not know about channels, sockets
-or packets.
+handle on it, its device state and the oracle; started post-copy, its link to the
+receiver that serves its missing pages. It knows no migration channel or packet: its one
+socket is that local link (channel/fdpass.py), through postcopy_link.py.
 
 One module per concern: layout (the control file's contract), device (the device
 state), image (creating and opening images), oracle (the end-to-end check), owners (is a
-lease's owner alive, which guest holds an image), workload (the running guest) and
-handle (GuestControl, the migration's side). This module re-exports
-what callers use, so they import from `zcmigrate.migrate.guest`.
+lease's owner alive, which guest holds an image), workload (the running guest), handle
+(GuestControl, the migration's side), and for post-copy postcopy (the link's records),
+postcopy_link (the guest's end) and postcopy_handle (PostcopyGuest, the receiver's end).
+This module re-exports what callers use, so they import from `zcmigrate.migrate.guest`.
 """
 
 from zcmigrate.migrate.guest.device import (
@@ -22,6 +24,7 @@ from zcmigrate.migrate.guest.errors import GuestError
 from zcmigrate.migrate.guest.handle import (
     ControlRecord,
     GuestControl,
+    Postcopy,
     mark_handed_over,
     read_control_record,
 )
@@ -40,10 +43,19 @@ from zcmigrate.migrate.guest.layout import (
     GuestState,
     Lease,
     LeaseMode,
+    PostcopyPhase,
     bitmap_words,
 )
 from zcmigrate.migrate.guest.oracle import OracleVerdict, check_oracle
-from zcmigrate.migrate.guest.owners import guest_holder, owner_alive, process_start_time
+from zcmigrate.migrate.guest.owners import (
+    guest_holder,
+    owner_alive,
+    process_start_time,
+    threads_waiting_for_pages,
+)
+from zcmigrate.migrate.guest.postcopy import PostcopyProtocolError
+from zcmigrate.migrate.guest.postcopy_handle import PostcopyGuest
+from zcmigrate.migrate.guest.postcopy_link import GO_TIMEOUT_S
 from zcmigrate.migrate.guest.workload import TICK_NS, run_guest
 
 # The files beside an image are named in migrate/imagefiles.py; these two are re-exported
@@ -60,6 +72,7 @@ __all__ = [
     "DEVICE_STATE_MAX_BYTES",
     "DEVICE_VERSION",
     "FILLS",
+    "GO_TIMEOUT_S",
     "MAX_IMAGE_BYTES",
     "MAX_PAGE_SIZE",
     "MAX_THROTTLE",
@@ -74,6 +87,10 @@ __all__ = [
     "Lease",
     "LeaseMode",
     "OracleVerdict",
+    "Postcopy",
+    "PostcopyGuest",
+    "PostcopyPhase",
+    "PostcopyProtocolError",
     "bitmap_words",
     "check_oracle",
     "control_path",
@@ -86,5 +103,6 @@ __all__ = [
     "read_device_state",
     "run_guest",
     "state_path",
+    "threads_waiting_for_pages",
     "write_device_state",
 ]
