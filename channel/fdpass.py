@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Final
 
 from zcmigrate.channel.errors import ChannelClosed, ReadTimeout
-from zcmigrate.channel.local import LocalSocketError, is_served, private_dir
+from zcmigrate.channel.local import LocalSocketError, listen_private
 
 MAX_RECORD: Final = 64 * 1024
 MAX_FDS: Final = 8
@@ -164,21 +164,7 @@ class FdListener:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        private_dir(path.parent)
-        if path.exists() or path.is_symlink():
-            if is_served(path):
-                raise LocalSocketError(f"{path} is in use by another process")
-            path.unlink()  # a leftover of a process that died
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        old = os.umask(0o177)
-        try:
-            self._sock.bind(str(path))
-        except OSError as e:
-            self._sock.close()
-            raise LocalSocketError(f"cannot bind {path}: {e.strerror}") from e
-        finally:
-            os.umask(old)
-        self._sock.listen(4)
+        self._sock = listen_private(path, backlog=4)
 
     def accept(self, timeout: float) -> FdConnection:
         """The next connection within `timeout` seconds; ReadTimeout if none comes."""
