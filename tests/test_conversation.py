@@ -125,3 +125,26 @@ def test_every_phase_but_the_ends_is_reachable_and_has_a_way_out() -> None:
     assert reachable == set(Phase)
     for phase in set(Phase) - {Phase.DONE, Phase.FAILED, Phase.CANCELLED}:
         assert any(p is phase for p, _ in TRANSITIONS), phase
+
+
+def _documented_table() -> dict[tuple[Phase, RecordType], Phase]:
+    """docs/architecture.md's table, parsed: `| phase[, phase] | RECORD (who)... | next |`."""
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "architecture.md").read_text()
+    section = doc[doc.index("## The main channel's table"):]
+    table: dict[tuple[Phase, RecordType], Phase] = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 3 or not cells[1] or not cells[1][0].isupper():
+            continue  # not a row of the table (or its header)
+        phases, record, after = cells
+        record_type = RecordType[record.split()[0]]
+        for phase in phases.split(","):
+            table[(Phase(phase.strip()), record_type)] = Phase(after)
+    return table
+
+
+def test_the_documented_table_is_the_code_s_table() -> None:
+    # docs/architecture.md is what a newcomer reads: it must say what the code does.
+    assert _documented_table() == TRANSITIONS
