@@ -6,7 +6,7 @@ must not know threads, sockets or the migration job.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 __all__ = ["ChannelCounters", "PoolStats", "SyncResult"]
 
@@ -30,6 +30,10 @@ class ChannelCounters:
     zero_copy_completed: int
     zero_copy_copied: int
     enobufs_retries: int
+
+
+# The counters a pool sums over its channels: all of a channel's but its id.
+_SUMMED = tuple(f.name for f in fields(ChannelCounters) if f.name != "id")
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,21 +61,11 @@ class PoolStats:
     def from_channels(
         cls, channels: tuple[ChannelCounters, ...], *, jobs_queued: int = 0, send_waits: int = 0
     ) -> PoolStats:
-        # Totals are computed from the very snapshots they sum, so they always add up.
-        return cls(
-            channels=channels,
-            packets=sum(c.packets for c in channels),
-            bytes=sum(c.bytes for c in channels),
-            normal_pages=sum(c.normal_pages for c in channels),
-            zero_pages=sum(c.zero_pages for c in channels),
-            syncs=sum(c.syncs for c in channels),
-            zero_copy_queued=sum(c.zero_copy_queued for c in channels),
-            zero_copy_completed=sum(c.zero_copy_completed for c in channels),
-            zero_copy_copied=sum(c.zero_copy_copied for c in channels),
-            enobufs_retries=sum(c.enobufs_retries for c in channels),
-            jobs_queued=jobs_queued,
-            send_waits=send_waits,
-        )
+        # Totals are computed from the very snapshots they sum, so they always add up;
+        # every counter of a channel is a total of the pool under the same name.
+        totals = {name: sum(getattr(c, name) for c in channels) for name in _SUMMED}
+        return cls(channels=channels, jobs_queued=jobs_queued, send_waits=send_waits,
+                   **totals)
 
 
 @dataclass(frozen=True, slots=True)
