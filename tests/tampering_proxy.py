@@ -102,13 +102,15 @@ class RecordLocator:
 
 class PageLocator:
     """`offset` bytes into the page data of the first packet of data channel `channel`
-    (which must carry pages: a static image's first packet on a channel does)."""
+    (which must carry pages: a static image's first packet on a channel does), or with
+    `header`, `offset` bytes into that packet's header."""
 
     kind: Literal["main", "data"] = "data"
 
-    def __init__(self, channel: int, offset: int) -> None:
+    def __init__(self, channel: int, offset: int, *, header: bool = False) -> None:
         self.channel = channel
         self.offset = offset
+        self.header = header
         self._in_init = True
 
     def step(self, buf: bytes) -> Step | None:
@@ -121,6 +123,8 @@ class PageLocator:
             return ("skip", INIT_SIZE)
         if len(buf) < HEADER_SIZE:
             return None
+        if self.header:
+            return ("at", self.offset)
         normal, zero = _COUNTS.unpack_from(buf)
         if normal == 0:
             return ("pass", 0)
