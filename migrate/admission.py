@@ -41,11 +41,18 @@ from zcmigrate.multifd.wire import (
 
 # From accept to a whole HELLO: a source sends it at once, after one round trip.
 PREAUTH_TIMEOUT = 10.0
-# Connections served at once; more wait in the listen backlog until one is done.
+# Connections served at once. Every connection waiting is accepted; beyond this many the
+# oldest is dropped (_CROWDED), so strangers that hold connections open, silent or one
+# byte a second, cannot keep a real source waiting in the listen backlog until theirs time
+# out: a real source answers within one round trip, and only MAX_PENDING newer connections
+# within that round trip could push it out.
 MAX_PENDING = 32
 # From accept to a data channel's whole init record: the source sends it on our challenge.
 INIT_TIMEOUT = 5.0
 _POLL = 0.1
+
+_CROWDED = (f"more than {MAX_PENDING} connections waiting to prove themselves: the oldest "
+            "is dropped")
 
 log = structlog.get_logger("zcmigrate.admission")
 
@@ -108,10 +115,13 @@ def admit_source(
 
 def _accept_waiting(listener: Listener, pending: list[_Candidate], keyed: bool,
                     peer_timeout: float, device_state_max: int) -> None:
-    while len(pending) < MAX_PENDING:
+    # At most MAX_PENDING a round, so a flood of connections cannot starve the reads.
+    for _ in range(MAX_PENDING):
         ch = listener.try_accept(name="main", peer_timeout=peer_timeout)
         if ch is None:
             return
+        if len(pending) >= MAX_PENDING:
+            _refuse(pending, pending[0], _CROWDED)
         main = MainChannel(ch, Role.DESTINATION, device_state_max=device_state_max)
         greeting = Greeting(fresh_nonce(), keyed=keyed)
         try:
@@ -205,10 +215,12 @@ def admit_data_channels(
                 # The source is gone: no more of its channels will come.
                 raise ReceiveError(f"the source closed the main channel after {len(got)} of "
                                    f"{n} data channels connected")
-            while len(pending) < MAX_PENDING:
+            for _ in range(MAX_PENDING):  # as for main channels (_accept_waiting)
                 ch = listener.try_accept(name="multifd?", peer_timeout=peer_timeout)
                 if ch is None:
                     break
+                if len(pending) >= MAX_PENDING:
+                    _refuse_data(pending, pending[0], _CROWDED)
                 challenge = fresh_nonce()[:CHALLENGE_SIZE]
                 try:
                     ch.write_all(challenge)

@@ -399,7 +399,15 @@ class Error(Record):
     message: str
 
     def payload(self) -> bytes:
-        return _dumps({"message": self.message[:ERROR_MESSAGE_MAX]})
+        # JSON escapes a control or non-ASCII character to 6 bytes (12 beyond the BMP), so
+        # ERROR_MESSAGE_MAX characters may not fit MAX_PAYLOAD: cut the message until it
+        # does. Refusing to encode would lose the one record that says why we gave up.
+        msg = self.message[:ERROR_MESSAGE_MAX]
+        while True:
+            data = _dumps({"message": msg})
+            if len(data) <= self.MAX_PAYLOAD:
+                return data
+            msg = msg[:len(msg) * self.MAX_PAYLOAD // len(data)]  # shorter every time
 
     @classmethod
     def from_payload(cls, payload: bytes) -> Error:
