@@ -158,14 +158,15 @@ def mode_once(mode: str, size: int, rate: int, bandwidth: int, downtime_limit: i
             for p in (guest, recv, send):
                 if p is not None and p.returncode is None:
                     p.kill()
-                    reap(p)
+                    p.wait()
     stats = json.loads(out)
     row: dict[str, Any] = {"mode": mode, "exit": send_rc, "status": stats["status"],
                            "total_time_ms": stats["total-time"],
                            "downtime_ms": stats.get("downtime"),
                            "iterations": stats["ram"]["iterations"],
                            "cpu_throttle_percentage": stats.get("cpu-throttle-percentage", 0)}
-    if send_rc == 0 and mode == "postcopy":
+    row["switched"] = b"guest-pid" in rout
+    if send_rc == 0 and row["switched"]:
         rdoc = json.loads(rout[rout.index(b"{"):])
         pid = rdoc["guest-pid"]
         os.kill(pid, 15)  # the destination's guest, started by the receiver: stop it

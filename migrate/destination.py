@@ -354,6 +354,9 @@ class DestinationJob:
 
     def _on_end_of_ram(self, rec: Record) -> None:
         assert isinstance(rec, EndOfRam) and self._pool is not None
+        if self._postcopy is not None:
+            # Advised, but precopy converged: the guest waiting for a go never will.
+            self._postcopy.not_needed()
         # The final sync: every channel's last pages are in place once it is through, and
         # every worker stopped at it and was joined: nothing after it reaches the image.
         self._pool.sync(timeout=self.peer_timeout, final=True)

@@ -176,6 +176,7 @@ class PostcopyDestination:
         self._starter: threading.Thread | None = None
         self._start_error: ReceiveError | None = None
         self._went = False  # the guest was sent its go: it may run here
+        self._keep_image = False  # precopy completed instead: the image is committed
 
     # ------------------------------------------------------------------ advise
 
@@ -199,6 +200,14 @@ class PostcopyDestination:
                                          daemon=True)
         self._starter.start()
 
+    def not_needed(self) -> None:
+        """Precopy converged before any switch: the waiting guest never ran and goes; the
+        image stays (the precopy commit owns it now)."""
+        if self._starter is not None:
+            self._starter.join(GUEST_START_TIMEOUT)
+        self._kill_unstarted_guest()
+        self._keep_image = True
+
     def close(self) -> None:
         """After a failure before the go, or at the end: stop what runs; a guest that
         never got its go is stopped and its image, never run, discarded."""
@@ -207,7 +216,8 @@ class PostcopyDestination:
             self._starter.join(GUEST_START_TIMEOUT)
         if not self._went:
             self._kill_unstarted_guest()
-            self.incoming.discard_placed()
+            if not self._keep_image:
+                self.incoming.discard_placed()
         if self._guest is not None:
             self._guest.close()  # the guest keeps its own descriptor
             self._guest = None

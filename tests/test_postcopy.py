@@ -38,6 +38,7 @@ from zcmigrate.migrate.guest import (
     PostcopyPhase,
     check_oracle,
     read_control_record,
+    read_device_state,
 )
 from zcmigrate.migrate.imagefiles import control_path
 
@@ -201,3 +202,21 @@ def test_sender_killed_during_postcopy(shm: Path) -> None:
         assert_waits_for_pages(dst)
     finally:
         stop(guest.proc, signal.SIGKILL)
+
+
+def test_a_precopy_that_converges_first_completes_as_precopy(shm: Path) -> None:
+    """--postcopy with a slow guest: precopy converges before any switch; the guest the
+    receiver started for post-copy never runs and goes, the image is committed."""
+    src, dst = shm / "src.img", shm / "dst.img"
+    guest = Guest.start(src, SIZE, "1M")
+    try:
+        recv = Receiver.start(dst)
+        code, stats, err = finish(send(src, recv.port, "--postcopy"))
+        assert code == 0, err
+        assert recv.result()[0] == 0
+        assert "switching to post-copy" not in err and "postcopy-requests" not in stats
+    finally:
+        stop(guest.proc)
+    assert not control_path(dst).exists(), "the post-copy guest ran"
+    verdict = check_oracle(dst, read_device_state(dst))
+    assert verdict.ok, verdict.message
