@@ -193,13 +193,16 @@ def admit_data_channels(
     timeout: float,
     peer_timeout: float,
     abort: Callable[[], None],
+    first: int = 0,
 ) -> list[Channel]:
     """The migration's N data channels, by id. Each connection gets a fresh challenge at
     once and INIT_TIMEOUT to answer with its init record; it is admitted only from the
     main channel's peer address, for this migration (`tracker`), with an id not taken, and
     with a key (`binding(channel id, challenge)` gives the MAC) only with the right MAC.
     Anything else is logged and closed, the real channels unaffected. ReceiveError if the
-    N are not there within `timeout`, or once the source closes its main channel."""
+    N are not there within `timeout`, or once the source closes its main channel.
+    `first`: the ids wanted are first..first+N-1 (post-copy's urgent channel takes the
+    id after the data channels'; the tracker's context must allow it)."""
     deadline = time.monotonic() + timeout
     got: dict[int, Channel] = {}
     pending: list[_DataCandidate] = []
@@ -232,7 +235,7 @@ def admit_data_channels(
                 _refuse_data(pending, c, f"no init record within {INIT_TIMEOUT:g} s")
             ready = wait_readable_any([c.channel for c in pending], _POLL)
             for c in [c for c in pending if c.channel in ready]:
-                cid = _hear_init(pending, c, tracker, peer, binding)
+                cid = _hear_init(pending, c, tracker, peer, binding, first)
                 if cid is not None:
                     c.channel.name = f"multifd{cid}"
                     got[cid] = c.channel
@@ -243,11 +246,12 @@ def admit_data_channels(
     finally:
         for c in pending:
             c.channel.close()
-    return [got[i] for i in range(n)]
+    return [got[i] for i in range(first, first + n)]
 
 
 def _hear_init(pending: list[_DataCandidate], c: _DataCandidate, tracker: InitTracker,
-               peer: str, binding: Callable[[int, bytes], bytes] | None) -> int | None:
+               peer: str, binding: Callable[[int, bytes], bytes] | None,
+               first: int = 0) -> int | None:
     try:
         c.buf += c.channel.read_some(INIT_SIZE - len(c.buf))
         if len(c.buf) < INIT_SIZE:
@@ -260,6 +264,9 @@ def _hear_init(pending: list[_DataCandidate], c: _DataCandidate, tracker: InitTr
                                                   binding(record.channel_id, c.challenge)):
             raise RemoteProtocolError(f"data channel {record.channel_id}: its init record is "
                                       "not bound to this session (a forged or replayed one)")
+        if record.channel_id < first:
+            raise RemoteProtocolError(f"channel id {record.channel_id}: expected "
+                                      f"{first} or more here")
         tracker.accept(bytes(c.buf))  # an id already taken: a squatter or a duplicate
     except ZcmigrateError as e:
         _refuse_data(pending, c, str(e))

@@ -23,6 +23,12 @@ class Phase(enum.Enum):
     DEVICE = "device"  # END_OF_RAM seen: the destination checks it has every page
     READY = "ready"  # RAM_RECEIVED seen: only the device state may follow
     COMMIT = "commit"  # the device state left: the destination commits; no way back
+    # Post-copy: the guest is paused (LISTEN, POSTCOPY_READY) then runs on the destination
+    # while its last pages arrive (POSTCOPY, POSTCOPY_END); COMMIT follows as in precopy.
+    LISTEN = "postcopy-listen"  # the dirty list arrives; the destination gets ready
+    POSTCOPY_READY = "postcopy-ready"  # only the device state may follow
+    POSTCOPY = "postcopy"  # the device state left: the guest runs on the destination
+    POSTCOPY_END = "postcopy-end"  # every background page was sent: the last ones land
     DONE = "done"  # COMMIT_ACK: the destination owns the guest
     FAILED = "failed"  # an ERROR record went either way
     CANCELLED = "cancelled"  # the source cancelled before the commit
@@ -41,13 +47,25 @@ TRANSITIONS: dict[tuple[Phase, RecordType], Phase] = {
     (Phase.DEVICE, R.RAM_RECEIVED): Phase.READY,
     (Phase.READY, R.DEVICE_STATE): Phase.COMMIT,
     (Phase.COMMIT, R.COMMIT_ACK): Phase.DONE,
+    # Post-copy, instead of END_OF_RAM: see docs/protocol.md.
+    (Phase.PRECOPY, R.POSTCOPY_ADVISE): Phase.PRECOPY,
+    (Phase.PRECOPY, R.POSTCOPY_LISTEN): Phase.LISTEN,
+    (Phase.LISTEN, R.POSTCOPY_DIRTY): Phase.LISTEN,
+    (Phase.LISTEN, R.POSTCOPY_READY): Phase.POSTCOPY_READY,
+    (Phase.POSTCOPY_READY, R.DEVICE_STATE): Phase.POSTCOPY,
+    (Phase.POSTCOPY, R.POSTCOPY_RUNNING): Phase.POSTCOPY,
+    (Phase.POSTCOPY, R.KEEPALIVE): Phase.POSTCOPY,
+    (Phase.POSTCOPY, R.POSTCOPY_END): Phase.POSTCOPY_END,
+    (Phase.POSTCOPY_END, R.POSTCOPY_COMPLETE): Phase.COMMIT,
 }
 # Either end may give up, and the source may cancel, at any point before the commit.
 # Not in COMMIT: once the device state has left, the destination may already own the
 # guest, so no record may then claim that nothing was committed (ARCHITECTURE.md,
 # invariant 5); the source that gives up there just closes, and says so to its user.
+# Nor in POSTCOPY and POSTCOPY_END: the guest runs on the destination by then.
 _BEFORE_COMMIT = (Phase.GREETING, Phase.HELLO, Phase.HELLO_ACK, Phase.PRECOPY,
-                  Phase.WRITEBACK, Phase.DEVICE, Phase.READY)
+                  Phase.WRITEBACK, Phase.DEVICE, Phase.READY, Phase.LISTEN,
+                  Phase.POSTCOPY_READY)
 for _phase in _BEFORE_COMMIT:
     TRANSITIONS[(_phase, R.ERROR)] = Phase.FAILED
     TRANSITIONS[(_phase, R.CANCEL)] = Phase.CANCELLED

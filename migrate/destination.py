@@ -25,7 +25,11 @@ from zcmigrate.channel.errors import ChannelError
 from zcmigrate.channel.zcsocket import DEFAULT_PEER_TIMEOUT, Listener
 from zcmigrate.migrate import faults
 from zcmigrate.migrate.admission import admit_data_channels, admit_source
-from zcmigrate.migrate.errors import ReceiveCancelled, ReceiveError
+from zcmigrate.migrate.errors import (
+    ReceiveCancelled,
+    ReceiveError,
+    ReceivePostcopyInterrupted,
+)
 from zcmigrate.migrate.imagefiles import state_path
 from zcmigrate.migrate.incoming import (
     IncomingImage,
@@ -34,6 +38,11 @@ from zcmigrate.migrate.incoming import (
     no_space,
 )
 from zcmigrate.migrate.mainchannel import MainChannel
+from zcmigrate.migrate.postcopy_destination import (
+    PostcopyDestination,
+    PostcopyOutcome,
+    PostcopyUnacknowledged,
+)
 from zcmigrate.migrate.protocol import (
     DEVICE_STATE_MAX,
     Cancel,
@@ -46,6 +55,8 @@ from zcmigrate.migrate.protocol import (
     HelloAck,
     Keepalive,
     MultifdFlush,
+    PostcopyAdvise,
+    PostcopyListen,
     RamReceived,
     Record,
     Writeback,
@@ -55,7 +66,7 @@ from zcmigrate.migrate.stats import RECEIVE_FIELDS, channel_dict, channel_json
 from zcmigrate.migrate.units import format_size
 from zcmigrate.multifd.exiting import Exiting
 from zcmigrate.multifd.receiver import ReceiverPool
-from zcmigrate.multifd.wire import InitTracker, RemoteProtocolError
+from zcmigrate.multifd.wire import InitTracker, RemoteProtocolError, WireContext
 
 log = structlog.get_logger("zcmigrate.destination")
 
@@ -78,6 +89,8 @@ class ReceiveResult:
     # False when the commit happened but COMMIT_ACK could not be delivered: the source
     # then keeps its guest paused and must be told by hand (`zcmigrate retire`).
     acknowledged: bool = True
+    # Post-copy's numbers (PostcopyOutcome.to_dict), None after a precopy migration.
+    postcopy: dict[str, int] | None = None
 
     def to_dict(self) -> dict[str, object]:
         """The layout `send --json` prints (MigrationStats.to_dict, query-migrate's names),
@@ -104,6 +117,7 @@ class ReceiveResult:
             "state-file": str(self.state_file),
             "uuid": self.uuid,
             "acknowledged": self.acknowledged,
+            **(self.postcopy or {}),
         }
 
 
@@ -125,6 +139,7 @@ class DestinationJob:
         replace: bool = False,
         max_image_size: int | None = None,
         max_device_state: int = DEVICE_STATE_MAX,
+        guest_args: list[str] | None = None,
     ) -> None:
         self.image = Path(image).absolute()
         self.listener = listener
@@ -148,6 +163,12 @@ class DestinationJob:
         self._seen_bytes = -1
         self._seen_at = 0.0
         self._uuid = ""
+        # Post-copy: the arguments of the guest started here (its dirty rate), and the
+        # post-copy in progress once the source advised one.
+        self.guest_args = guest_args or []
+        self._postcopy: PostcopyDestination | None = None
+        self._postcopy_outcome: PostcopyOutcome | None = None
+        self._ctx: WireContext | None = None
         self.log = log.bind(image=str(self.image))
 
     def cancel(self, reason: str = "stopped") -> bool:
@@ -235,6 +256,7 @@ class DestinationJob:
             binding=session.binding_mac if session is not None else None,
             timeout=self.peer_timeout, peer_timeout=self.peer_timeout,
             abort=self._check_exiting)
+        self._ctx = ctx
         self._pool = ReceiverPool(channels, ctx, self._incoming.sink, known_zero=True,
                                   exiting=self.exiting)
         self._pool.start()
@@ -249,6 +271,8 @@ class DestinationJob:
             DeviceStateRecord: self._on_device_state,
             Cancel: self._on_cancel,
             Error: self._on_error,
+            PostcopyAdvise: self._on_postcopy_advise,
+            PostcopyListen: self._on_postcopy_listen,
         }
         while not self._committed:
             rec = main.recv(None, abort=self._check_alive)
@@ -270,6 +294,8 @@ class DestinationJob:
             total_time_ms=(time.monotonic() - t0) * 1000,
             per_channel=per,
             acknowledged=self._acknowledged,
+            postcopy=(self._postcopy_outcome.to_dict() if self._postcopy_outcome is not None
+                      else None),
         )
         self.log.info("committed", normal=result.normal_pages, zero=result.zero_pages,
                       syncs=self._syncs)
@@ -328,6 +354,9 @@ class DestinationJob:
 
     def _on_end_of_ram(self, rec: Record) -> None:
         assert isinstance(rec, EndOfRam) and self._pool is not None
+        if self._postcopy is not None:
+            # Advised, but precopy converged: the guest waiting for a go never will.
+            self._postcopy.not_needed()
         # The final sync: every channel's last pages are in place once it is through, and
         # every worker stopped at it and was joined: nothing after it reaches the image.
         self._pool.sync(timeout=self.peer_timeout, final=True)
@@ -363,6 +392,39 @@ class DestinationJob:
             self._acknowledged = False
             self.log.error("committed, but the acknowledgement could not be delivered",
                            error=str(e))
+
+    def _on_postcopy_advise(self, rec: Record) -> None:
+        assert self._main is not None and self._pool is not None and self._ctx is not None
+        self._postcopy = PostcopyDestination(
+            main=self._main, listener=self.listener, pool=self._pool, ctx=self._ctx,
+            incoming=self._incoming, session=self._session, peer_timeout=self.peer_timeout,
+            exiting=self.exiting, check_alive=self._check_alive,
+            begin_commit=self._begin_commit, status=self.status, log=self.log,
+            guest_args=self.guest_args)
+        self._postcopy.advise()
+        self.status(f"migration {self._uuid[:8]}: post-copy advised; the guest waits here")
+
+    def _on_postcopy_listen(self, rec: Record) -> None:
+        assert isinstance(rec, PostcopyListen)
+        if self._postcopy is None:
+            raise RemoteProtocolError("POSTCOPY_LISTEN without POSTCOPY_ADVISE first")
+        self._syncs += 1
+        self.status(f"migration {self._uuid[:8]}: post-copy")
+        try:
+            self._postcopy_outcome = self._postcopy.run(rec)
+        except PostcopyUnacknowledged as e:
+            self._postcopy_outcome = e.outcome
+            self._acknowledged = False
+            self.log.error("committed, but the acknowledgement could not be delivered",
+                           error=str(e))
+        self._committed = True
+
+    def _begin_commit(self) -> None:
+        with self._state_lock:
+            # Past this point nothing turns the migration into "nothing committed": a
+            # cancel or SIGTERM waits (ARCHITECTURE.md, invariant 5).
+            self._check_exiting()
+            self._committing = True
 
     def _on_cancel(self, rec: Record) -> None:
         raise ReceiveCancelled("the source cancelled the migration")
@@ -400,11 +462,15 @@ class DestinationJob:
         self.exiting.set(err, "destination")
         if self._main is not None and not isinstance(exc, ReceiveCancelled):
             self._main.send_error(str(err))
+        if isinstance(err, ReceivePostcopyInterrupted):
+            return err  # said already, with what the guest waits for
         self.log.error("receive failed, nothing committed", error=str(err))
         self.status(f"failed: {err}")
         return err
 
     def _cleanup(self) -> None:
+        if self._postcopy is not None:
+            self._postcopy.close()
         if self._pool is not None:
             self._pool.close()
         if self._main is not None:

@@ -17,6 +17,7 @@ EXIT_CANCELLED = 4
 EXIT_NOT_CONVERGING = 5
 EXIT_COMMIT_UNCERTAIN = 6
 EXIT_COMMITTED_UNACKNOWLEDGED = 7
+EXIT_POSTCOPY_INTERRUPTED = 8
 
 
 class MigrationError(ZcmigrateError):
@@ -41,6 +42,14 @@ class CommitUncertain(MigrationError):
     exit_code = EXIT_COMMIT_UNCERTAIN
 
 
+class PostcopyInterrupted(CommitUncertain):
+    """The connection broke during post-copy: the guest runs on the destination and waits
+    there for pages only the source holds. Neither side may give up its copy: the
+    source keeps its image (and its paused guest) until the migration is finished."""
+
+    exit_code = EXIT_POSTCOPY_INTERRUPTED
+
+
 class ReceiveError(ZcmigrateError):
     """The incoming migration failed; nothing was committed."""
 
@@ -49,6 +58,13 @@ class ReceiveError(ZcmigrateError):
 
 class ReceiveCancelled(ReceiveError):
     exit_code = EXIT_CANCELLED
+
+
+class ReceivePostcopyInterrupted(ReceiveError):
+    """The source went away during post-copy: the guest here waits for pages it has not
+    sent (it is paused, not failed); nothing is invented for it."""
+
+    exit_code = EXIT_POSTCOPY_INTERRUPTED
 
 
 class ImageBusy(ZcmigrateError):

@@ -21,6 +21,9 @@ POINTS = frozenset({
     "destination:precopy",  # after the first MULTIFD_FLUSH's sync
     "destination:committing",  # the device state received, nothing renamed yet
     "destination:committed",  # the commit durable, the acknowledgement not yet sent
+    "source:postcopy-device-sent",  # post-copy: the device state sent, the guest may run there
+    "source:postcopy-pushed",  # post-copy: every background page queued, not yet synced
+    "destination:postcopy-running",  # post-copy: the guest runs here, pages still missing
 })
 
 _armed = frozenset(p.strip() for p in os.environ.get("ZCMIGRATE_FAULT", "").split(",")

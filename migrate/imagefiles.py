@@ -16,6 +16,8 @@ STATE_SUFFIX: Final = ".state"
 INCOMING_SUFFIX: Final = ".incoming"
 LOCK_SUFFIX: Final = ".lock"
 SOCKET_SUFFIX: Final = ".sock"
+POSTCOPY_SUFFIX: Final = ".postcopy"
+GUEST_LOG_SUFFIX: Final = ".guest.log"
 
 
 def _beside(image: str | os.PathLike[str], suffix: str) -> Path:
@@ -67,6 +69,17 @@ def default_socket(image: str | os.PathLike[str]) -> Path:
     return runtime_dir() / f"{full.name[:40]}-{digest}{SOCKET_SUFFIX}"
 
 
+def postcopy_socket(image: str | os.PathLike[str]) -> Path:
+    """The Unix socket on which a receiver serves the post-copy guest it started on
+    `image` (in runtime_dir(), named as default_socket names control sockets)."""
+    return default_socket(image).with_suffix(POSTCOPY_SUFFIX)
+
+
+def guest_log_path(image: str | os.PathLike[str]) -> Path:
+    """`<image>.guest.log`: the output of a guest a receiver started post-copy."""
+    return _beside(image, GUEST_LOG_SUFFIX)
+
+
 __all__ = [
     "GUEST_SUFFIX",
     "INCOMING_SUFFIX",
@@ -75,8 +88,10 @@ __all__ = [
     "STATE_SUFFIX",
     "control_path",
     "default_socket",
+    "guest_log_path",
     "incoming_path",
     "lock_path",
+    "postcopy_socket",
     "runtime_dir",
     "state_path",
 ]

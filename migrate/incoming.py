@@ -110,6 +110,7 @@ class IncomingImage:
         self._map: mmap.mmap | None = None
         self._created = False
         self._writeback: threading.Thread | None = None
+        self._placed = False  # post-copy moved the file into IMAGE before the commit
 
     @property
     def sink(self) -> mmap.mmap | int:
@@ -198,6 +199,44 @@ class IncomingImage:
         os.replace(self.path, self.image)
         self._created = False
         fsync_dir(self.image.parent)
+        write_atomic(self.state_file, device_state, mode=0o600)
+
+    def place_for_postcopy(self) -> int:
+        """Post-copy: move the pages received so far into IMAGE now, before the commit,
+        because the guest starts on IMAGE while its last pages are still missing (the old
+        IMAGE and its state go now, not at the commit: the guest that will run here is
+        this one). Returns the file's descriptor (still ours). From here close() leaves
+        the file alone: a guest runs on it."""
+        self._join_writeback()
+        with contextlib.suppress(FileNotFoundError):
+            self.state_file.unlink()
+        os.replace(self.path, self.image)
+        self._created = False
+        self._placed = True
+        self.path = self.image
+        fsync_dir(self.image.parent)
+        return self._fd
+
+    def discard_placed(self) -> None:
+        """A post-copy that failed before its guest ran: the image placed early holds
+        nothing anyone needs."""
+        if self._placed:
+            self._placed = False
+            with contextlib.suppress(FileNotFoundError):
+                self.image.unlink()
+
+    @property
+    def fd(self) -> int:
+        return self._fd
+
+    def commit_postcopy(self, device_state: bytes) -> None:
+        """Post-copy's commit, once every page has arrived: the image (in place since
+        place_for_postcopy) made durable, then the device state of the switch written
+        beside it. The guest has run on since, so the state marks the hand-over (who owns
+        the guest), not where the running guest is now."""
+        if self._map is not None:
+            self._map.flush()
+        os.fsync(self._fd)
         write_atomic(self.state_file, device_state, mode=0o600)
 
     def close(self) -> None:

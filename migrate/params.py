@@ -45,6 +45,11 @@ class MigrationParameters:
     auto_converge: bool = False
     throttle_initial: int = DEFAULT_THROTTLE_INITIAL  # percent, QEMU's cpu-throttle-initial
     throttle_increment: int = DEFAULT_THROTTLE_INCREMENT  # cpu-throttle-increment
+    # QEMU's postcopy-ram capability: the migration may switch to post-copy (after
+    # postcopy_after iterations that did not converge, on `set postcopy-start`, or when
+    # precopy gives up); 0 iterations: only on request or giving up.
+    postcopy: bool = False
+    postcopy_after: int = 1
 
     def __post_init__(self) -> None:
         self.check()
@@ -71,6 +76,9 @@ class MigrationParameters:
         if not MIN_PEER_TIMEOUT <= self.peer_timeout <= MAX_PEER_TIMEOUT:
             raise ParameterError(f"peer-timeout must be {MIN_PEER_TIMEOUT:g}.."
                                  f"{MAX_PEER_TIMEOUT:g} seconds, not {self.peer_timeout:g}")
+        if self.postcopy_after < 0:
+            raise ParameterError("postcopy-after must be 0 (on request only) or more "
+                                 "iterations")
         if self.in_flight_cap is not None and self.in_flight_cap <= 0:
             raise ParameterError("in-flight cap must be a positive number of bytes")
 

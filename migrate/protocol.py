@@ -46,6 +46,14 @@ class RecordType(enum.IntEnum):
     WRITEBACK_DONE = 11  # dst -> src: done; the commit has only the last pages left
     KEEPALIVE = 12  # src -> dst: still here, while no page moves (max-bandwidth pacing)
     RAM_RECEIVED = 13  # dst -> src: every page is in place: send the device state
+    # Post-copy (docs/protocol.md, "Post-copy"):
+    POSTCOPY_LISTEN = 14  # src -> dst: guest paused, every channel synced: switch to post-copy
+    POSTCOPY_DIRTY = 15  # src -> dst: a piece of the bitmap of pages still dirty (binary)
+    POSTCOPY_READY = 16  # dst -> src: stale pages punched out, the guest waits for its go
+    POSTCOPY_RUNNING = 17  # dst -> src: the guest runs here; push the rest
+    POSTCOPY_END = 18  # src -> dst: every channel has sent its last page and SYNC
+    POSTCOPY_COMPLETE = 19  # dst -> src: every page arrived; committing (with statistics)
+    POSTCOPY_ADVISE = 20  # src -> dst: this migration may switch to post-copy: get ready
 
 
 class Role(enum.Enum):
@@ -457,10 +465,133 @@ class RamReceived(Record):
     SENDERS: ClassVar[frozenset[Role]] = frozenset({Role.DESTINATION})
 
 
+# ------------------------------------------------------------------ post-copy
+
+# Pages one POSTCOPY_DIRTY record describes at most: 2 Mi pages (8 GiB of 4 KiB pages) in
+# 256 KiB of bitmap, so a record stays small and any image size needs only more records.
+DIRTY_CHUNK_PAGES = 1 << 21
+_DIRTY_HEAD = struct.Struct(">QQB")  # first page, pages covered, last record (0 or 1)
+
+
+@dataclass(frozen=True, slots=True)
+class PostcopyAdvise(Record):
+    """Sent once, right after the handshake, by a source that may switch to post-copy
+    (QEMU's postcopy-advise): the destination checks it can serve one and starts the
+    guest it will hand the device state to, so that its start is not paid in the
+    downtime. A destination that cannot answers ERROR, and precopy never begins."""
+
+    TYPE: ClassVar[RecordType] = RecordType.POSTCOPY_ADVISE
+    SENDERS: ClassVar[frozenset[Role]] = frozenset({Role.SOURCE})
+
+
+@dataclass(frozen=True, slots=True)
+class PostcopyListen(_IterationRecord):
+    """The guest is paused and every data channel has sent the SYNC of iteration
+    `iteration` after its last precopy page: the destination stops its precopy receive
+    there, and the list of pages still dirty follows (POSTCOPY_DIRTY records)."""
+
+    TYPE: ClassVar[RecordType] = RecordType.POSTCOPY_LISTEN
+    SENDERS: ClassVar[frozenset[Role]] = frozenset({Role.SOURCE})
+
+
+@dataclass(frozen=True, slots=True)
+class PostcopyDirty(Record):
+    """Pages [first, first + count) of the image, one bit each (LSB first within a
+    64-bit little-endian word, as the guest's dirty bitmap): a set bit is a page whose
+    precopy version is stale. `last` closes the list. Binary, not JSON: it is large."""
+
+    TYPE: ClassVar[RecordType] = RecordType.POSTCOPY_DIRTY
+    SENDERS: ClassVar[frozenset[Role]] = frozenset({Role.SOURCE})
+    MAX_PAYLOAD: ClassVar[int] = _DIRTY_HEAD.size + DIRTY_CHUNK_PAGES // 8
+
+    first: int
+    count: int
+    bitmap: bytes
+    last: bool
+
+    def payload(self) -> bytes:
+        return _DIRTY_HEAD.pack(self.first, self.count, int(self.last)) + self.bitmap
+
+    @classmethod
+    def from_payload(cls, payload: bytes) -> PostcopyDirty:
+        if len(payload) < _DIRTY_HEAD.size:
+            raise RemoteProtocolError(f"POSTCOPY_DIRTY: {len(payload)} bytes, shorter than "
+                                      "its header")
+        first, count, last = _DIRTY_HEAD.unpack_from(payload)
+        bitmap = payload[_DIRTY_HEAD.size:]
+        if (last not in (0, 1) or not 0 < count <= DIRTY_CHUNK_PAGES or first % 64
+                or len(bitmap) != (count + 63) // 64 * 8):
+            raise RemoteProtocolError(
+                f"POSTCOPY_DIRTY: {count} pages from page {first} in {len(bitmap)} bytes "
+                f"(last={last}): not whole 64-page words of at most {DIRTY_CHUNK_PAGES} pages")
+        return cls(first=first, count=count, bitmap=bitmap, last=bool(last))
+
+
+@dataclass(frozen=True, slots=True)
+class PostcopyReady(Record):
+    """The destination synced, punched the stale pages out of its image and holds the
+    guest's userfaultfd: the device state may come."""
+
+    TYPE: ClassVar[RecordType] = RecordType.POSTCOPY_READY
+    SENDERS: ClassVar[frozenset[Role]] = frozenset({Role.DESTINATION})
+
+
+@dataclass(frozen=True, slots=True)
+class PostcopyRunning(Record):
+    """The guest runs on the destination: the downtime ends here."""
+
+    TYPE: ClassVar[RecordType] = RecordType.POSTCOPY_RUNNING
+    SENDERS: ClassVar[frozenset[Role]] = frozenset({Role.DESTINATION})
+
+
+@dataclass(frozen=True, slots=True)
+class PostcopyEnd(_IterationRecord):
+    """Every data channel has sent its last background page and a SYNC after it."""
+
+    TYPE: ClassVar[RecordType] = RecordType.POSTCOPY_END
+    SENDERS: ClassVar[frozenset[Role]] = frozenset({Role.SOURCE})
+
+
+@dataclass(frozen=True, slots=True)
+class PostcopyComplete(Record):
+    """Every page is in place and the guest agreed (its range is unregistered): the
+    destination commits now. Its post-copy statistics ride along, so that the source's
+    report holds them too."""
+
+    TYPE: ClassVar[RecordType] = RecordType.POSTCOPY_COMPLETE
+    SENDERS: ClassVar[frozenset[Role]] = frozenset({Role.DESTINATION})
+    MAX_PAYLOAD: ClassVar[int] = 1024
+
+    requests: int = 0
+    latency_median_us: int = 0
+    latency_p99_us: int = 0
+    total_time_ms: int = 0
+
+    def payload(self) -> bytes:
+        return _dumps({"postcopy-requests": self.requests,
+                       "postcopy-latency-median": self.latency_median_us,
+                       "postcopy-latency-p99": self.latency_p99_us,
+                       "postcopy-total-time": self.total_time_ms})
+
+    @classmethod
+    def from_payload(cls, payload: bytes) -> PostcopyComplete:
+        obj = _json_object("POSTCOPY_COMPLETE", payload)
+
+        def f(name: str) -> int:
+            return _field("POSTCOPY_COMPLETE", obj, name, int)
+
+        return cls(requests=f("postcopy-requests"),
+                   latency_median_us=f("postcopy-latency-median"),
+                   latency_p99_us=f("postcopy-latency-p99"),
+                   total_time_ms=f("postcopy-total-time"))
+
+
 RECORDS: dict[RecordType, type[Record]] = {
     cls.TYPE: cls
     for cls in (Greeting, Hello, HelloAck, MultifdFlush, EndOfRam, DeviceStateRecord,
-                CommitAck, Error, Cancel, Writeback, WritebackDone, Keepalive, RamReceived)
+                CommitAck, Error, Cancel, Writeback, WritebackDone, Keepalive, RamReceived,
+                PostcopyListen, PostcopyDirty, PostcopyReady, PostcopyRunning, PostcopyEnd,
+                PostcopyComplete, PostcopyAdvise)
 }
 if set(RECORDS) != set(RecordType):
     raise ImportError("migrate.protocol: a record type has no class")

@@ -34,6 +34,8 @@ from zcmigrate.migrate.errors import (
     MigrationCancelled,
     MigrationError,
     NotConverging,
+    ParameterError,
+    PostcopyInterrupted,
 )
 from zcmigrate.migrate.guest import (
     DeviceState,
@@ -58,6 +60,7 @@ from zcmigrate.migrate.protocol import (
     HelloAck,
     Keepalive,
     MultifdFlush,
+    PostcopyAdvise,
     RamReceived,
     Record,
     RecordType,
@@ -71,7 +74,7 @@ from zcmigrate.migrate.stats import MigrationStats, StatsBuilder
 from zcmigrate.multifd.exiting import Exiting, MultifdError
 from zcmigrate.multifd.pages import dirty_offsets, fetch_clear_dirty, or_words
 from zcmigrate.multifd.sender import SenderPool
-from zcmigrate.multifd.wire import CHALLENGE_SIZE, INIT_MAC_SIZE
+from zcmigrate.multifd.wire import CHALLENGE_SIZE, INIT_MAC_SIZE, WireContext
 
 log = structlog.get_logger("zcmigrate.source")
 
@@ -136,6 +139,8 @@ class SourceJob:
         self._main: MainChannel | None = None
         self._map: mmap.mmap | None = None
         self._lock = threading.Lock()
+        self._postcopy_requested = False  # `zcmigrate set postcopy-start IMAGE`
+        self._ctx: WireContext | None = None
         self.log = log.bind(uuid=self.uuid.hex()[:8], dest=f"{dest.host}:{dest.port}")
 
     # ------------------------------------------------------------- control
@@ -157,6 +162,14 @@ class SourceJob:
         return True
 
     def set_parameter(self, name: str, value: int) -> None:
+        if name == "postcopy-start":
+            # QEMU's migrate-start-postcopy: at the end of the current iteration.
+            if not self.params.postcopy:
+                raise ParameterError("postcopy-start needs a migration started with "
+                                     "--postcopy (the destination must be ready for it)")
+            self._postcopy_requested = True
+            self.log.info("post-copy requested")
+            return
         self.params.set(name, value)
         self.log.info("parameter changed", parameter=name, value=value)
 
@@ -176,8 +189,14 @@ class SourceJob:
             self._setup()
             self.sm.fire(Event.CONNECTED)
             self.stats.setup_done()
-            final, device_state = self._precopy()
-            self._stop_and_copy(final, device_state)
+            final, device_state, words = self._precopy()
+            if words is not None:
+                # Post-copy: the guest runs on the destination from here (postcopy_source).
+                from zcmigrate.migrate.postcopy_source import PostcopySource
+
+                PostcopySource(self).run(final, words, device_state)
+            else:
+                self._stop_and_copy(final, device_state)
             self.sm.fire(Event.COMMITTED)
         except BaseException as e:
             err = self._fail(e)
@@ -228,6 +247,7 @@ class SourceJob:
             zero_page_detection=self.params.zero_page_detection,
         )
         ctx = hello.context()
+        self._ctx = ctx
         cap = self._in_flight_cap()
 
         peer_timeout = self.params.peer_timeout
@@ -265,6 +285,13 @@ class SourceJob:
             init_macs=macs,
         )
         self._pool.start()
+        if self.params.postcopy:
+            if self._guest is None:
+                raise MigrationError("--postcopy needs a guest running on the image: a "
+                                     "static image has nothing to run on the destination")
+            # The destination checks it can serve a post-copy and starts its guest now,
+            # while precopy runs, not in the downtime.
+            main.send(PostcopyAdvise())
         self.log.info("connected", channels=channels, zero_copy=self.params.multifd_zerocopy,
                       pages=npages, live=self._guest is not None, in_flight_cap=cap)
 
@@ -299,6 +326,10 @@ class SourceJob:
         self._encrypted = hello.encryption
         main.secure(self._session.sealer(Direction.SOURCE_TO_DESTINATION, None),
                     self._session.opener(Direction.DESTINATION_TO_SOURCE, None))
+
+    def _wire_context(self) -> WireContext:
+        assert self._ctx is not None, "after the handshake"
+        return self._ctx
 
     def _open_image(self) -> None:
         try:
@@ -351,7 +382,7 @@ class SourceJob:
             raise MigrationError(f"expected {kind.TYPE.name}, got {rec.TYPE.name}")
         return rec
 
-    def _precopy(self) -> tuple[array[int], bytes]:
+    def _precopy(self) -> tuple[array[int], bytes, array[int] | None]:
         """Iterate while the guest runs; return the last dirty pages and the device state,
         with the guest paused (or the whole image and no guest, for a static image)."""
         assert self._map is not None and self._pool is not None and self._main is not None
@@ -386,7 +417,7 @@ class SourceJob:
             elapsed = max(time.monotonic() - t0, 1e-6)
             bandwidth = self.stats.end_iteration(len(offsets) * ps, elapsed)
             if guest is None:
-                return array("Q"), STATIC_DEVICE_STATE
+                return array("Q"), STATIC_DEVICE_STATE, None
             dirty_pages = self._fetch_dirty(guest, fresh)
             judge.can_throttle = auto is not None and not auto.at_max
             decision = judge.decide(
@@ -401,6 +432,20 @@ class SourceJob:
             self.log.info("iteration", iteration=iteration, sent=len(offsets) * ps,
                           dirty=dirty_pages * ps, bandwidth=int(bandwidth),
                           expected_downtime_ms=round(expected_ms, 1))
+            if decision.action is not Action.SWITCH_OVER and self._postcopy_due(
+                    iteration, decision.action is Action.GIVE_UP):
+                # Post-copy instead of another iteration: pause, and hand the destination
+                # the list of pages still dirty; they follow while its guest runs.
+                state = self._pause(guest)
+                faults.reached("source:paused")
+                more = array("Q", bytes(8 * nwords))
+                self._fetch_dirty(guest, more)
+                merged = or_words(fresh, more)
+                count = dirty_offsets(merged, npages, ps, offsets_buf)
+                self.stats.dirty_sync(count, 0.0, expected_ms)
+                self.log.info("switching to post-copy", iteration=iteration,
+                              dirty=count * ps, reason=decision.reason)
+                return offsets_buf[:count], state.encode(), merged
             if decision.action is Action.SWITCH_OVER and (not written_back
                                                           or unsynced > WRITEBACK_AFTER):
                 # Converged. The destination's commit makes the image durable while the
@@ -422,7 +467,7 @@ class SourceJob:
                 merged = or_words(fresh, more)
                 count = dirty_offsets(merged, npages, ps, offsets_buf)
                 self.stats.dirty_sync(count, 0.0, expected_ms)
-                return offsets_buf[:count], state.encode()
+                return offsets_buf[:count], state.encode(), None
             if decision.action is Action.GIVE_UP:
                 raise NotConverging(
                     f"migration cannot converge: expected downtime {expected_ms:.0f} ms stays "
@@ -434,6 +479,15 @@ class SourceJob:
                 self._throttle(guest, auto.step(decision))
             count = dirty_offsets(fresh, npages, ps, offsets_buf)
             offsets = offsets_buf[:count]
+
+    def _postcopy_due(self, iteration: int, giving_up: bool) -> bool:
+        """Whether to switch to post-copy now, precopy not having converged: asked for
+        (`set postcopy-start`), --postcopy-after iterations done, or precopy giving up."""
+        p = self.params
+        if not p.postcopy:
+            return False
+        return (self._postcopy_requested or giving_up
+                or (p.postcopy_after > 0 and iteration >= p.postcopy_after))
 
     def _throttle(self, guest: GuestControl, percent: int) -> None:
         """Auto-converge: the guest sleeps `percent` of its time from now on (it lifts the
@@ -594,7 +648,9 @@ class SourceJob:
                 f"{err}; the device state had already been sent, so the destination may "
                 "have committed"
             )
-        if isinstance(err, CommitUncertain):
+        if isinstance(err, PostcopyInterrupted):
+            pass  # its message says what is left where; resume here would make two copies
+        elif isinstance(err, CommitUncertain):
             img = self.image
             msg = (f"{err}. The guest stays paused here: the destination may already run it. "
                    "On the destination, `zcmigrate guest --check DEST_IMAGE` says whether it "

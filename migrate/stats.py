@@ -42,6 +42,8 @@ class MigrationStats:
     parameters: dict[str, Any] = field(default_factory=dict)
     channels: tuple[dict[str, int], ...] = ()
     cpu_throttle_percentage: int = 0  # auto-converge: share of the guest's time it sleeps
+    # Post-copy's numbers once it began (postcopy_source.PostcopyStats.to_dict).
+    postcopy: dict[str, int] | None = None
 
     @property
     def percent(self) -> float:
@@ -82,6 +84,10 @@ class MigrationStats:
             out["expected-downtime"] = round(self.expected_downtime_ms, 1)
         if self.cpu_throttle_percentage:
             out["cpu-throttle-percentage"] = self.cpu_throttle_percentage
+        if self.postcopy is not None:
+            # query-migrate keeps postcopy-requests under "ram"; the rest beside status.
+            out["ram"]["postcopy-requests"] = self.postcopy.get("postcopy-requests", 0)
+            out.update(self.postcopy)
         if self.error:
             out["error-desc"] = self.error
         return out
@@ -103,6 +109,8 @@ class MigrationStats:
             parameters=d.get("parameters", {}),
             channels=tuple(channel_counters(c) for c in d["multifd"]["channels"]),
             cpu_throttle_percentage=d.get("cpu-throttle-percentage", 0),
+            postcopy=({k: v for k, v in d.items() if k.startswith("postcopy-")}
+                      if "postcopy-requests" in d else None),
         )
 
     def info_migrate(self) -> str:
@@ -132,6 +140,12 @@ class MigrationStats:
         ]
         if self.cpu_throttle_percentage:
             lines.append(f"cpu throttle percentage: {self.cpu_throttle_percentage}")
+        if self.postcopy is not None:
+            pc = self.postcopy
+            lines.append(f"postcopy request count: {pc.get('postcopy-requests', 0)}")
+            lines.append(f"postcopy latency: median {pc.get('postcopy-latency-median', 0)} us, "
+                         f"p99 {pc.get('postcopy-latency-p99', 0)} us")
+            lines.append(f"postcopy total time: {pc.get('postcopy-total-time', 0)} ms")
         for ch in self.channels:
             lines.append(
                 "multifd channel {id}: packets {packets} bytes {bytes} normal {normal_pages} "
@@ -168,6 +182,7 @@ class StatsBuilder:
         self.bandwidth = 0.0
         self.missed_zero_copy = 0
         self.throttle = 0  # percent
+        self.postcopy: Any = None  # a PostcopyStats once post-copy began (to_dict())
         self.error: str | None = None
         self.main_bytes = 0
         self.parameters: dict[str, Any] = {}
@@ -259,6 +274,7 @@ class StatsBuilder:
             mbps=transferred * 8 / 1e6 / seconds,
             dirty_sync_missed_zero_copy=self.missed_zero_copy,
             cpu_throttle_percentage=self.throttle,
+            postcopy=self.postcopy.to_dict() if self.postcopy is not None else None,
             iteration=self.iterations,
             live=self.live,
             error=self.error,

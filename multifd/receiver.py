@@ -283,6 +283,14 @@ class ReceiverPool(PoolBase):
         err = self.error
         raise err if err is not None else failure
 
+    def handoff(self) -> list[tuple[Channel, SequenceTracker]]:
+        """After sync(final=True): each data channel (by id) with its sequence tracker,
+        for a reader that goes on reading the same channels in order (post-copy's
+        background pages, multifd/placement.py). The channels stay the pool's to close."""
+        if not self._final:
+            raise MultifdError("multifd receive: handoff before the final sync")
+        return [(w.channel, w.sequence) for w in self._workers]
+
     def missing_pages(self) -> MissingPages:
         """The pages no packet has carried yet (normal or zero), counted in C from the arrival
         bitmap. While workers run it is a snapshot; after the final sync it is the answer."""

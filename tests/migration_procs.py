@@ -104,9 +104,9 @@ class Receiver:
     extra: list[str] = field(default_factory=list)
 
     @classmethod
-    def start(cls, image: Path, *extra: str) -> Receiver:
+    def start(cls, image: Path, *extra: str, env: dict[str, str] | None = None) -> Receiver:
         p = spawn("receive", str(image), "--listen", "127.0.0.1:0", "--json",
-                  "--log-format", "json", *extra)
+                  "--log-format", "json", *extra, env=env)
         line = start_or_kill(p, "listening:", timeout=60)
         return cls(image, p, int(line.rsplit(":", 1)[1]), list(extra))
 

@@ -23,6 +23,10 @@ from zcmigrate.migrate.protocol import (
     Hello,
     HelloAck,
     MultifdFlush,
+    PostcopyComplete,
+    PostcopyDirty,
+    PostcopyEnd,
+    PostcopyListen,
     Record,
     RecordType,
     Writeback,
@@ -60,7 +64,10 @@ def test_record_header_is_big_endian_magic_version_type_length() -> None:
 def test_every_record_type_has_one_class_that_round_trips() -> None:
     samples: list[Record] = [Greeting(bytes(range(32))), _hello(), HelloAck(),
                              MultifdFlush(2), EndOfRam(3), DeviceStateRecord(b"\x00\xff"),
-                             Error("disk full")]
+                             Error("disk full"), PostcopyListen(4), PostcopyEnd(5),
+                             PostcopyDirty(first=0, count=3, bitmap=bytes(8), last=True),
+                             PostcopyComplete(requests=1, latency_median_us=2,
+                                              latency_p99_us=3, total_time_ms=4)]
     samples += [cls() for cls in RECORDS.values()
                 if cls not in {type(s) for s in samples}]  # the records with no fields
     assert {type(s) for s in samples} == set(RECORDS.values())

@@ -69,13 +69,25 @@ def cancel_command(image: Path | None, sock: Path | None) -> None:
 
 
 @click.command("set")
-@click.argument("name", type=click.Choice(["max-bandwidth", "downtime-limit"]))
-@click.argument("value")
+@click.argument("name", type=click.Choice(["max-bandwidth", "downtime-limit",
+                                           "postcopy-start"]))
+@click.argument("value", required=False)
 @click.argument("image", type=click.Path(path_type=Path), required=False)
 @SOCKET_OPT
-def set_command(name: str, value: str, image: Path | None, sock: Path | None) -> None:
+def set_command(name: str, value: str | None, image: Path | None, sock: Path | None) -> None:
     """Change max-bandwidth (e.g. 256M, 0 = unlimited) or downtime-limit (ms) of a
-    running migration, as QEMU's migrate-set-parameters does."""
+    running migration, as QEMU's migrate-set-parameters does; or start post-copy at the
+    end of the current iteration (`set postcopy-start IMAGE`, QEMU's
+    migrate-start-postcopy; the migration must run with --postcopy)."""
+    if name == "postcopy-start":
+        if value is not None and image is None:
+            image = Path(value)  # postcopy-start takes no value: IMAGE came second
+        _call(_path(image, sock), {"cmd": "set", "name": name, "value": 1})
+        click.echo("post-copy requested: it starts at the end of the current iteration")
+        sys.stdout.flush()
+        return
+    if value is None:
+        raise click.UsageError(f"{name} needs a VALUE")
     try:
         v = parse_bandwidth(value) if name == "max-bandwidth" else int(value)
     except ValueError as e:

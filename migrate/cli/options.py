@@ -37,7 +37,10 @@ Exit codes:
   5  cannot converge (dirty rate too high for max-bandwidth and downtime-limit)
   6  outcome unknown: the device state left but no commit came back; the guest
      stays paused at the source: `zcmigrate resume IMAGE` if the destination did
-     not commit, `zcmigrate retire IMAGE` if it did (see the message)"""
+     not commit, `zcmigrate retire IMAGE` if it did (see the message)
+  8  post-copy interrupted: the guest runs on the destination and waits for pages
+     only this host holds; keep IMAGE (its guest stays paused, held) and see the
+     message"""
 
 RECEIVE_EXIT_CODES = """\b
 Exit codes:
@@ -46,7 +49,9 @@ Exit codes:
   2  usage error
   4  cancelled by the source, or SIGTERM while receiving; nothing was committed
   7  committed, but the acknowledgement could not be delivered: the source
-     keeps its guest paused; retire it there (`zcmigrate retire IMAGE`)"""
+     keeps its guest paused; retire it there (`zcmigrate retire IMAGE`)
+  8  post-copy interrupted: the source went away while the guest ran here; the
+     guest (started by this receiver) waits for the pages it lacks"""
 
 
 def parse_hostport(text: str) -> tuple[str, int]:
@@ -145,6 +150,17 @@ def migration_options(f: Callable[..., Any]) -> Callable[..., Any]:
                      default=DEFAULT_THROTTLE_INCREMENT, show_default=True,
                      envvar="ZCMIGRATE_THROTTLE_INCREMENT", show_envvar=True,
                      help="Percent added at each further step, up to 99."),
+        click.option("--postcopy", is_flag=True, envvar="ZCMIGRATE_POSTCOPY",
+                     show_envvar=True,
+                     help="Allow post-copy (QEMU's postcopy-ram): when precopy has not "
+                     "converged after --postcopy-after iterations (or on `zcmigrate set "
+                     "postcopy-start IMAGE`, or instead of giving up), pause, start the "
+                     "guest on the destination at once and send its last pages while it "
+                     "runs. The receiver starts that guest; its image must be on a tmpfs."),
+        click.option("--postcopy-after", type=click.IntRange(0), default=1,
+                     show_default=True, envvar="ZCMIGRATE_POSTCOPY_AFTER", show_envvar=True,
+                     help="With --postcopy: iterations before the switch (1: after the "
+                     "first full pass); 0: only on request or when precopy gives up."),
     ]
     for o in reversed(opts):
         f = o(f)
@@ -167,6 +183,8 @@ def params_from(kw: dict[str, Any]) -> MigrationParameters:
             auto_converge=kw["auto_converge"],
             throttle_initial=kw["throttle_initial"],
             throttle_increment=kw["throttle_increment"],
+            postcopy=kw["postcopy"],
+            postcopy_after=kw["postcopy_after"],
         )
     except ParameterError as e:
         raise click.UsageError(str(e)) from e

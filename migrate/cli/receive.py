@@ -29,7 +29,7 @@ from zcmigrate.migrate.cli.options import (
     parse_hostport,
     read_key,
 )
-from zcmigrate.migrate.cli.types import SizeType
+from zcmigrate.migrate.cli.types import BandwidthType, SizeType
 from zcmigrate.migrate.destination import DestinationJob
 from zcmigrate.migrate.errors import EXIT_COMMITTED_UNACKNOWLEDGED, ReceiveError
 from zcmigrate.migrate.incoming import claim_destination
@@ -56,6 +56,10 @@ from zcmigrate.migrate.incoming import claim_destination
 @click.option("--max-device-state", type=SizeType(), default="1M", show_default=True,
               envvar="ZCMIGRATE_MAX_DEVICE_STATE", show_envvar=True,
               help="The largest device state a source may send.")
+@click.option("--guest-dirty-rate", type=BandwidthType(), default="64M", show_default=True,
+              envvar="ZCMIGRATE_GUEST_DIRTY_RATE", show_envvar=True,
+              help="Post-copy: the dirty rate of the guest this receiver starts on IMAGE "
+              "(`zcmigrate guest IMAGE --postcopy SOCKET`, in a session of its own).")
 @AUTH_KEY
 @click.option("--insecure", is_flag=True, envvar="ZCMIGRATE_INSECURE", show_envvar=True,
               help="Listen beyond loopback without a key: any host that reaches the port "
@@ -64,13 +68,20 @@ from zcmigrate.migrate.incoming import claim_destination
 @LOG_FORMAT
 def receive_command(image: Path, listen: str, serve: bool, accept_timeout: float,
                     replace: bool, peer_timeout: float, max_image_size: int | None,
-                    max_device_state: int, auth_key_file: Path | None, insecure: bool,
+                    max_device_state: int, guest_dirty_rate: int,
+                    auth_key_file: Path | None, insecure: bool,
                     as_json: bool, log_format: str) -> None:
     """Receive a migration into IMAGE.
 
     Pages land in IMAGE.incoming; IMAGE and its device state IMAGE.state are replaced
     only when the migration commits. Resume the guest with `zcmigrate guest IMAGE
     --resume`.
+
+    When the source runs with --postcopy, this receiver starts the guest itself, at the
+    start of the migration, as `zcmigrate guest IMAGE --postcopy SOCKET` in a session
+    of its own (output in IMAGE.guest.log; IMAGE must be on a tmpfs, and is put in
+    place then): it waits for its device state, runs from the switch on, and outlives
+    the receiver.
     """
     logs.configure(log_format)
     host, port = parse_hostport(listen)
@@ -120,6 +131,7 @@ def receive_command(image: Path, listen: str, serve: bool, accept_timeout: float
                 image, listener, auth_key=key, accept_timeout=accept_timeout or None,
                 status=_status_line, peer_timeout=peer_timeout, replace=replace,
                 max_image_size=max_image_size, max_device_state=max_device_state,
+                guest_args=["--dirty-rate", str(guest_dirty_rate)],
             )
             current[:] = [job]
             try:
@@ -134,6 +146,9 @@ def receive_command(image: Path, listen: str, serve: bool, accept_timeout: float
                 continue
             if as_json:
                 click.echo(json.dumps(result.to_dict(), indent=2))
+            elif result.postcopy is not None:
+                click.echo(f"committed: {result.image} after post-copy; its guest runs "
+                           f"(pid {result.postcopy['guest-pid']}, started by this receiver)")
             else:
                 click.echo(f"committed: {result.image} ({result.normal_pages} normal pages, "
                            f"{result.zero_pages} zero pages, {result.syncs} syncs); "

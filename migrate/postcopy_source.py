@@ -1,0 +1,288 @@
+"""The source's side of post-copy, from the switch to the commit.
+
+The guest is paused here (SourceJob._precopy did it) with its last dirty pages known.
+Then: every data channel syncs (POSTCOPY_LISTEN), the bitmap of pages still dirty goes
+over (POSTCOPY_DIRTY), the urgent channel is opened and bound to the session like a data
+channel, and once the destination is ready the device state leaves: from that moment the
+guest may run on the destination, so this one is held paused and never resumes by itself
+(ARCHITECTURE.md, invariant 5). While the destination's guest runs, one thread answers its
+page requests on the urgent channel first, and the data channels push the other dirty
+pages in the background. The destination commits once every page has arrived; until its
+COMMIT_ACK nothing here lets go of the image or its guest.
+
+If the connection breaks after the device state left, PostcopyInterrupted says so: the
+destination's guest waits for pages only this host holds. It knows the main channel's
+records, the sender pool and the urgent channel; not the CLI.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import sys
+import threading
+import time
+from array import array
+from typing import TYPE_CHECKING
+
+from zcmigrate import ZcmigrateError
+from zcmigrate.channel.aead import Direction
+from zcmigrate.channel.zcsocket import connect
+from zcmigrate.migrate import faults
+from zcmigrate.migrate.errors import CommitUncertain, MigrationError, PostcopyInterrupted
+from zcmigrate.migrate.guest import GuestError
+from zcmigrate.migrate.protocol import (
+    DIRTY_CHUNK_PAGES,
+    CommitAck,
+    DeviceStateRecord,
+    Keepalive,
+    PostcopyComplete,
+    PostcopyDirty,
+    PostcopyEnd,
+    PostcopyListen,
+    PostcopyReady,
+    PostcopyRunning,
+)
+from zcmigrate.migrate.ratelimit import RateLimiter
+from zcmigrate.multifd.urgent import REQUEST, UrgentChannel
+from zcmigrate.multifd.wire import CHALLENGE_SIZE, INIT_MAC_SIZE, encode_init
+
+if TYPE_CHECKING:
+    from zcmigrate.migrate.source import SourceJob
+
+_CHUNK_PAGES = 2048  # pages queued per step of the background push (as precopy's)
+
+
+@dataclasses.dataclass
+class PostcopyStats:
+    """Post-copy's numbers, as query-migrate spells them (the destination measured the
+    latency: from a fault read to its page placed)."""
+
+    requests: int = 0
+    latency_median_us: int = 0
+    latency_p99_us: int = 0
+    total_time_ms: int = 0
+    urgent_pages: int = 0
+    background_pages: int = 0
+
+    def to_dict(self) -> dict[str, int]:
+        return {"postcopy-requests": self.requests,
+                "postcopy-latency-median": self.latency_median_us,
+                "postcopy-latency-p99": self.latency_p99_us,
+                "postcopy-total-time": self.total_time_ms,
+                "postcopy-urgent-pages": self.urgent_pages,
+                "postcopy-background-pages": self.background_pages}
+
+
+class PostcopySource:
+    def __init__(self, job: SourceJob) -> None:
+        self.job = job
+        self._urgent: UrgentChannel | None = None
+        self._stop = threading.Event()
+        self._served: set[int] = set()  # page offsets sent on the urgent channel
+        self._served_lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self.stats = PostcopyStats()
+
+    def run(self, dirty: array[int], words: array[int], device_state: bytes) -> None:
+        job = self.job
+        assert job._main is not None and job._pool is not None and job._map is not None
+        main, pool, params = job._main, job._pool, job.params
+        npages = len(job._map) // job.page_size
+        job.stats.postcopy = self.stats
+        try:
+            # The switch's sync: every precopy page is in place on the destination before
+            # it punches out the stale ones (a late old copy must not refill a hole).
+            res = pool.sync(timeout=params.peer_timeout)
+            job.stats.synced(res.copied_channels)
+            main.send(PostcopyListen(job.stats.iterations))
+            self._send_dirty_list(words, npages)
+            self._open_urgent()
+            job._expect(PostcopyReady, params.peer_timeout,
+                        "word that the destination is ready for post-copy")
+            with job._lock:
+                job._check_exiting()
+                assert job._guest is not None
+                # The point of no return, as for the device state in precopy: the guest
+                # may run on the destination from here, so this one is held.
+                try:
+                    job._guest.hold(job.uuid)
+                except GuestError as e:
+                    raise MigrationError(f"the guest's pause cannot be held: {e}") from e
+                job._device_sent = True
+            self._start_serving()
+            main.send(DeviceStateRecord(device_state))
+            faults.reached("source:postcopy-device-sent")
+            job._expect(PostcopyRunning, params.peer_timeout,
+                        "word that the guest runs on the destination", abortable=False)
+            t_running = time.monotonic()
+            if job._watchdog is not None:
+                job._watchdog.cancel()
+            if job.stats.t_pause is not None:
+                job.stats.downtime_ms = (t_running - job.stats.t_pause) * 1000
+            job.log.info("post-copy: the guest runs on the destination",
+                         downtime_ms=round(job.stats.downtime_ms or 0, 1), pages=len(dirty))
+            self._push(dirty)
+            faults.reached("source:postcopy-pushed")
+            pool.sync(timeout=params.peer_timeout)
+            main.send(PostcopyEnd(job.stats.iterations + 1))
+            done = job._expect(PostcopyComplete, params.commit_timeout + params.peer_timeout,
+                               "word that every page arrived", abortable=False)
+            self.stats.requests = done.requests
+            self.stats.latency_median_us = done.latency_median_us
+            self.stats.latency_p99_us = done.latency_p99_us
+            self.stats.total_time_ms = done.total_time_ms
+            ack = job._expect(CommitAck, params.commit_timeout,
+                              "commit from the destination", abortable=False)
+        except ZcmigrateError as e:
+            if job._device_sent:
+                raise self._interrupted(e) from e
+            raise
+        finally:
+            self._stop_serving()
+        if ack.device_state_sha256 != hashlib.sha256(device_state).digest():
+            raise CommitUncertain("the destination acknowledged a commit of another device "
+                                  "state than the one sent")
+        downtime = job.stats.downtime_ms
+        job.stats.committed()
+        job.stats.downtime_ms = downtime  # post-copy's downtime ended when the guest ran
+        job.log.info("committed", downtime_ms=round(downtime or 0, 1), **self.stats.to_dict())
+        try:
+            assert job._guest is not None
+            job._guest.hand_over(job.uuid)
+        except GuestError as e:
+            job.log.error("the source guest could not be marked handed over; it stays "
+                          "paused: retire it with `zcmigrate retire`", error=str(e))
+
+    def _interrupted(self, cause: BaseException) -> PostcopyInterrupted:
+        img = self.job.image
+        return PostcopyInterrupted(
+            f"post-copy interrupted: {self._error or cause}. The guest runs on the "
+            "destination and waits there for pages only this host holds: it is not lost, "
+            f"but it cannot finish without them. The guest here stays paused (held) and "
+            f"{img} keeps every page: do not retire or resume it. Once the destination's "
+            "receiver is back, the migration can only be finished, never undone "
+            "(docs/operations.md, \"Post-copy\")")
+
+    # ------------------------------------------------------------------ the switch
+
+    def _send_dirty_list(self, words: array[int], npages: int) -> None:
+        assert self.job._main is not None
+        raw = words.tobytes() if sys.byteorder == "little" else _swapped(words)
+        first = 0
+        while True:
+            count = min(DIRTY_CHUNK_PAGES, npages - first)
+            lo = first // 8
+            chunk = raw[lo:lo + (count + 63) // 64 * 8]
+            last = first + count >= npages
+            self.job._main.send(PostcopyDirty(first=first, count=count, bitmap=chunk,
+                                              last=last))
+            if last:
+                return
+            first += count
+
+    def _open_urgent(self) -> None:
+        """The urgent channel: connected and bound to the session like a data channel
+        (the destination's challenge, our init record with its MAC), with the id after
+        the data channels', and sealed with keys of its own when the session has some."""
+        job = self.job
+        assert job._map is not None
+        ctx_n = job.params.multifd_channels
+        peer_timeout = job.params.peer_timeout
+        ch = connect(job.dest.host, job.dest.port, name="urgent", peer_timeout=peer_timeout)
+        try:
+            challenge = bytes(ch.read_exact(CHALLENGE_SIZE, peer_timeout))
+            session = job._session
+            mac = (session.binding_mac(ctx_n, challenge) if session is not None
+                   else bytes(INIT_MAC_SIZE))
+            ctx = job._wire_context()
+            ch.write_all(encode_init(dataclasses.replace(ctx, channels=ctx_n + 1), ctx_n,
+                                     mac))
+        except BaseException:
+            ch.close()
+            raise
+        self._urgent = UrgentChannel(
+            ch, page_size=job.page_size, image_size=len(job._map),
+            sealer=(session.sealer(Direction.SOURCE_TO_DESTINATION, ctx_n)
+                    if session is not None else None),
+            opener=(session.opener(Direction.DESTINATION_TO_SOURCE, ctx_n)
+                    if session is not None else None))
+
+    # ------------------------------------------------------------------ serving
+
+    def _start_serving(self) -> None:
+        self._thread = threading.Thread(target=self._serve, name="postcopy-urgent",
+                                        daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        """Answer each request at once, with the pages as they are in the paused image."""
+        urgent, m = self._urgent, self.job._map
+        assert urgent is not None and m is not None
+        ps = self.job.page_size
+        try:
+            while not self._stop.is_set():
+                rec = urgent.recv(0.1)
+                if rec is None:
+                    continue
+                if rec.kind != REQUEST:
+                    raise MigrationError("urgent channel: the destination sent pages")
+                data = b"".join(m[off:off + ps] for off in rec.offsets)
+                urgent.send_pages(rec.offsets, data)
+                with self._served_lock:
+                    self._served.update(rec.offsets)
+                self.stats.urgent_pages += len(rec.offsets)
+        except BaseException as e:  # the serving thread records its failure, and ends
+            if not self._stop.is_set():
+                self._error = e
+                self.job.exiting.set(e, "postcopy urgent")
+
+    def _stop_serving(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5.0)
+        if self._urgent is not None:
+            self._urgent.close()
+
+    def _push(self, dirty: array[int]) -> None:
+        """The other dirty pages, over the data channels, at max-bandwidth; a page the
+        urgent channel has already sent is skipped (its one version is there)."""
+        job = self.job
+        assert job._pool is not None
+        ps = job.page_size
+        pacing = RateLimiter(lambda: job.params.max_bandwidth)
+        queued = 0
+        for i in range(0, len(dirty), _CHUNK_PAGES):
+            if self._error is not None:
+                raise MigrationError(f"the urgent channel failed: {self._error}")
+            if job.exiting.is_set():
+                err = job.exiting.error
+                raise err if isinstance(err, ZcmigrateError) else MigrationError(str(err))
+            chunk = dirty[i:i + _CHUNK_PAGES]
+            with self._served_lock:
+                if self._served:
+                    chunk = array("Q", (o for o in chunk if o not in self._served))
+            if chunk:
+                job._pool.send_pages(chunk)
+                queued += len(chunk) * ps
+                self.stats.background_pages += len(chunk)
+                job.stats.queued(len(chunk) * ps)
+                job._last_sent = time.monotonic()
+            while (ahead := pacing.delay(queued)) > 0:
+                if job.exiting.wait(min(ahead, 0.1)):
+                    break
+                if time.monotonic() - job._last_sent >= job.params.peer_timeout / 3:
+                    assert job._main is not None
+                    job._main.send(Keepalive())
+                    job._last_sent = time.monotonic()
+            job._report()
+
+
+def _swapped(words: array[int]) -> bytes:
+    w = array("Q", words)
+    w.byteswap()
+    return w.tobytes()
+
+
+__all__ = ["PostcopySource", "PostcopyStats"]
