@@ -29,6 +29,9 @@ class Phase(enum.Enum):
     POSTCOPY_READY = "postcopy-ready"  # only the device state may follow
     POSTCOPY = "postcopy"  # the device state left: the guest runs on the destination
     POSTCOPY_END = "postcopy-end"  # every background page was sent: the last ones land
+    # Post-copy recovery: a new session (HELLO with resume set, same migration UUID) after
+    # a break; the destination lists the pages still missing, then its guest runs on.
+    RESUME = "postcopy-resume"
     DONE = "done"  # COMMIT_ACK: the destination owns the guest
     FAILED = "failed"  # an ERROR record went either way
     CANCELLED = "cancelled"  # the source cancelled before the commit
@@ -57,12 +60,17 @@ TRANSITIONS: dict[tuple[Phase, RecordType], Phase] = {
     (Phase.POSTCOPY, R.KEEPALIVE): Phase.POSTCOPY,
     (Phase.POSTCOPY, R.POSTCOPY_END): Phase.POSTCOPY_END,
     (Phase.POSTCOPY_END, R.POSTCOPY_COMPLETE): Phase.COMMIT,
+    # Post-copy recovery, right after a HELLO_ACK to a resume HELLO (a source that did
+    # not ask for one refuses the list in its code: it expects no record there).
+    (Phase.PRECOPY, R.POSTCOPY_MISSING): Phase.RESUME,
+    (Phase.RESUME, R.POSTCOPY_MISSING): Phase.RESUME,
+    (Phase.RESUME, R.POSTCOPY_RUNNING): Phase.POSTCOPY,
 }
 # Either end may give up, and the source may cancel, at any point before the commit.
 # Not in COMMIT: once the device state has left, the destination may already own the
 # guest, so no record may then claim that nothing was committed (ARCHITECTURE.md,
 # invariant 5); the source that gives up there just closes, and says so to its user.
-# Nor in POSTCOPY and POSTCOPY_END: the guest runs on the destination by then.
+# Nor in POSTCOPY, POSTCOPY_END and RESUME: the guest runs on the destination by then.
 _BEFORE_COMMIT = (Phase.GREETING, Phase.HELLO, Phase.HELLO_ACK, Phase.PRECOPY,
                   Phase.WRITEBACK, Phase.DEVICE, Phase.READY, Phase.LISTEN,
                   Phase.POSTCOPY_READY)

@@ -54,6 +54,8 @@ class RecordType(enum.IntEnum):
     POSTCOPY_END = 18  # src -> dst: every channel has sent its last page and SYNC
     POSTCOPY_COMPLETE = 19  # dst -> src: every page arrived; committing (with statistics)
     POSTCOPY_ADVISE = 20  # src -> dst: this migration may switch to post-copy: get ready
+    # Post-copy recovery (docs/protocol.md, "Post-copy recovery"):
+    POSTCOPY_MISSING = 21  # dst -> src: a piece of the bitmap of pages still missing (binary)
 
 
 class Role(enum.Enum):
@@ -239,6 +241,9 @@ class Hello(Record):
     zero_page_detection: bool
     nonce: bytes = bytes(NONCE_SIZE)  # the source's fresh contribution to the session
     encryption: bool = False  # seal every data packet (with a key only)
+    # A new session of a post-copy that broke (`send --resume`): `uuid` is that
+    # migration's, and the destination answers with the pages it still lacks.
+    resume: bool = False
     mac: bytes = b""  # HMAC over the greeting and every field above; b"": no key
 
     def context(self) -> WireContext:
@@ -267,6 +272,7 @@ class Hello(Record):
             "zero-page-detection": self.zero_page_detection,
             "nonce": self.nonce.hex(),
             "encryption": self.encryption,
+            "resume": self.resume,
         }
 
     def body(self) -> bytes:
@@ -296,6 +302,7 @@ class Hello(Record):
             zero_page_detection=f("zero-page-detection", bool),
             nonce=_hex("HELLO: nonce", f("nonce", str), NONCE_SIZE),
             encryption=f("encryption", bool),
+            resume=f("resume", bool),
             mac=_mac_field("HELLO", obj),
         )
         hello.context()  # every parameter in range, or the peer hears why
@@ -515,16 +522,27 @@ class PostcopyDirty(Record):
     @classmethod
     def from_payload(cls, payload: bytes) -> PostcopyDirty:
         if len(payload) < _DIRTY_HEAD.size:
-            raise RemoteProtocolError(f"POSTCOPY_DIRTY: {len(payload)} bytes, shorter than "
+            raise RemoteProtocolError(f"{cls.TYPE.name}: {len(payload)} bytes, shorter than "
                                       "its header")
         first, count, last = _DIRTY_HEAD.unpack_from(payload)
         bitmap = payload[_DIRTY_HEAD.size:]
         if (last not in (0, 1) or not 0 < count <= DIRTY_CHUNK_PAGES or first % 64
                 or len(bitmap) != (count + 63) // 64 * 8):
             raise RemoteProtocolError(
-                f"POSTCOPY_DIRTY: {count} pages from page {first} in {len(bitmap)} bytes "
+                f"{cls.TYPE.name}: {count} pages from page {first} in {len(bitmap)} bytes "
                 f"(last={last}): not whole 64-page words of at most {DIRTY_CHUNK_PAGES} pages")
         return cls(first=first, count=count, bitmap=bitmap, last=bool(last))
+
+
+@dataclass(frozen=True, slots=True)
+class PostcopyMissing(PostcopyDirty):
+    """Post-copy recovery: the destination's answer to a resume HELLO, the pages its
+    guest still lacks, in POSTCOPY_DIRTY's encoding (a set bit: send this page). The
+    source sends exactly these, whatever it remembers: only the destination knows what
+    arrived before the break."""
+
+    TYPE: ClassVar[RecordType] = RecordType.POSTCOPY_MISSING
+    SENDERS: ClassVar[frozenset[Role]] = frozenset({Role.DESTINATION})
 
 
 @dataclass(frozen=True, slots=True)
@@ -591,7 +609,7 @@ RECORDS: dict[RecordType, type[Record]] = {
     for cls in (Greeting, Hello, HelloAck, MultifdFlush, EndOfRam, DeviceStateRecord,
                 CommitAck, Error, Cancel, Writeback, WritebackDone, Keepalive, RamReceived,
                 PostcopyListen, PostcopyDirty, PostcopyReady, PostcopyRunning, PostcopyEnd,
-                PostcopyComplete, PostcopyAdvise)
+                PostcopyComplete, PostcopyAdvise, PostcopyMissing)
 }
 if set(RECORDS) != set(RecordType):
     raise ImportError("migrate.protocol: a record type has no class")

@@ -25,6 +25,7 @@ from zcmigrate.migrate.protocol import (
     MultifdFlush,
     PostcopyComplete,
     PostcopyDirty,
+    PostcopyMissing,
     PostcopyEnd,
     PostcopyListen,
     Record,
@@ -66,6 +67,8 @@ def test_every_record_type_has_one_class_that_round_trips() -> None:
                              MultifdFlush(2), EndOfRam(3), DeviceStateRecord(b"\x00\xff"),
                              Error("disk full"), PostcopyListen(4), PostcopyEnd(5),
                              PostcopyDirty(first=0, count=3, bitmap=bytes(8), last=True),
+                             PostcopyMissing(first=64, count=70, bitmap=bytes(16),
+                                             last=False),
                              PostcopyComplete(requests=1, latency_median_us=2,
                                               latency_p99_us=3, total_time_ms=4)]
     samples += [cls() for cls in RECORDS.values()

@@ -69,7 +69,7 @@ TYPES = list(RecordType)
 # Every JSON field name any record reads: hostile objects use them, so that decoding gets
 # past "field missing" to the checks of each field's value.
 FIELD_NAMES = sorted({"uuid", "channels", "page-size", "image-size", "pages-alloc", "block",
-                      "multifd-zerocopy", "zero-page-detection", "nonce", "encryption", "mac",
+                      "multifd-zerocopy", "zero-page-detection", "nonce", "encryption", "resume", "mac",
                       "version", "key", "iteration", "device-state-sha256", "message"})
 
 
@@ -92,7 +92,7 @@ def hellos(draw: st.DrawFn) -> Hello:
                  pages_alloc=draw(st.integers(1, MAX_PAGES_ALLOC)), block=block,
                  zero_copy=draw(st.booleans()), zero_page_detection=draw(st.booleans()),
                  nonce=draw(_hex_bytes(NONCE_SIZE)), encryption=draw(st.booleans()),
-                 mac=draw(st.one_of(st.just(b""), _hex_bytes(32))))
+                 resume=draw(st.booleans()), mac=draw(st.one_of(st.just(b""), _hex_bytes(32))))
 
 
 _ITERATION = st.integers(1, U64 - 1)
