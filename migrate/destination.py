@@ -20,9 +20,10 @@ from typing import TypeVar
 
 import structlog
 
+from zcmigrate import ZcmigrateError
 from zcmigrate.channel.aead import Direction, SessionKeys, handshake_mac, macs_equal
 from zcmigrate.channel.errors import ChannelError
-from zcmigrate.channel.zcsocket import DEFAULT_PEER_TIMEOUT, Listener
+from zcmigrate.channel.zcsocket import DEFAULT_PEER_TIMEOUT, Channel, Listener
 from zcmigrate.migrate import faults
 from zcmigrate.migrate.admission import admit_data_channels, admit_source
 from zcmigrate.migrate.errors import (
@@ -140,6 +141,7 @@ class DestinationJob:
         max_image_size: int | None = None,
         max_device_state: int = DEVICE_STATE_MAX,
         guest_args: list[str] | None = None,
+        postcopy_recover_timeout: float | None = None,
     ) -> None:
         self.image = Path(image).absolute()
         self.listener = listener
@@ -169,6 +171,12 @@ class DestinationJob:
         self._postcopy: PostcopyDestination | None = None
         self._postcopy_outcome: PostcopyOutcome | None = None
         self._ctx: WireContext | None = None
+        # Post-copy recovery: how long to wait for `send --resume` after a break (None:
+        # for ever; the guest waits for its pages whatever we do), the migration's UUID,
+        # and the data channels of a resumed session (no ReceiverPool owns them).
+        self.postcopy_recover_timeout = postcopy_recover_timeout
+        self._hello_uuid = b""
+        self._data_channels: list[Channel] = []
         self.log = log.bind(image=str(self.image))
 
     def cancel(self, reason: str = "stopped") -> bool:
@@ -210,6 +218,8 @@ class DestinationJob:
         total = self._main.channel.statistics().bytes_received
         if self._pool is not None:
             total += self._pool.statistics().bytes
+        for ch in self._data_channels:
+            total += ch.statistics().bytes_received
         now = time.monotonic()
         if total != self._seen_bytes:
             self._seen_bytes, self._seen_at = total, now
@@ -233,6 +243,7 @@ class DestinationJob:
         self._check_size(hello)
         ctx = hello.context()
         uuid = self._uuid = hello.uuid.hex()
+        self._hello_uuid = hello.uuid
         self.log = self.log.bind(uuid=uuid[:8])
         # The image may have changed hands since the receiver started (a guest resumed
         # on the last one committed here): look again before touching anything.
@@ -332,6 +343,35 @@ class DestinationJob:
             raise RemoteProtocolError("authentication failed: the source does not hold this "
                                       "receiver's key")
 
+    def _authenticate_new(self, greeting: Greeting, hello: Hello) -> None:
+        self._authenticate(greeting, hello)
+        if hello.resume:
+            raise RemoteProtocolError(
+                f"a resume of post-copy migration {hello.uuid.hex()[:8]}: this receiver "
+                "waits for no interrupted post-copy (its receiver may have died: the guest "
+                "then waits for a receiver to take over)")
+
+    def _authenticate_resume(self, greeting: Greeting, hello: Hello) -> None:
+        """A resume HELLO of the very migration whose guest waits here, or nothing."""
+        self._authenticate(greeting, hello)
+        want = self._uuid[:8]
+        if not hello.resume:
+            raise RemoteProtocolError(
+                f"this receiver waits for the source of interrupted post-copy migration "
+                f"{want} to resume it (`zcmigrate send IMAGE --resume`), not for a new "
+                "migration")
+        if hello.uuid != self._hello_uuid:
+            raise RemoteProtocolError(
+                f"a resume of migration {hello.uuid.hex()[:8]}: this receiver waits for "
+                f"the resume of migration {want}")
+        assert self._ctx is not None
+        if (hello.page_size, hello.image_size) != (self._ctx.page_size,
+                                                   self._ctx.image_size):
+            raise RemoteProtocolError(
+                f"a resume of migration {want} with {hello.image_size} bytes in "
+                f"{hello.page_size}-byte pages; it was {self._ctx.image_size} bytes in "
+                f"{self._ctx.page_size}-byte pages")
+
     # ------------------------------------------------------- record handlers
 
     def _on_flush(self, rec: Record) -> None:
@@ -411,13 +451,87 @@ class DestinationJob:
         self._syncs += 1
         self.status(f"migration {self._uuid[:8]}: post-copy")
         try:
-            self._postcopy_outcome = self._postcopy.run(rec)
+            try:
+                self._postcopy_outcome = self._postcopy.run(rec)
+            except ReceivePostcopyInterrupted as e:
+                self._postcopy_outcome = self._recover(e)
         except PostcopyUnacknowledged as e:
             self._postcopy_outcome = e.outcome
             self._acknowledged = False
             self.log.error("committed, but the acknowledgement could not be delivered",
                            error=str(e))
         self._committed = True
+
+    def _recover(self, broke: ReceivePostcopyInterrupted) -> PostcopyOutcome:
+        """Post-copy recovery: the session broke while the guest runs here. Keep its link
+        (and userfaultfd) and wait for the same source to come back with a resume HELLO
+        (same migration, new session); serve it from what is still missing. Again after
+        every break, until postcopy_recover_timeout (then `broke`, exit 8): the guest
+        keeps waiting in the kernel either way, and nothing is ever invented for it."""
+        assert self._postcopy is not None
+        timeout = self.postcopy_recover_timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
+        key = self.auth_key
+        while True:
+            self._postcopy.detach()
+            self._close_session()
+            # A fresh Exiting: the old one holds the break, and would stop the new session.
+            self.exiting = Exiting()
+            waiting = (f"post-copy interrupted, waiting for `zcmigrate send IMAGE --resume` "
+                       f"from the source (migration {self._uuid[:8]})")
+            self.status(waiting)
+            self.log.warning("post-copy interrupted: waiting for the source to resume",
+                             timeout_s=timeout)
+            left = None if deadline is None else max(deadline - time.monotonic(), 0.001)
+            try:
+                admitted = admit_source(
+                    self.listener, keyed=key is not None,
+                    authenticate=self._authenticate_resume, accept_timeout=left,
+                    peer_timeout=self.peer_timeout, abort=self._check_exiting,
+                    device_state_max=self.max_device_state)
+            except ReceiveError as e:
+                raise ReceivePostcopyInterrupted(
+                    f"{broke}; and no resume came: {e}") from e
+            main, greeting, hello = admitted.main, admitted.greeting, admitted.hello
+            self._main = main
+            try:
+                session: SessionKeys | None = None
+                if key is None:
+                    main.send(HelloAck())
+                else:
+                    main.send(HelloAck(handshake_mac(key, b"hello-ack", greeting.payload(),
+                                                     hello.payload())))
+                    # A new session (new nonces both ways), same migration.
+                    session = SessionKeys(key, hello.nonce, greeting.nonce, hello.uuid)
+                    main.secure(session.sealer(Direction.DESTINATION_TO_SOURCE, None),
+                                session.opener(Direction.SOURCE_TO_DESTINATION, None))
+                self._session = session
+                ctx = hello.context()
+                self._data_channels = admit_data_channels(
+                    self.listener, InitTracker(ctx), n=ctx.channels, main=main,
+                    binding=session.binding_mac if session is not None else None,
+                    timeout=self.peer_timeout, peer_timeout=self.peer_timeout,
+                    abort=self._check_exiting)
+            except (ZcmigrateError, OSError) as e:
+                self.log.error("a resume session failed before it started", error=str(e))
+                continue
+            self.log.info("post-copy resume accepted", channels=ctx.channels)
+            self._seen_bytes = -1  # the new session's bytes, from now
+            try:
+                return self._postcopy.resume(main=main, channels=self._data_channels,
+                                             ctx=ctx, session=session, exiting=self.exiting)
+            except ReceivePostcopyInterrupted as e:
+                broke = e
+
+    def _close_session(self) -> None:
+        """The broken session's sockets; the guest's link is not one of them."""
+        if self._pool is not None:
+            self._pool.close()  # kept: its statistics are the result's
+        for ch in self._data_channels:
+            ch.close()
+        self._data_channels = []
+        if self._main is not None:
+            self._main.close()
 
     def _begin_commit(self) -> None:
         with self._state_lock:
@@ -473,6 +587,8 @@ class DestinationJob:
             self._postcopy.close()
         if self._pool is not None:
             self._pool.close()
+        for ch in self._data_channels:
+            ch.close()
         if self._main is not None:
             self._main.close()
         self._incoming.close()

@@ -50,6 +50,13 @@ class PostcopyInterrupted(CommitUncertain):
     exit_code = EXIT_POSTCOPY_INTERRUPTED
 
 
+class NothingToResume(MigrationError):
+    """`send --resume` found no interrupted post-copy of the image (or not this one):
+    nothing was changed."""
+
+    exit_code = EXIT_USAGE
+
+
 class ReceiveError(ZcmigrateError):
     """The incoming migration failed; nothing was committed."""
 

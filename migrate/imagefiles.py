@@ -18,6 +18,7 @@ LOCK_SUFFIX: Final = ".lock"
 SOCKET_SUFFIX: Final = ".sock"
 POSTCOPY_SUFFIX: Final = ".postcopy"
 GUEST_LOG_SUFFIX: Final = ".guest.log"
+RESUME_SUFFIX: Final = ".postcopy-resume"
 
 
 def _beside(image: str | os.PathLike[str], suffix: str) -> Path:
@@ -80,6 +81,12 @@ def guest_log_path(image: str | os.PathLike[str]) -> Path:
     return _beside(image, GUEST_LOG_SUFFIX)
 
 
+def resume_path(image: str | os.PathLike[str]) -> Path:
+    """`<image>.postcopy-resume`: on a source, the record of a post-copy whose device state
+    left and whose commit was not acknowledged yet (what `send --resume` needs)."""
+    return _beside(image, RESUME_SUFFIX)
+
+
 __all__ = [
     "GUEST_SUFFIX",
     "INCOMING_SUFFIX",
@@ -92,6 +99,7 @@ __all__ = [
     "incoming_path",
     "lock_path",
     "postcopy_socket",
+    "resume_path",
     "runtime_dir",
     "state_path",
 ]

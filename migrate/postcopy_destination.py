@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Final
 from zcmigrate import ZcmigrateError
 from zcmigrate.channel.aead import Direction, SessionKeys
 from zcmigrate.channel.fdpass import FdListener
-from zcmigrate.channel.zcsocket import Listener
+from zcmigrate.channel.zcsocket import Channel, Listener
 from zcmigrate.migrate import faults
 from zcmigrate.migrate.admission import admit_data_channels
 from zcmigrate.migrate.errors import ReceiveError, ReceivePostcopyInterrupted
@@ -46,6 +46,7 @@ from zcmigrate.migrate.imagefiles import guest_log_path, postcopy_socket
 from zcmigrate.migrate.incoming import IncomingImage
 from zcmigrate.migrate.mainchannel import MainChannel
 from zcmigrate.migrate.protocol import (
+    DIRTY_CHUNK_PAGES,
     CommitAck,
     DeviceStateRecord,
     Keepalive,
@@ -53,6 +54,7 @@ from zcmigrate.migrate.protocol import (
     PostcopyDirty,
     PostcopyEnd,
     PostcopyListen,
+    PostcopyMissing,
     PostcopyReady,
     PostcopyRunning,
 )
@@ -68,7 +70,12 @@ from zcmigrate.multifd.userfault import (
     filesystem_type,
     punch_pages,
 )
-from zcmigrate.multifd.wire import InitTracker, RemoteProtocolError, WireContext
+from zcmigrate.multifd.wire import (
+    InitTracker,
+    RemoteProtocolError,
+    SequenceTracker,
+    WireContext,
+)
 
 if TYPE_CHECKING:
     from structlog.typing import FilteringBoundLogger
@@ -176,6 +183,8 @@ class PostcopyDestination:
         self._starter: threading.Thread | None = None
         self._start_error: ReceiveError | None = None
         self._went = False  # the guest was sent its go: it may run here
+        self._device_state: bytes | None = None  # for the commit, after a resume too
+        self._ndirty = 0
         self._keep_image = False  # precopy completed instead: the image is committed
 
     # ------------------------------------------------------------------ advise
@@ -246,6 +255,19 @@ class PostcopyDestination:
             self._starter.join(GUEST_START_TIMEOUT)
         if self._start_error is not None:
             raise self._start_error
+        self._admit_urgent()
+        self.main.send(PostcopyReady())
+        rec = self.main.recv(self.peer_timeout, abort=self.check_alive)
+        assert isinstance(rec, DeviceStateRecord)  # the table admits nothing else here
+        state = DeviceState.decode(rec.data)
+        # From here the guest may run here: nothing turns this into "nothing committed".
+        self.begin_commit()
+        self._went = True
+        return self._serve(state, rec.data, len(offsets))
+
+    def _admit_urgent(self) -> None:
+        """The urgent channel: admitted as one more data channel of the session, the one
+        after the data channels (urgent_channel_id)."""
         urgent_ch = admit_data_channels(
             self.listener, InitTracker(dataclasses.replace(self.ctx,
                                                            channels=self.ctx.channels + 1)),
@@ -261,14 +283,6 @@ class PostcopyDestination:
                     if self.session is not None else None),
             opener=(self.session.opener(Direction.SOURCE_TO_DESTINATION, cid)
                     if self.session is not None else None))
-        self.main.send(PostcopyReady())
-        rec = self.main.recv(self.peer_timeout, abort=self.check_alive)
-        assert isinstance(rec, DeviceStateRecord)  # the table admits nothing else here
-        state = DeviceState.decode(rec.data)
-        # From here the guest may run here: nothing turns this into "nothing committed".
-        self.begin_commit()
-        self._went = True
-        return self._serve(state, rec.data, len(offsets))
 
     def _dirty_list(self) -> array[int]:
         """The POSTCOPY_DIRTY records, in order and gap-free, as page offsets."""
@@ -343,16 +357,22 @@ class PostcopyDestination:
 
     # ------------------------------------------------------------------ serving
 
-    def _serve(self, state: DeviceState, device_state: bytes, ndirty: int) -> PostcopyOutcome:
-        assert self._guest is not None and self._range is not None and self._urgent is not None
-        self._readers = PlacementReaders(self.pool.handoff(), self.ctx, self._place,
-                                         self.exiting)
+    def _start_serving(self, channels: Sequence[tuple[Channel, SequenceTracker]]) -> None:
+        """The background readers on the data channels, the fault loop and the urgent
+        channel's reader."""
+        self._readers = PlacementReaders(channels, self.ctx, self._place, self.exiting)
         self._readers.start()
         for name, target in (("postcopy-faults", self._fault_loop),
                              ("postcopy-urgent", self._urgent_loop)):
             t = threading.Thread(target=self._guarded, args=(target,), name=name, daemon=True)
             t.start()
             self._threads.append(t)
+
+    def _serve(self, state: DeviceState, device_state: bytes, ndirty: int) -> PostcopyOutcome:
+        assert self._guest is not None and self._range is not None and self._urgent is not None
+        self._device_state = device_state
+        self._ndirty = ndirty
+        self._start_serving(self.pool.handoff())
         try:
             self._guest.go(state, self.peer_timeout)
         except GuestError as e:
@@ -364,6 +384,14 @@ class PostcopyDestination:
         self.status(f"post-copy: guest pid {pid} runs here; {self._left} pages to come")
         self.log.info("post-copy guest running", pid=pid, pending=self._left)
         faults.reached("destination:postcopy-running")
+        return self._until_commit(ndirty)
+
+    def _until_commit(self, ndirty: int) -> PostcopyOutcome:
+        """The guest is served: POSTCOPY_RUNNING, then until every page is there, then
+        the commit (a break on the way: ReceivePostcopyInterrupted)."""
+        assert self._guest is not None and self._device_state is not None
+        device_state = self._device_state
+        pid = self._proc.pid if self._proc is not None else 0
         try:
             self.main.send(PostcopyRunning())
             while True:
@@ -398,6 +426,60 @@ class PostcopyDestination:
             raise PostcopyUnacknowledged(outcome, str(e)) from e
         return outcome
 
+    # ------------------------------------------------------------------ recovery
+
+    def detach(self) -> None:
+        """After a break: stop serving (threads, readers, urgent channel) but keep the
+        guest's link and its userfaultfd, and what is still pending: the guest waits in
+        the kernel for its pages while a new session is awaited."""
+        self._stop_threads()
+        self._stop = threading.Event()
+
+    def resume(self, *, main: MainChannel, channels: Sequence[Channel], ctx: WireContext,
+               session: SessionKeys | None, exiting: Exiting) -> PostcopyOutcome:
+        """A new session of this migration (DestinationJob checked its resume HELLO and
+        admitted its data channels): list the pages still missing, admit its urgent
+        channel, serve the guest again, and finish as usual."""
+        self.main, self.ctx, self.session, self.exiting = main, ctx, session, exiting
+        try:
+            with self._lock:
+                pending = bytes(self._pending)
+                left = self._left
+                asked = [page * self.ps for page in self._requested if self._pending[page]]
+            self._send_missing(pending)
+            self._admit_urgent()
+            fresh = [(ch, SequenceTracker(i)) for i, ch in enumerate(channels)]
+            self._start_serving(fresh)
+            assert self._urgent is not None
+            # Faults read before the break were asked for on the old urgent channel and
+            # never answered: their threads still wait. Ask again, first.
+            for i in range(0, len(asked), MAX_PAGES):
+                self._urgent.send_request(asked[i:i + MAX_PAGES])
+        except (ZcmigrateError, OSError) as e:
+            raise self._interrupted(e) from e
+        self.log.info("post-copy resumed", pages_left=left, asked_again=len(asked))
+        self.status(f"post-copy resumed: {left} pages to come")
+        return self._until_commit(self._ndirty)
+
+    def _send_missing(self, pending: bytes) -> None:
+        """The pages still pending as POSTCOPY_MISSING records (POSTCOPY_DIRTY's layout)."""
+        npages = self.npages
+        words = array("Q", bytes(8 * ((npages + 63) // 64)))
+        for page in (i for i, p in enumerate(pending) if p):
+            words[page >> 6] |= 1 << (page & 63)
+        if sys.byteorder != "little":
+            words.byteswap()
+        raw = words.tobytes()
+        first = 0
+        while True:
+            count = min(DIRTY_CHUNK_PAGES, npages - first)
+            chunk = raw[first // 8:first // 8 + (count + 63) // 64 * 8]
+            last = first + count >= npages
+            self.main.send(PostcopyMissing(first=first, count=count, bitmap=chunk, last=last))
+            if last:
+                return
+            first += count
+
     def _interrupted(self, cause: BaseException) -> ReceivePostcopyInterrupted:
         pid = self._proc.pid if self._proc is not None else 0
         with self._lock:
@@ -406,8 +488,9 @@ class PostcopyDestination:
         msg = (f"post-copy interrupted: {why}. The guest (pid {pid}) runs on "
                f"{self.incoming.image} and waits for the {left} pages it has not got yet: "
                "it is paused on those, nothing is invented for it. Only the source holds "
-               "them: keep the source's image, and finish the migration from there "
-               "(docs/operations.md, \"Post-copy\")")
+               "them: keep the source's image, and finish the migration from there with "
+               "`zcmigrate send SOURCE_IMAGE --resume --to THIS_RECEIVER` "
+               "(docs/operations.md, \"Post-copy recovery\")")
         self.status(f"post-copy interrupted: guest pid {pid} waits for {left} pages")
         self.log.error("post-copy interrupted: the guest waits for pages", guest_pid=pid,
                        pages_left=left, error=str(why))

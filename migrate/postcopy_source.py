@@ -30,7 +30,12 @@ from zcmigrate.channel.aead import Direction
 from zcmigrate.channel.zcsocket import connect
 from zcmigrate.migrate import faults
 from zcmigrate.migrate.errors import CommitUncertain, MigrationError, PostcopyInterrupted
-from zcmigrate.migrate.guest import GuestError
+from zcmigrate.migrate.guest import GuestError, mark_handed_over
+from zcmigrate.migrate.postcopy_resume import (
+    ResumeRecord,
+    remove_resume_record,
+    write_resume_record,
+)
 from zcmigrate.migrate.protocol import (
     DIRTY_CHUNK_PAGES,
     CommitAck,
@@ -40,12 +45,19 @@ from zcmigrate.migrate.protocol import (
     PostcopyDirty,
     PostcopyEnd,
     PostcopyListen,
+    PostcopyMissing,
     PostcopyReady,
     PostcopyRunning,
 )
 from zcmigrate.migrate.ratelimit import RateLimiter
+from zcmigrate.multifd.pages import dirty_offsets
 from zcmigrate.multifd.urgent import REQUEST, UrgentChannel
-from zcmigrate.multifd.wire import CHALLENGE_SIZE, INIT_MAC_SIZE, encode_init
+from zcmigrate.multifd.wire import (
+    CHALLENGE_SIZE,
+    INIT_MAC_SIZE,
+    RemoteProtocolError,
+    encode_init,
+)
 
 if TYPE_CHECKING:
     from zcmigrate.migrate.source import SourceJob
@@ -101,6 +113,11 @@ class PostcopySource:
             self._open_urgent()
             job._expect(PostcopyReady, params.peer_timeout,
                         "word that the destination is ready for post-copy")
+            # Durably, before the device state may leave: whatever happens to this
+            # process from here, `send --resume` finds the migration to finish.
+            write_resume_record(job.image, ResumeRecord(
+                uuid=job.uuid, page_size=job.page_size, image_size=len(job._map),
+                device_state=device_state, destination=f"{job.dest.host}:{job.dest.port}"))
             with job._lock:
                 job._check_exiting()
                 assert job._guest is not None
@@ -125,22 +142,88 @@ class PostcopySource:
                          downtime_ms=round(job.stats.downtime_ms or 0, 1), pages=len(dirty))
             self._push(dirty)
             faults.reached("source:postcopy-pushed")
-            pool.sync(timeout=params.peer_timeout)
-            main.send(PostcopyEnd(job.stats.iterations + 1))
-            done = job._expect(PostcopyComplete, params.commit_timeout + params.peer_timeout,
-                               "word that every page arrived", abortable=False)
-            self.stats.requests = done.requests
-            self.stats.latency_median_us = done.latency_median_us
-            self.stats.latency_p99_us = done.latency_p99_us
-            self.stats.total_time_ms = done.total_time_ms
-            ack = job._expect(CommitAck, params.commit_timeout,
-                              "commit from the destination", abortable=False)
+            ack = self._end(job.stats.iterations + 1)
         except ZcmigrateError as e:
             if job._device_sent:
                 raise self._interrupted(e) from e
             raise
         finally:
             self._stop_serving()
+        self._committed(ack, device_state)
+
+    def resume(self, record: ResumeRecord) -> None:
+        """`send --resume`: a new session of the migration record names is up (handshake
+        with resume set, data channels bound). The destination lists the pages its guest
+        still lacks; they go, requests first, then the usual end."""
+        job = self.job
+        assert job._main is not None and job._map is not None
+        job.stats.postcopy = self.stats
+        params = job.params
+        try:
+            missing = self._recv_missing_list(len(job._map) // job.page_size)
+            self._open_urgent()
+            self._start_serving()  # its faults come as soon as the channel is admitted
+            job._expect(PostcopyRunning, params.peer_timeout,
+                        "word that the destination serves its guest again", abortable=False)
+            job.log.info("post-copy resumed: the destination is served again",
+                         missing_pages=len(missing))
+            faults.reached("source:postcopy-resumed")
+            self._push(missing)
+            ack = self._end(1)
+        except ZcmigrateError as e:
+            raise self._interrupted(e) from e
+        finally:
+            self._stop_serving()
+        self._committed(ack, record.device_state)
+
+    def _recv_missing_list(self, npages: int) -> array[int]:
+        """The POSTCOPY_MISSING records, in order and gap-free, as page offsets; a bit
+        beyond the image is the destination's protocol error."""
+        job = self.job
+        words = array("Q", bytes(8 * ((npages + 63) // 64)))
+        expect = 0
+        while True:
+            rec = job._expect(PostcopyMissing, job.params.peer_timeout,
+                              "list of the pages the destination still lacks",
+                              abortable=False)
+            if rec.first != expect or rec.first + rec.count > npages:
+                raise RemoteProtocolError(
+                    f"POSTCOPY_MISSING: pages {rec.first}..{rec.first + rec.count} after "
+                    f"{expect}, in an image of {npages} pages")
+            chunk = array("Q")
+            chunk.frombytes(rec.bitmap)
+            if sys.byteorder == "big":
+                chunk.byteswap()
+            words[rec.first // 64:rec.first // 64 + len(chunk)] = chunk
+            expect = rec.first + rec.count
+            if rec.last:
+                break
+        if expect != npages:
+            raise RemoteProtocolError(f"POSTCOPY_MISSING: the list ends at page {expect} of "
+                                      f"{npages}")
+        out = array("Q", bytes(8 * npages))
+        # Bits past the last page in its word are never turned into offsets.
+        return out[:dirty_offsets(words, npages, job.page_size, out)]
+
+    def _end(self, iteration: int) -> CommitAck:
+        """Every background page sent: POSTCOPY_END, then the destination's word that every
+        page arrived, then its commit."""
+        job = self.job
+        assert job._main is not None and job._pool is not None
+        params = job.params
+        job._pool.sync(timeout=params.peer_timeout)
+        job._main.send(PostcopyEnd(iteration))
+        done = job._expect(PostcopyComplete, params.commit_timeout + params.peer_timeout,
+                           "word that every page arrived", abortable=False)
+        self.stats.requests = done.requests
+        self.stats.latency_median_us = done.latency_median_us
+        self.stats.latency_p99_us = done.latency_p99_us
+        self.stats.total_time_ms = done.total_time_ms
+        return job._expect(CommitAck, params.commit_timeout,
+                           "commit from the destination", abortable=False)
+
+    def _committed(self, ack: CommitAck, device_state: bytes) -> None:
+        job = self.job
         if ack.device_state_sha256 != hashlib.sha256(device_state).digest():
             raise CommitUncertain("the destination acknowledged a commit of another device "
                                   "state than the one sent")
@@ -149,11 +232,17 @@ class PostcopySource:
         job.stats.downtime_ms = downtime  # post-copy's downtime ended when the guest ran
         job.log.info("committed", downtime_ms=round(downtime or 0, 1), **self.stats.to_dict())
         try:
-            assert job._guest is not None
-            job._guest.hand_over(job.uuid)
+            if job._guest is not None:
+                job._guest.hand_over(job.uuid)
+            else:
+                # `send --resume` after the guest here died (or the host restarted): its
+                # control file is marked, so that no guest starts on this copy by mistake.
+                mark_handed_over(job.image, job.uuid)
         except GuestError as e:
             job.log.error("the source guest could not be marked handed over; it stays "
                           "paused: retire it with `zcmigrate retire`", error=str(e))
+        # Only now: the destination owns every page, this image may go.
+        remove_resume_record(job.image)
 
     def _interrupted(self, cause: BaseException) -> PostcopyInterrupted:
         img = self.job.image
@@ -161,9 +250,10 @@ class PostcopySource:
             f"post-copy interrupted: {self._error or cause}. The guest runs on the "
             "destination and waits there for pages only this host holds: it is not lost, "
             f"but it cannot finish without them. The guest here stays paused (held) and "
-            f"{img} keeps every page: do not retire or resume it. Once the destination's "
-            "receiver is back, the migration can only be finished, never undone "
-            "(docs/operations.md, \"Post-copy\")")
+            f"{img} keeps every page: do not retire or resume it. Finish the migration with "
+            f"`zcmigrate send {img} --resume --to HOST:PORT` once the destination's receiver "
+            "waits for it again; it can only be finished, never undone "
+            "(docs/operations.md, \"Post-copy recovery\")")
 
     # ------------------------------------------------------------------ the switch
 

@@ -24,6 +24,7 @@ from typing import TypeVar
 
 import structlog
 
+from zcmigrate import ZcmigrateError
 from zcmigrate.channel.aead import Direction, SessionKeys, fresh_nonce, handshake_mac, macs_equal
 from zcmigrate.channel.probe import probe
 from zcmigrate.channel.zcsocket import Channel, connect
@@ -34,6 +35,7 @@ from zcmigrate.migrate.errors import (
     MigrationCancelled,
     MigrationError,
     NotConverging,
+    NothingToResume,
     ParameterError,
     PostcopyInterrupted,
 )
@@ -44,11 +46,12 @@ from zcmigrate.migrate.guest import (
     control_path,
     read_control_record,
 )
-from zcmigrate.migrate.imagefiles import lock_path
+from zcmigrate.migrate.imagefiles import lock_path, resume_path
 from zcmigrate.migrate.imagelock import ImageLock
 from zcmigrate.migrate.mainchannel import MainChannel, MainChannelTimeout
 from zcmigrate.migrate.memlock import automatic_in_flight_cap
 from zcmigrate.migrate.params import MigrationParameters
+from zcmigrate.migrate.postcopy_resume import read_resume_record
 from zcmigrate.migrate.protocol import (
     Cancel,
     CommitAck,
@@ -113,8 +116,12 @@ class SourceJob:
         auth_key: bytes | None = None,
         encryption: bool = True,
         on_iteration: Callable[[MigrationStats], None] | None = None,
+        resume: bool = False,
     ) -> None:
         self.image = Path(image)
+        # `send --resume`: finish the post-copy of `image` that broke (postcopy_resume.py
+        # holds what it needs); no precopy, no pause: its guest is held paused already.
+        self.resume = resume
         self.dest = dest
         self.params = params
         self.page_size = page_size
@@ -186,6 +193,11 @@ class SourceJob:
         """Migrate; return the final statistics or raise MigrationError (source intact)."""
         self.stats.start()
         try:
+            if self.resume:
+                self._resume()
+                self.sm.fire(Event.COMMITTED)
+                self._cleanup()
+                return self.snapshot()
             self._setup()
             self.sm.fire(Event.CONNECTED)
             self.stats.setup_done()
@@ -214,6 +226,14 @@ class SourceJob:
         self._open_image()
         assert self._map is not None
         ctl = control_path(self.image)
+        if resume_path(self.image).exists():
+            # Its guest runs on a destination and may wait there for pages only this image
+            # holds: a fresh migration of it would put a second, older copy elsewhere.
+            raise MigrationError(
+                f"a post-copy of {self.image} was interrupted ({resume_path(self.image).name} "
+                "is there): its guest runs on the destination and needs this image's pages. "
+                f"Finish it with `zcmigrate send {self.image} --resume --to HOST:PORT` "
+                "(docs/operations.md, \"Post-copy recovery\")")
         record = read_control_record(self.image)
         if record is not None and record.lease.handed_over_ns and not self.static:
             # Its guest now runs at a destination: this copy is stale, and sending it
@@ -246,6 +266,23 @@ class SourceJob:
             zero_copy=self.params.multifd_zerocopy,
             zero_page_detection=self.params.zero_page_detection,
         )
+        self._connect(hello)
+        if self.params.postcopy:
+            if self._guest is None:
+                raise MigrationError("--postcopy needs a guest running on the image: a "
+                                     "static image has nothing to run on the destination")
+            # The destination checks it can serve a post-copy and starts its guest now,
+            # while precopy runs, not in the downtime.
+            assert self._main is not None
+            self._main.send(PostcopyAdvise())
+        self.log.info("connected", channels=channels, zero_copy=self.params.multifd_zerocopy,
+                      pages=npages, live=self._guest is not None,
+                      in_flight_cap=self._in_flight_cap())
+
+    def _connect(self, hello: Hello) -> None:
+        """The main channel, the handshake, and the data channels bound to the session."""
+        channels = self.params.multifd_channels
+        assert self._map is not None
         ctx = hello.context()
         self._ctx = ctx
         cap = self._in_flight_cap()
@@ -285,15 +322,55 @@ class SourceJob:
             init_macs=macs,
         )
         self._pool.start()
-        if self.params.postcopy:
-            if self._guest is None:
-                raise MigrationError("--postcopy needs a guest running on the image: a "
-                                     "static image has nothing to run on the destination")
-            # The destination checks it can serve a post-copy and starts its guest now,
-            # while precopy runs, not in the downtime.
-            main.send(PostcopyAdvise())
-        self.log.info("connected", channels=channels, zero_copy=self.params.multifd_zerocopy,
-                      pages=npages, live=self._guest is not None, in_flight_cap=cap)
+
+    def _resume(self) -> None:
+        """`send --resume`: a new session of the interrupted post-copy of the image, with
+        its UUID; the destination says which pages it still lacks (postcopy_source)."""
+        from zcmigrate.migrate.postcopy_source import PostcopySource
+
+        self._lock_file = ImageLock(lock_path(self.image), f"cannot resume {self.image}")
+        rec = read_resume_record(self.image)
+        if rec is None:
+            raise NothingToResume(
+                f"nothing to resume: no interrupted post-copy of {self.image} "
+                f"({resume_path(self.image).name} is not there); nothing was changed")
+        self.uuid = rec.uuid
+        self.page_size = rec.page_size
+        self.log = log.bind(uuid=self.uuid.hex()[:8], dest=f"{self.dest.host}:{self.dest.port}")
+        self._open_image()
+        assert self._map is not None
+        if len(self._map) != rec.image_size:
+            raise NothingToResume(f"{self.image} is {len(self._map)} bytes, the interrupted "
+                                  f"post-copy's image {rec.image_size}: not the same image")
+        record = read_control_record(self.image)
+        if record is not None and record.lease.migration not in (None, rec.uuid):
+            raise NothingToResume(f"the guest control file of {self.image} names migration "
+                                  f"{record.lease.migration_name}, not the interrupted one")
+        if control_path(self.image).exists():
+            # The held guest, if it still runs: it exits once the destination committed.
+            # One that died (or a restarted host) is marked handed over instead.
+            with contextlib.suppress(GuestError):
+                self._guest = GuestControl.open(self.image)
+        # From here on, as after the device state left: every failure leaves the migration
+        # interrupted, to be resumed again, never undone.
+        self._device_sent = True
+        npages = len(self._map) // self.page_size
+        self.stats.set_image(len(self._map), self.page_size, live=True)
+        hello = Hello(uuid=self.uuid, channels=self.params.multifd_channels,
+                      page_size=self.page_size, image_size=len(self._map),
+                      pages_alloc=self.params.pages_per_packet, block="zcmigrate.ram",
+                      zero_copy=self.params.multifd_zerocopy,
+                      zero_page_detection=self.params.zero_page_detection, resume=True)
+        job = PostcopySource(self)
+        try:
+            self._connect(hello)
+            self.sm.fire(Event.CONNECTED)
+            self.sm.fire(Event.CONVERGED)
+            self.stats.setup_done()
+            self.log.info("resuming post-copy", pages=npages)
+        except ZcmigrateError as e:
+            raise job._interrupted(e) from e
+        job.resume(rec)
 
     def _handshake(self, main: MainChannel, greeting: Greeting, hello: Hello) -> None:
         """HELLO and HELLO_ACK; with a key, mutual proof over both ends' fresh nonces

@@ -69,8 +69,8 @@ TYPES = list(RecordType)
 # Every JSON field name any record reads: hostile objects use them, so that decoding gets
 # past "field missing" to the checks of each field's value.
 FIELD_NAMES = sorted({"uuid", "channels", "page-size", "image-size", "pages-alloc", "block",
-                      "multifd-zerocopy", "zero-page-detection", "nonce", "encryption", "resume", "mac",
-                      "version", "key", "iteration", "device-state-sha256", "message"})
+                      "multifd-zerocopy", "zero-page-detection", "nonce", "encryption", "resume",
+                      "mac", "version", "key", "iteration", "device-state-sha256", "message"})
 
 
 # ------------------------------------------------------------------ valid records

@@ -32,15 +32,15 @@ SEND_EXIT_CODES = """\b
 Exit codes:
   0  completed (the destination committed)
   1  failed; the source guest was resumed, the destination discarded everything
-  2  usage error
+  2  usage error; with --resume: no interrupted post-copy of IMAGE (nothing changed)
   4  cancelled (Ctrl-C or SIGTERM, or `zcmigrate cancel`)
   5  cannot converge (dirty rate too high for max-bandwidth and downtime-limit)
   6  outcome unknown: the device state left but no commit came back; the guest
      stays paused at the source: `zcmigrate resume IMAGE` if the destination did
      not commit, `zcmigrate retire IMAGE` if it did (see the message)
   8  post-copy interrupted: the guest runs on the destination and waits for pages
-     only this host holds; keep IMAGE (its guest stays paused, held) and see the
-     message"""
+     only this host holds; keep IMAGE (its guest stays paused, held) and finish
+     it with `zcmigrate send IMAGE --resume --to HOST:PORT`"""
 
 RECEIVE_EXIT_CODES = """\b
 Exit codes:
@@ -50,8 +50,9 @@ Exit codes:
   4  cancelled by the source, or SIGTERM while receiving; nothing was committed
   7  committed, but the acknowledgement could not be delivered: the source
      keeps its guest paused; retire it there (`zcmigrate retire IMAGE`)
-  8  post-copy interrupted: the source went away while the guest ran here; the
-     guest (started by this receiver) waits for the pages it lacks"""
+  8  post-copy interrupted: the source went away while the guest ran here and
+     did not resume within --postcopy-recover-timeout (or SIGTERM); the guest
+     (started by this receiver) waits for the pages it lacks"""
 
 
 def parse_hostport(text: str) -> tuple[str, int]:

@@ -60,6 +60,11 @@ from zcmigrate.migrate.incoming import claim_destination
               envvar="ZCMIGRATE_GUEST_DIRTY_RATE", show_envvar=True,
               help="Post-copy: the dirty rate of the guest this receiver starts on IMAGE "
               "(`zcmigrate guest IMAGE --postcopy SOCKET`, in a session of its own).")
+@click.option("--postcopy-recover-timeout", type=click.FloatRange(0), default=0.0,
+              show_default=True, envvar="ZCMIGRATE_POSTCOPY_RECOVER_TIMEOUT", show_envvar=True,
+              help="Post-copy recovery: after a break, seconds to wait for the source's "
+              "`zcmigrate send IMAGE --resume` before exiting 8; 0 = forever. The guest here "
+              "waits for its missing pages either way.")
 @AUTH_KEY
 @click.option("--insecure", is_flag=True, envvar="ZCMIGRATE_INSECURE", show_envvar=True,
               help="Listen beyond loopback without a key: any host that reaches the port "
@@ -69,7 +74,7 @@ from zcmigrate.migrate.incoming import claim_destination
 def receive_command(image: Path, listen: str, serve: bool, accept_timeout: float,
                     replace: bool, peer_timeout: float, max_image_size: int | None,
                     max_device_state: int, guest_dirty_rate: int,
-                    auth_key_file: Path | None, insecure: bool,
+                    postcopy_recover_timeout: float, auth_key_file: Path | None, insecure: bool,
                     as_json: bool, log_format: str) -> None:
     """Receive a migration into IMAGE.
 
@@ -81,7 +86,9 @@ def receive_command(image: Path, listen: str, serve: bool, accept_timeout: float
     start of the migration, as `zcmigrate guest IMAGE --postcopy SOCKET` in a session
     of its own (output in IMAGE.guest.log; IMAGE must be on a tmpfs, and is put in
     place then): it waits for its device state, runs from the switch on, and outlives
-    the receiver.
+    the receiver. Should the source's connection break during post-copy, this receiver
+    keeps the guest's link and waits (--postcopy-recover-timeout) for the source's
+    `zcmigrate send IMAGE --resume`, which finishes the migration.
     """
     logs.configure(log_format)
     host, port = parse_hostport(listen)
@@ -132,6 +139,7 @@ def receive_command(image: Path, listen: str, serve: bool, accept_timeout: float
                 status=_status_line, peer_timeout=peer_timeout, replace=replace,
                 max_image_size=max_image_size, max_device_state=max_device_state,
                 guest_args=["--dirty-rate", str(guest_dirty_rate)],
+                postcopy_recover_timeout=postcopy_recover_timeout or None,
             )
             current[:] = [job]
             try:

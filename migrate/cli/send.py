@@ -46,6 +46,10 @@ from zcmigrate.migrate.stats import MigrationStats
 @click.option("--page-size", type=click.IntRange(512, 65536), default=4096, show_default=True,
               envvar="ZCMIGRATE_PAGE_SIZE", show_envvar=True,
               help="Page size of a static image (a running guest says its own).")
+@click.option("--resume", is_flag=True, envvar="ZCMIGRATE_RESUME", show_envvar=True,
+              help="Finish the post-copy of IMAGE that was interrupted (exit 8): a new session "
+              "to the receiver that waits for it (--to), same migration; it sends the pages "
+              "the destination's guest still lacks, then commits.")
 @AUTH_KEY
 @click.option("--no-encryption", is_flag=True, envvar="ZCMIGRATE_NO_ENCRYPTION",
               show_envvar=True,
@@ -57,7 +61,7 @@ from zcmigrate.migrate.stats import MigrationStats
               "IMAGE's full path in $XDG_RUNTIME_DIR/zcmigrate, or /run/zcmigrate as root].")
 @json_option("Print the final statistics as JSON.")
 @LOG_FORMAT
-def send_command(image: Path, to: str, static: bool, page_size: int,
+def send_command(image: Path, to: str, static: bool, page_size: int, resume: bool,
                  auth_key_file: Path | None, no_encryption: bool, control_socket: Path | None,
                  as_json: bool, log_format: str, **kw: Any) -> None:
     """Migrate IMAGE (and the guest running on it, if any) to a receiver.
@@ -72,8 +76,11 @@ def send_command(image: Path, to: str, static: bool, page_size: int,
     if no_encryption and key is None:
         raise click.UsageError("--no-encryption goes with --auth-key-file: without a key "
                                "nothing is encrypted anyway")
+    if resume and static:
+        raise click.UsageError("--resume finishes an interrupted post-copy of a running "
+                               "guest: --static does not go with it")
     job = SourceJob(image, Destination(host, port), params_from(kw), page_size=page_size,
-                    static=static, auth_key=key, encryption=not no_encryption)
+                    static=static, auth_key=key, encryption=not no_encryption, resume=resume)
     try:
         server = ControlServer(control_socket or default_socket(image), job)
     except (ControlError, OSError) as e:
