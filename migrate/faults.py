@@ -24,6 +24,7 @@ POINTS = frozenset({
     "source:postcopy-device-sent",  # post-copy: the device state sent, the guest may run there
     "source:postcopy-pushed",  # post-copy: every background page queued, not yet synced
     "destination:postcopy-running",  # post-copy: the guest runs here, pages still missing
+    "source:postcopy-resumed",  # send --resume: the destination is served again, no push yet
 })
 
 _armed = frozenset(p.strip() for p in os.environ.get("ZCMIGRATE_FAULT", "").split(",")

@@ -170,7 +170,7 @@ class PostcopySource:
             faults.reached("source:postcopy-resumed")
             self._push(missing)
             ack = self._end(1)
-        except ZcmigrateError as e:
+        except Exception as e:  # whatever broke, the migration stays interrupted
             raise self._interrupted(e) from e
         finally:
             self._stop_serving()

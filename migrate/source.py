@@ -328,12 +328,15 @@ class SourceJob:
         its UUID; the destination says which pages it still lacks (postcopy_source)."""
         from zcmigrate.migrate.postcopy_source import PostcopySource
 
+        nothing = NothingToResume(
+            f"nothing to resume: no interrupted post-copy of {self.image} "
+            f"({resume_path(self.image).name} is not there); nothing was changed")
+        if not resume_path(self.image).exists():
+            raise nothing  # before the lock, which would leave an IMAGE.lock behind
         self._lock_file = ImageLock(lock_path(self.image), f"cannot resume {self.image}")
-        rec = read_resume_record(self.image)
+        rec = read_resume_record(self.image)  # again, under the lock: it may have gone
         if rec is None:
-            raise NothingToResume(
-                f"nothing to resume: no interrupted post-copy of {self.image} "
-                f"({resume_path(self.image).name} is not there); nothing was changed")
+            raise nothing
         self.uuid = rec.uuid
         self.page_size = rec.page_size
         self.log = log.bind(uuid=self.uuid.hex()[:8], dest=f"{self.dest.host}:{self.dest.port}")

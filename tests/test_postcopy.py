@@ -174,6 +174,7 @@ def test_receiver_killed_during_postcopy(shm: Path) -> None:
         code, _, err = finish(proc, 60)
         assert code == 8, err
         assert "post-copy interrupted" in err and "do not retire or resume" in err
+        assert "--resume" in err
         assert guest.proc.poll() is None, "the source guest exited with pages still needed"
         with GuestControl.open(src) as g:
             assert g.lease.mode == LeaseMode.HOLD
@@ -189,7 +190,9 @@ def test_sender_killed_during_postcopy(shm: Path) -> None:
     src, dst = shm / "src.img", shm / "dst.img"
     guest = Guest.start(src, SIZE, DIRTY)
     try:
-        recv = Receiver.start(dst, "--peer-timeout", "5")
+        # A short recovery wait: with none coming, the receiver gives up its wait (the
+        # guest does not: tests/test_postcopy_recovery.py resumes one).
+        recv = Receiver.start(dst, "--peer-timeout", "5", "--postcopy-recover-timeout", "2")
         proc = send(src, recv.port, "--max-bandwidth", "8M", "--postcopy",
                     env={"ZCMIGRATE_FAULT": "source:postcopy-device-sent"})
         wait_stopped(proc, 60)
@@ -199,6 +202,7 @@ def test_sender_killed_during_postcopy(shm: Path) -> None:
         rcode, _, rerr = recv.result(60)
         assert rcode == 8, rerr
         assert "post-copy interrupted" in rerr and "waits for the" in rerr
+        assert "no resume came" in rerr
         assert_waits_for_pages(dst)
     finally:
         stop(guest.proc, signal.SIGKILL)

@@ -1,0 +1,161 @@
+"""Post-copy recovery end to end (issue 13, item 3), real processes on loopback TCP: the
+sender dies right after the device state left (the guest runs on the destination and
+waits for pages only the source holds); the receiver keeps the guest's link and waits;
+`send --resume` finishes the migration, oracle ok. Also: a resume with nothing to
+resume, and a resume the receiver must refuse (wrong key, wrong migration), after which
+the guest still waits and a right one completes.
+
+The network break itself (nftables drop for 10 s between namespaces) is
+tests/test_faults.py's test_postcopy_link_broken_for_10_s_resumes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from tests.migration_procs import (
+    Guest,
+    Receiver,
+    finish,
+    send,
+    spawn,
+    stop,
+    wait_for_event,
+    wait_stopped,
+)
+from tests.test_postcopy import (  # noqa: F401 - the fixture
+    DIRTY,
+    SIZE,
+    shm,
+    stop_and_check_destination,
+)
+from zcmigrate.migrate.guest import GuestControl, LeaseMode, read_control_record
+from zcmigrate.migrate.imagefiles import resume_path
+from zcmigrate.migrate.keyfile import read_key
+
+
+def assert_stalls(image: Path) -> None:
+    """The destination's guest waits on a missing page, still linked to its receiver
+    (which waits for the resume): alive, its write counter standing still."""
+    time.sleep(0.5)
+    before = read_control_record(image)
+    time.sleep(1.0)
+    after = read_control_record(image)
+    assert before is not None and after is not None
+    assert after.touched == before.touched, "the guest ran past a missing page"
+    os.kill(after.pid, 0)
+
+
+def _resume_in_process(src: Path, port: int, key: Path, *, uuid: bytes,
+                       refused: str) -> None:
+    import pytest
+
+    from zcmigrate.migrate import source
+    from zcmigrate.migrate.errors import PostcopyInterrupted
+    from zcmigrate.migrate.params import MigrationParameters
+    from zcmigrate.migrate.postcopy_resume import read_resume_record
+
+    real = read_resume_record(src)
+    assert real is not None
+    job = source.SourceJob(src, source.Destination("127.0.0.1", port),
+                           MigrationParameters(), auth_key=read_key(key), resume=True)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(source, "read_resume_record",
+                   lambda image: dataclasses.replace(real, uuid=uuid))
+        mp.setattr(source, "read_control_record", lambda image: None)
+        with pytest.raises(PostcopyInterrupted, match=refused):
+            job.run()
+
+
+def _keygen(path: Path) -> None:
+    p = spawn("keygen", str(path))
+    assert p.wait(30) == 0
+
+
+def _interrupted(src: Path, dst: Path, key: Path) -> tuple[Guest, Receiver]:
+    """A post-copy whose sender is killed once the device state left."""
+    guest = Guest.start(src, SIZE, DIRTY)
+    recv = Receiver.start(dst, "--peer-timeout", "5", "--auth-key-file", str(key))
+    proc = send(src, recv.port, "--max-bandwidth", "8M", "--postcopy", "--peer-timeout", "5",
+                "--auth-key-file", str(key),
+                env={"ZCMIGRATE_FAULT": "source:postcopy-device-sent"})
+    wait_stopped(proc, 60)
+    assert resume_path(src).exists(), "the resume record is written before the state leaves"
+    time.sleep(0.5)  # the guest runs there and faults on what it lacks
+    proc.kill()
+    proc.wait()
+    wait_for_event(recv.proc, "post-copy interrupted: waiting for the source to resume", 30)
+    return guest, recv
+
+
+def test_send_resume_finishes_a_postcopy_whose_sender_died(shm: Path) -> None:  # noqa: F811
+    src, dst = shm / "src.img", shm / "dst.img"
+    key, other = shm / "key", shm / "other"
+    _keygen(key)
+    _keygen(other)
+    guest, recv = _interrupted(src, dst, key)
+    try:
+        assert_stalls(dst)
+        with GuestControl.open(src) as g:
+            assert g.lease.mode == LeaseMode.HOLD
+        # A fresh migration of the image is refused: its guest runs over there.
+        code, _, err = finish(send(src, recv.port, "--auth-key-file", str(key)), 60)
+        assert code == 1 and "--resume" in err, err
+        # Another key: the receiver refuses it, and waits on.
+        code, _, err = finish(send(src, recv.port, "--resume", "--auth-key-file",
+                                   str(other)), 60)
+        assert code == 8 and "authentication failed" in err, err
+        # Another migration's UUID: refused too.
+        record = resume_path(src)
+        saved = record.read_text()
+        doc = json.loads(saved)
+        doc["uuid"] = "00" * 16
+        record.write_text(json.dumps(doc))
+        code, _, err = finish(send(src, recv.port, "--resume", "--auth-key-file",
+                                   str(key)), 60)
+        # The source itself sees that its held guest names another migration.
+        assert code == 2 and "not the interrupted one" in err, err
+        record.write_text(saved)
+        # The receiver refuses another UUID too (a source that got it wrong: in-process,
+        # past the source's own check).
+        _resume_in_process(src, recv.port, key, uuid=bytes(16),
+                           refused="waits for the resume of migration")
+        assert recv.proc.poll() is None, "the receiver gave up on a refused resume"
+        assert_stalls(dst)
+        # The right one finishes the migration.
+        code, stats, err = finish(send(src, recv.port, "--resume", "--auth-key-file",
+                                       str(key), "--multifd-zerocopy", "on"), 120)
+        assert code == 0, err
+        assert stats["status"] == "completed"
+        assert '"event": "post-copy resumed: the destination is served again"' in err
+        rcode, rout, rerr = recv.result(60)
+        assert "after post-copy" in rout or "postcopy-requests" in rout
+        assert rcode == 0, rerr
+        assert '"event": "post-copy resume accepted"' in rerr
+        assert not resume_path(src).exists()
+        assert guest.proc.wait(10) == 0  # handed over: it exited
+    finally:
+        stop(guest.proc, signal.SIGKILL)
+    stop_and_check_destination(dst)
+
+
+def test_send_resume_with_nothing_to_resume_changes_nothing(shm: Path) -> None:  # noqa: F811
+    src = shm / "src.img"
+    guest = Guest.start(src, "1M", "1M")
+    try:
+        before = sorted(p.name for p in shm.iterdir())
+        r = subprocess.run(["python", "-m", "zcmigrate", "send", str(src), "--resume",
+                            "--to", "127.0.0.1:9"], capture_output=True, text=True,
+                           timeout=60, check=False)
+        assert r.returncode == 2, r.stderr
+        assert "nothing to resume" in r.stderr and "nothing was changed" in r.stderr
+        assert sorted(p.name for p in shm.iterdir()) == before
+        assert guest.running(), "the guest stopped running"
+    finally:
+        stop(guest.proc)
