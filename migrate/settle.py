@@ -25,8 +25,9 @@ from zcmigrate.migrate.guest import (
     owner_alive,
     read_control_record,
 )
-from zcmigrate.migrate.imagefiles import control_path, lock_path
+from zcmigrate.migrate.imagefiles import control_path, lock_path, resume_path
 from zcmigrate.migrate.imagelock import ImageLock, holder_pid, process_name
+from zcmigrate.migrate.postcopy_resume import remove_resume_record
 
 SETTLE_TIMEOUT_S: Final = 5.0
 CHECK_DESTINATION: Final = (
@@ -53,6 +54,14 @@ def resume_paused_guest(image: str | os.PathLike[str], timeout: float = SETTLE_T
     """`zcmigrate resume IMAGE`: take IMAGE.lock, then settle_resume the guest on it."""
     path = Path(image)
     with _own_image(path, "resume"):
+        if resume_path(path).exists():
+            # Post-copy: the guest ran on the destination from the switch on, so it may
+            # have changed since this copy paused; this copy must never run again.
+            raise GuestError(
+                f"refusing to resume the guest on {path}: a post-copy of it was interrupted "
+                f"({resume_path(path).name}): its guest runs on the destination and waits "
+                f"for pages from here. Finish it: `zcmigrate send {path} --resume --to "
+                "HOST:PORT` (docs/operations.md, \"Post-copy recovery\")")
         try:
             ctl = GuestControl.open(path)
         except GuestError as e:
@@ -83,6 +92,7 @@ def retire_paused_guest(image: str | os.PathLike[str], timeout: float = SETTLE_T
                     f"committed it; start it again with `zcmigrate guest {path}`"
                 ) from None
             mark_handed_over(path)
+            remove_resume_record(path)
             return Settled(
                 path, "marked", record.pid,
                 f"marked {path} handed over (migration {record.lease.migration_name}): its "
@@ -90,7 +100,10 @@ def retire_paused_guest(image: str | os.PathLike[str], timeout: float = SETTLE_T
                 "on it now without --force; its pages stay in the image",
             )
         with ctl:
-            return settle_retire(ctl, timeout=timeout)
+            settled = settle_retire(ctl, timeout=timeout)
+        # A post-copy whose commit came without its acknowledgement is over too.
+        remove_resume_record(path)
+        return settled
 
 
 def settle_resume(ctl: GuestControl, timeout: float = SETTLE_TIMEOUT_S) -> Settled:

@@ -16,6 +16,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -104,6 +105,10 @@ def test_send_resume_finishes_a_postcopy_whose_sender_died(shm: Path) -> None:  
         assert_stalls(dst)
         with GuestControl.open(src) as g:
             assert g.lease.mode == LeaseMode.HOLD
+        # Resuming the guest here is refused: it ran over there since the switch.
+        r = subprocess.run([sys.executable, "-m", "zcmigrate", "resume", str(src)],
+                           capture_output=True, text=True, timeout=60, check=False)
+        assert r.returncode != 0 and "--resume" in r.stderr, r.stderr
         # A fresh migration of the image is refused: its guest runs over there.
         code, _, err = finish(send(src, recv.port, "--auth-key-file", str(key)), 60)
         assert code == 1 and "--resume" in err, err
@@ -150,7 +155,7 @@ def test_send_resume_with_nothing_to_resume_changes_nothing(shm: Path) -> None: 
     guest = Guest.start(src, "1M", "1M")
     try:
         before = sorted(p.name for p in shm.iterdir())
-        r = subprocess.run(["python", "-m", "zcmigrate", "send", str(src), "--resume",
+        r = subprocess.run([sys.executable, "-m", "zcmigrate", "send", str(src), "--resume",
                             "--to", "127.0.0.1:9"], capture_output=True, text=True,
                            timeout=60, check=False)
         assert r.returncode == 2, r.stderr
