@@ -29,6 +29,7 @@ from zcmigrate.channel.zcsocket import Channel
 from zcmigrate.migrate.mainchannel import MainChannel
 from zcmigrate.migrate.protocol import (
     DEVICE_STATE_MAX,
+    DIRTY_CHUNK_PAGES,
     ERROR_MESSAGE_MAX,
     MAIN_MAGIC,
     MAIN_VERSION,
@@ -43,6 +44,11 @@ from zcmigrate.migrate.protocol import (
     Hello,
     HelloAck,
     MultifdFlush,
+    PostcopyComplete,
+    PostcopyDirty,
+    PostcopyEnd,
+    PostcopyListen,
+    PostcopyMissing,
     Record,
     RecordType,
     Role,
@@ -70,7 +76,9 @@ TYPES = list(RecordType)
 # past "field missing" to the checks of each field's value.
 FIELD_NAMES = sorted({"uuid", "channels", "page-size", "image-size", "pages-alloc", "block",
                       "multifd-zerocopy", "zero-page-detection", "nonce", "encryption", "resume",
-                      "mac", "version", "key", "iteration", "device-state-sha256", "message"})
+                      "mac", "version", "key", "iteration", "device-state-sha256", "message",
+                      "postcopy-requests", "postcopy-latency-median", "postcopy-latency-p99",
+                      "postcopy-total-time"})
 
 
 # ------------------------------------------------------------------ valid records
@@ -96,6 +104,18 @@ def hellos(draw: st.DrawFn) -> Hello:
 
 
 _ITERATION = st.integers(1, U64 - 1)
+_U64 = st.integers(0, U64 - 1)
+
+
+@st.composite
+def dirty_lists(draw: st.DrawFn, cls: type[PostcopyDirty] = PostcopyDirty) -> PostcopyDirty:
+    # Whole 64-page words from a word boundary; small counts keep the examples cheap,
+    # the bound itself is one of them.
+    count = draw(st.one_of(st.integers(1, 4096), st.just(DIRTY_CHUNK_PAGES)))
+    words = (count + 63) // 64
+    return cls(first=64 * draw(st.integers(0, (U64 - 1) // 64 - 1)), count=count,
+                         bitmap=draw(_hex_bytes(words * 8)), last=draw(st.booleans()))
+
 # Any record a correct end may send, by type.
 VALID: dict[RecordType, st.SearchStrategy[Record]] = {
     RecordType.GREETING: st.builds(Greeting, _hex_bytes(NONCE_SIZE), st.booleans()),
@@ -110,9 +130,17 @@ VALID: dict[RecordType, st.SearchStrategy[Record]] = {
     RecordType.ERROR: st.builds(Error, st.one_of(
         st.text(max_size=200), st.text(min_size=ERROR_MESSAGE_MAX - 100,
                                        max_size=ERROR_MESSAGE_MAX + 100))),
+    RecordType.POSTCOPY_LISTEN: st.builds(PostcopyListen, _ITERATION),
+    RecordType.POSTCOPY_END: st.builds(PostcopyEnd, _ITERATION),
+    RecordType.POSTCOPY_DIRTY: dirty_lists(),
+    RecordType.POSTCOPY_MISSING: dirty_lists(PostcopyMissing),
+    RecordType.POSTCOPY_COMPLETE: st.builds(PostcopyComplete, _U64, _U64, _U64, _U64),
     **{t: st.just(RECORDS[t]()) for t in (RecordType.CANCEL, RecordType.WRITEBACK,
                                           RecordType.WRITEBACK_DONE, RecordType.KEEPALIVE,
-                                          RecordType.RAM_RECEIVED)},
+                                          RecordType.RAM_RECEIVED,
+                                          RecordType.POSTCOPY_ADVISE,
+                                          RecordType.POSTCOPY_READY,
+                                          RecordType.POSTCOPY_RUNNING)},
 }
 
 
