@@ -27,11 +27,12 @@ from zcmigrate.channel.zcsocket import DEFAULT_PEER_TIMEOUT, Channel, Listener
 from zcmigrate.migrate import faults
 from zcmigrate.migrate.admission import admit_data_channels, admit_source
 from zcmigrate.migrate.errors import (
+    MigrationError,
     ReceiveCancelled,
     ReceiveError,
     ReceivePostcopyInterrupted,
 )
-from zcmigrate.migrate.imagefiles import state_path
+from zcmigrate.migrate.imagefiles import resume_path, state_path
 from zcmigrate.migrate.incoming import (
     IncomingImage,
     check_destination,
@@ -44,6 +45,7 @@ from zcmigrate.migrate.postcopy_destination import (
     PostcopyOutcome,
     PostcopyUnacknowledged,
 )
+from zcmigrate.migrate.postcopy_resume import read_resume_record
 from zcmigrate.migrate.protocol import (
     DEVICE_STATE_MAX,
     Cancel,
@@ -142,6 +144,7 @@ class DestinationJob:
         max_device_state: int = DEVICE_STATE_MAX,
         guest_args: list[str] | None = None,
         postcopy_recover_timeout: float | None = None,
+        take_over: bool = False,
     ) -> None:
         self.image = Path(image).absolute()
         self.listener = listener
@@ -177,6 +180,9 @@ class DestinationJob:
         self.postcopy_recover_timeout = postcopy_recover_timeout
         self._hello_uuid = b""
         self._data_channels: list[Channel] = []
+        # `receive IMAGE --resume`: no migration starts here; the guest a dead receiver
+        # left waiting on IMAGE is taken over, and its source's resume awaited.
+        self.take_over = take_over
         self.log = log.bind(image=str(self.image))
 
     def cancel(self, reason: str = "stopped") -> bool:
@@ -228,6 +234,8 @@ class DestinationJob:
                                "(peer-timeout): it stopped or the network cut it off")
 
     def _run(self) -> ReceiveResult:
+        if self.take_over:
+            return self._run_take_over()
         self.status("waiting for a migration")
         key = self.auth_key
         # Every connection is served until one proves it is a migration; strays, probes
@@ -312,6 +320,46 @@ class DestinationJob:
                       syncs=self._syncs)
         self.status(f"migration {uuid[:8]}: committed")
         return result
+
+    def _run_take_over(self) -> ReceiveResult:
+        """The receiver of a post-copy died: take its waiting guest over, then wait for the
+        source's `send --resume` as after any break (_recover)."""
+        t0 = time.monotonic()
+        try:
+            rec = read_resume_record(self.image)
+        except MigrationError as e:
+            raise ReceiveError(str(e)) from e
+        if rec is None or rec.role != "destination":
+            raise ReceiveError(
+                f"nothing to take over: {self.image} is not the destination of an "
+                f"interrupted post-copy (no {resume_path(self.image).name} of a destination "
+                "beside it); nothing was changed")
+        self._hello_uuid, self._uuid = rec.uuid, rec.uuid.hex()
+        self.log = self.log.bind(uuid=self._uuid[:8])
+        try:
+            self._ctx = WireContext(uuid=rec.uuid, channels=1, page_size=rec.page_size,
+                                    image_size=rec.image_size, pages_alloc=1)
+        except ZcmigrateError as e:
+            raise ReceiveError(f"{resume_path(self.image)}: {e}") from e
+        self._incoming.adopt_placed()
+        self._postcopy = PostcopyDestination(
+            main=None, listener=self.listener, pool=None, ctx=self._ctx,
+            incoming=self._incoming, session=None, peer_timeout=self.peer_timeout,
+            exiting=self.exiting, check_alive=self._check_alive,
+            begin_commit=self._begin_commit, status=self.status, log=self.log,
+            guest_args=self.guest_args)
+        with self._state_lock:
+            self._committing = True  # the guest runs here: no cancel says "nothing"
+        self._postcopy.take_over(rec)
+        outcome = self._recover(ReceivePostcopyInterrupted(
+            f"post-copy of migration {self._uuid[:8]} taken over from a receiver that died"))
+        self._postcopy_outcome = outcome
+        return ReceiveResult(
+            image=self.image, state_file=state_path(self.image), uuid=self._uuid,
+            image_size=rec.image_size, page_size=rec.page_size, channels=0,
+            normal_pages=0, zero_pages=0, bytes_received=0, syncs=0,
+            total_time_ms=(time.monotonic() - t0) * 1000, acknowledged=self._acknowledged,
+            postcopy=outcome.to_dict())
 
     def _check_size(self, hello: Hello) -> None:
         """A source (proven, with a key) that proposes more than we take: its migration

@@ -217,6 +217,18 @@ class IncomingImage:
         fsync_dir(self.image.parent)
         return self._fd
 
+    def adopt_placed(self) -> None:
+        """`receive IMAGE --resume`: the image a dead receiver placed for post-copy, on
+        which its guest runs and waits; ours from now until the commit, never discarded
+        (close() leaves it alone)."""
+        try:
+            self._fd = os.open(self.image, os.O_RDWR | os.O_CLOEXEC)
+        except OSError as e:
+            raise ReceiveError(f"cannot open {self.image}: {e.strerror}") from e
+        self._created = False
+        self._placed = True
+        self.path = self.image
+
     def discard_placed(self) -> None:
         """A post-copy that failed before its guest ran: the image placed early holds
         nothing anyone needs."""

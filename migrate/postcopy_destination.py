@@ -31,7 +31,7 @@ import sys
 import threading
 import time
 from array import array
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Final
 
 from zcmigrate import ZcmigrateError
@@ -41,10 +41,20 @@ from zcmigrate.channel.zcsocket import Channel, Listener
 from zcmigrate.migrate import faults
 from zcmigrate.migrate.admission import admit_data_channels
 from zcmigrate.migrate.errors import ReceiveError, ReceivePostcopyInterrupted
-from zcmigrate.migrate.guest import DeviceState, GuestError, PostcopyGuest
+from zcmigrate.migrate.guest import (
+    DeviceState,
+    GuestError,
+    PostcopyGuest,
+    read_control_record,
+)
 from zcmigrate.migrate.imagefiles import guest_log_path, postcopy_socket
 from zcmigrate.migrate.incoming import IncomingImage
 from zcmigrate.migrate.mainchannel import MainChannel
+from zcmigrate.migrate.postcopy_resume import (
+    ResumeRecord,
+    remove_resume_record,
+    write_resume_record,
+)
 from zcmigrate.migrate.protocol import (
     DIRTY_CHUNK_PAGES,
     CommitAck,
@@ -86,6 +96,9 @@ exits should this receiver die (its link closes)."""
 GUEST_START_TIMEOUT: Final = 30.0
 """From spawning the guest to its hello with the userfaultfd: a Python start on a loaded
 host takes a second or two; far longer means it failed (its log says why)."""
+TAKE_OVER_WAIT: Final = 30.0
+"""How long `receive --resume` waits for the guest to reach it: the guest tries every
+0.2 s, so far longer means no guest waits on this image."""
 _SLICE: Final = 0.1
 _ZERO_RUN: Final = 256  # zero pages placed per UFFDIO_COPY when holes are filled
 
@@ -132,9 +145,9 @@ class PostcopyDestination:
     def __init__(
         self,
         *,
-        main: MainChannel,
+        main: MainChannel | None,
         listener: Listener,
-        pool: ReceiverPool,
+        pool: ReceiverPool | None,
         ctx: WireContext,
         incoming: IncomingImage,
         session: SessionKeys | None,
@@ -146,7 +159,7 @@ class PostcopyDestination:
         log: FilteringBoundLogger,
         guest_args: Sequence[str] = (),
     ) -> None:
-        self.main = main
+        self._main_ch = main  # None until a session: a receiver that takes over has none
         self.listener = listener
         self.pool = pool
         self.ctx = ctx
@@ -186,6 +199,11 @@ class PostcopyDestination:
         self._device_state: bytes | None = None  # for the commit, after a resume too
         self._ndirty = 0
         self._keep_image = False  # precopy completed instead: the image is committed
+
+    @property
+    def main(self) -> MainChannel:
+        assert self._main_ch is not None, "no session yet"
+        return self._main_ch
 
     # ------------------------------------------------------------------ advise
 
@@ -241,6 +259,7 @@ class PostcopyDestination:
         # Every precopy page is in place once every channel passed the SYNC before
         # POSTCOPY_LISTEN; none after it is read by the pool (final): from here the data
         # channels are ours, for the background pages.
+        assert self.pool is not None, "a receiver that takes over has no precopy"
         self.pool.sync(timeout=self.peer_timeout, final=True)
         self.pool.check_complete()
         offsets = self._dirty_list()
@@ -262,6 +281,11 @@ class PostcopyDestination:
         state = DeviceState.decode(rec.data)
         # From here the guest may run here: nothing turns this into "nothing committed".
         self.begin_commit()
+        # Before the go: should this receiver die, `receive IMAGE --resume` finds here
+        # which migration the waiting guest belongs to.
+        write_resume_record(self.incoming.image, ResumeRecord(
+            uuid=self.ctx.uuid, page_size=self.ps, image_size=self.ctx.image_size,
+            device_state=rec.data, destination="", role="destination"))
         self._went = True
         return self._serve(state, rec.data, len(offsets))
 
@@ -372,6 +396,7 @@ class PostcopyDestination:
         assert self._guest is not None and self._range is not None and self._urgent is not None
         self._device_state = device_state
         self._ndirty = ndirty
+        assert self.pool is not None
         self._start_serving(self.pool.handoff())
         try:
             self._guest.go(state, self.peer_timeout)
@@ -419,6 +444,7 @@ class PostcopyDestination:
                                         latency_median_us=median, latency_p99_us=p99,
                                         total_time_ms=total_ms))
         self.incoming.commit_postcopy(device_state)
+        remove_resume_record(self.incoming.image)
         self.log.info("post-copy complete", **outcome.to_dict(), filled_zero_pages=filled)
         try:
             self.main.send(CommitAck(hashlib.sha256(device_state).digest()))
@@ -427,6 +453,39 @@ class PostcopyDestination:
         return outcome
 
     # ------------------------------------------------------------------ recovery
+
+    def take_over(self, record: ResumeRecord) -> None:
+        """`receive IMAGE --resume`: the receiver of this post-copy died. Take its guest
+        over on the same socket (a recovery hello: the guest sends its userfaultfd again),
+        wake its range so that faults the dead one read come again, and count as missing
+        every page not in the file: the stale ones not placed yet, and zero pages never
+        written (the source sends those too; a copy never overwrites a page). Then, as
+        after any break, wait for the source's resume (DestinationJob)."""
+        image = self.incoming.image
+        self._fd_listener = FdListener(postcopy_socket(image))
+        try:
+            guest = PostcopyGuest.accept(self._fd_listener, TAKE_OVER_WAIT)
+        except GuestError as e:
+            raise ReceiveError(f"no post-copy guest waits on {image}: {e}") from e
+        owner = read_control_record(image)
+        if not guest.hello.recovery or owner is None or owner.pid != guest.peer.pid:
+            guest.close()
+            raise ReceiveError(
+                f"the process (pid {guest.peer.pid}) that connected to "
+                f"{self._fd_listener.path} is not the post-copy guest waiting on {image}")
+        self._guest, self._range = guest, guest.pages
+        self._device_state = record.device_state
+        self._went = True
+        left = 0
+        for off in _holes(self.incoming.fd, self.ctx.image_size):
+            page = off // self.ps
+            if not self._pending[page]:
+                self._pending[page] = 1
+                left += 1
+        self._left = left
+        self._t_running = time.monotonic()
+        guest.take_over()
+        self.log.info("post-copy guest taken over", pid=guest.peer.pid, pages_left=left)
 
     def detach(self) -> None:
         """After a break: stop serving (threads, readers, urgent channel) but keep the
@@ -440,7 +499,7 @@ class PostcopyDestination:
         """A new session of this migration (DestinationJob checked its resume HELLO and
         admitted its data channels): list the pages still missing, admit its urgent
         channel, serve the guest again, and finish as usual."""
-        self.main, self.ctx, self.session, self.exiting = main, ctx, session, exiting
+        self._main_ch, self.ctx, self.session, self.exiting = main, ctx, session, exiting
         try:
             with self._lock:
                 pending = bytes(self._pending)
@@ -643,6 +702,28 @@ class PostcopyDestination:
         if self._urgent is not None:
             self._urgent.close()
             self._urgent = None
+
+
+def _holes(fd: int, size: int, page_size: int = mmap.PAGESIZE) -> Iterator[int]:
+    """The page offsets of `fd`'s first `size` bytes that hold no data (never written)."""
+    pos = 0
+    while pos < size:
+        try:
+            hole = os.lseek(fd, pos, os.SEEK_HOLE)
+        except OSError as e:
+            if e.errno == errno.ENXIO:
+                return
+            raise
+        if hole >= size:
+            return
+        try:
+            end = min(os.lseek(fd, hole, os.SEEK_DATA), size)
+        except OSError as e:
+            if e.errno != errno.ENXIO:
+                raise
+            end = size
+        yield from range(hole - hole % page_size, end, page_size)
+        pos = end
 
 
 class PostcopyUnacknowledged(ReceiveError):

@@ -1,13 +1,18 @@
-"""The source's record of a post-copy in progress, beside the image (`IMAGE.postcopy-resume`).
+"""The record of a post-copy in progress, beside the image (`IMAGE.postcopy-resume`), on
+either end.
 
-Written durably right before the device state leaves in post-copy, removed once the
-destination's COMMIT_ACK came (or the guest was retired by hand): while it exists, the
-destination's guest may be waiting for pages only this image holds, so the image must
-not be migrated afresh nor its guest resumed here, and `send --resume` finds in it what
-a new session needs (the migration's UUID, the page size, the device state the commit
-must acknowledge). It survives the sender's death and the host's restart: the pages
-themselves are in the image, which nothing frees before the commit. It knows files and
-JSON, not sockets, guests or the CLI.
+On the source: written durably right before the device state leaves, removed once the
+destination's COMMIT_ACK came (or the guest was retired by hand). While it exists the
+destination's guest may wait for pages only this image holds, so the image must not be
+migrated afresh nor its guest resumed here, and `send --resume` finds in it what a new
+session needs (the migration's UUID, the page size, the device state the commit must
+acknowledge). It survives the sender's death and the host's restart: the pages are in
+the image, which nothing frees before the commit.
+
+On the destination: written before the guest gets its go, removed at the commit; a
+receiver started with `receive IMAGE --resume` after the last one died finds in it which
+migration the waiting guest belongs to. It knows files and JSON, not sockets, guests or
+the CLI.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ class ResumeRecord:
     image_size: int
     device_state: bytes
     destination: str  # HOST:PORT of the last session, for the operator's message only
+    role: str = "source"  # or "destination": which end of the migration this image is
 
 
 def write_resume_record(image: str | os.PathLike[str], record: ResumeRecord) -> None:
@@ -43,7 +49,7 @@ def write_resume_record(image: str | os.PathLike[str], record: ResumeRecord) -> 
     body = json.dumps({"kind": _KIND, "version": _VERSION, "uuid": record.uuid.hex(),
                        "page-size": record.page_size, "image-size": record.image_size,
                        "device-state": record.device_state.hex(),
-                       "destination": record.destination}).encode()
+                       "destination": record.destination, "role": record.role}).encode()
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
         os.write(fd, body)
@@ -73,12 +79,15 @@ def read_resume_record(image: str | os.PathLike[str]) -> ResumeRecord | None:
             raise ValueError("not a post-copy resume record of this version")
         uuid = bytes.fromhex(obj["uuid"])
         page_size, image_size = obj["page-size"], obj["image-size"]
+        role = obj.get("role", "source")
+        if role not in ("source", "destination"):
+            raise ValueError(f"role {role!r}")
         if (len(uuid) != 16 or type(page_size) is not int or type(image_size) is not int
                 or page_size <= 0 or image_size <= 0):
             raise ValueError("bad uuid or sizes")
         return ResumeRecord(uuid=uuid, page_size=page_size, image_size=image_size,
                             device_state=bytes.fromhex(obj["device-state"]),
-                            destination=str(obj.get("destination", "")))
+                            destination=str(obj.get("destination", "")), role=role)
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise MigrationError(f"{path} is damaged ({e}); the post-copy it records cannot be "
                              "resumed from it") from e

@@ -337,6 +337,11 @@ class SourceJob:
         rec = read_resume_record(self.image)  # again, under the lock: it may have gone
         if rec is None:
             raise nothing
+        if rec.role != "source":
+            raise NothingToResume(
+                f"{self.image} is the destination of an interrupted post-copy, not its "
+                "source: resume from the source's image (a receiver takes over the guest "
+                f"here with `zcmigrate receive {self.image} --resume`)")
         self.uuid = rec.uuid
         self.page_size = rec.page_size
         self.log = log.bind(uuid=self.uuid.hex()[:8], dest=f"{self.dest.host}:{self.dest.port}")

@@ -164,3 +164,39 @@ def test_send_resume_with_nothing_to_resume_changes_nothing(shm: Path) -> None: 
         assert guest.running(), "the guest stopped running"
     finally:
         stop(guest.proc)
+
+
+def test_a_new_receiver_takes_over_after_kill_9_and_send_resume_finishes(
+        shm: Path) -> None:  # noqa: F811
+    """kill -9 of the receiver during post-copy: the source exits 8; `receive IMAGE
+    --resume` takes the waiting guest over on its socket and waits for the source;
+    `send --resume` then finishes, oracle ok."""
+    src, dst = shm / "src.img", shm / "dst.img"
+    guest = Guest.start(src, SIZE, DIRTY)
+    try:
+        recv = Receiver.start(dst, env={"ZCMIGRATE_FAULT": "destination:postcopy-running"})
+        proc = send(src, recv.port, "--max-bandwidth", "8M", "--postcopy",
+                    "--peer-timeout", "5")
+        wait_stopped(recv.proc, 60)
+        recv.proc.kill()
+        recv.proc.wait()
+        code, _, err = finish(proc, 60)
+        assert code == 8, err
+        assert resume_path(dst).exists() and resume_path(src).exists()
+        # The destination's record is not the source's: no `send --resume` from it.
+        code, _, err = finish(send(dst, recv.port, "--resume"), 60)
+        assert code == 2 and "not its source" in err, err
+        second = Receiver.start(dst, "--resume")
+        wait_for_event(second.proc, "post-copy guest taken over", 30)
+        wait_for_event(second.proc, "post-copy interrupted: waiting for the source to resume",
+                       30)
+        code, stats, err = finish(send(src, second.port, "--resume"), 120)
+        assert code == 0, err
+        assert stats["status"] == "completed"
+        rcode, _, rerr = second.result(60)
+        assert rcode == 0, rerr
+        assert not resume_path(src).exists() and not resume_path(dst).exists()
+        assert guest.proc.wait(10) == 0
+    finally:
+        stop(guest.proc, signal.SIGKILL)
+    stop_and_check_destination(dst)

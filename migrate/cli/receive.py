@@ -32,6 +32,8 @@ from zcmigrate.migrate.cli.options import (
 from zcmigrate.migrate.cli.types import BandwidthType, SizeType
 from zcmigrate.migrate.destination import DestinationJob
 from zcmigrate.migrate.errors import EXIT_COMMITTED_UNACKNOWLEDGED, ReceiveError
+from zcmigrate.migrate.imagefiles import lock_path
+from zcmigrate.migrate.imagelock import ImageLock
 from zcmigrate.migrate.incoming import claim_destination
 
 
@@ -65,6 +67,11 @@ from zcmigrate.migrate.incoming import claim_destination
               help="Post-copy recovery: after a break, seconds to wait for the source's "
               "`zcmigrate send IMAGE --resume` before exiting 8; 0 = forever. The guest here "
               "waits for its missing pages either way.")
+@click.option("--resume", "take_over", is_flag=True, envvar="ZCMIGRATE_RESUME",
+              show_envvar=True,
+              help="Post-copy recovery after the last receiver on IMAGE died: take over the "
+              "guest that waits on IMAGE for its pages, then wait for the source's `zcmigrate "
+              "send SOURCE_IMAGE --resume` as after any break.")
 @AUTH_KEY
 @click.option("--insecure", is_flag=True, envvar="ZCMIGRATE_INSECURE", show_envvar=True,
               help="Listen beyond loopback without a key: any host that reaches the port "
@@ -74,7 +81,8 @@ from zcmigrate.migrate.incoming import claim_destination
 def receive_command(image: Path, listen: str, serve: bool, accept_timeout: float,
                     replace: bool, peer_timeout: float, max_image_size: int | None,
                     max_device_state: int, guest_dirty_rate: int,
-                    postcopy_recover_timeout: float, auth_key_file: Path | None, insecure: bool,
+                    postcopy_recover_timeout: float, take_over: bool,
+                    auth_key_file: Path | None, insecure: bool,
                     as_json: bool, log_format: str) -> None:
     """Receive a migration into IMAGE.
 
@@ -94,10 +102,17 @@ def receive_command(image: Path, listen: str, serve: bool, accept_timeout: float
     host, port = parse_hostport(listen)
     key = read_key(auth_key_file)
     image = image.absolute()
+    if take_over and (serve or replace):
+        raise click.UsageError("--resume takes over one waiting post-copy guest: not with "
+                               "--serve or --replace")
     try:
-        # Everything that can be known before a source connects is checked before we
-        # say we are ready: the directory, another receiver on IMAGE, IMAGE itself.
-        claim = claim_destination(image, replace=replace)
+        if take_over:
+            # IMAGE exists (its guest runs on it): only no other receiver may own it.
+            claim = ImageLock(lock_path(image), f"cannot take over the post-copy of {image}")
+        else:
+            # Everything that can be known before a source connects is checked before we
+            # say we are ready: the directory, another receiver on IMAGE, IMAGE itself.
+            claim = claim_destination(image, replace=replace)
     except ZcmigrateError as e:
         raise click.ClickException(str(e)) from e
     try:
@@ -140,6 +155,7 @@ def receive_command(image: Path, listen: str, serve: bool, accept_timeout: float
                 max_image_size=max_image_size, max_device_state=max_device_state,
                 guest_args=["--dirty-rate", str(guest_dirty_rate)],
                 postcopy_recover_timeout=postcopy_recover_timeout or None,
+                take_over=take_over,
             )
             current[:] = [job]
             try:
