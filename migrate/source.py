@@ -43,6 +43,7 @@ from zcmigrate.migrate.guest import (
     DeviceState,
     GuestControl,
     GuestError,
+    GuestState,
     control_path,
     read_control_record,
 )
@@ -354,11 +355,23 @@ class SourceJob:
         if record is not None and record.lease.migration not in (None, rec.uuid):
             raise NothingToResume(f"the guest control file of {self.image} names migration "
                                   f"{record.lease.migration_name}, not the interrupted one")
+        if record is not None and record.lease.handed_over_ns:
+            raise NothingToResume(
+                f"{self.image} is already handed over (migration "
+                f"{record.lease.migration_name}): its post-copy was committed; `zcmigrate "
+                f"retire {self.image}` removes {resume_path(self.image).name}")
         if control_path(self.image).exists():
             # The held guest, if it still runs: it exits once the destination committed.
             # One that died (or a restarted host) is marked handed over instead.
             with contextlib.suppress(GuestError):
                 self._guest = GuestControl.open(self.image)
+            if self._guest is not None and self._guest.state != GuestState.PAUSED:
+                # Someone started a guest here again (`guest --force`): the image is no
+                # longer the one of the switch, and its pages would mix two histories.
+                raise MigrationError(
+                    f"a guest runs on {self.image} (pid {self._guest.pid}): the image has "
+                    "changed since the post-copy switch, so it cannot finish that "
+                    "migration; nothing was sent")
         # From here on, as after the device state left: every failure leaves the migration
         # interrupted, to be resumed again, never undone.
         self._device_sent = True
