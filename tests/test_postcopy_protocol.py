@@ -17,6 +17,7 @@ from zcmigrate.migrate.protocol import (
     PostcopyDirty,
     PostcopyEnd,
     PostcopyListen,
+    PostcopyMissing,
     PostcopyReady,
     PostcopyRunning,
     Role,
@@ -88,3 +89,44 @@ def test_out_of_order_and_errors_after_the_go_are_refused() -> None:
                           zero_page_detection=True))
     with pytest.raises(RemoteProtocolError):
         dst.receive(HelloAck())
+
+
+def test_a_resume_session_follows_the_table() -> None:
+    """Post-copy recovery: after HELLO_ACK, the destination's list of missing pages, then
+    POSTCOPY_RUNNING, then the usual end; no ERROR or CANCEL once the list began (the
+    guest runs on the destination), and the source may not send the list."""
+    src, dst = _precopy(Role.SOURCE), _precopy(Role.DESTINATION)
+    steps = [(dst, src, PostcopyMissing(first=0, count=64, bitmap=bytes(8), last=False)),
+             (dst, src, PostcopyMissing(first=64, count=10, bitmap=bytes(8), last=True)),
+             (dst, src, PostcopyRunning()), (src, dst, PostcopyEnd(1)),
+             (dst, src, PostcopyComplete())]
+    for i, (sender, receiver, rec) in enumerate(steps):
+        sender.send(rec)
+        receiver.receive(rec)
+        if i == 0:
+            assert src.phase is Phase.RESUME
+            assert not src.may_send(Error("x").TYPE) and not dst.may_send(Error("x").TYPE)
+    assert src.phase is dst.phase is Phase.COMMIT
+    with pytest.raises(LocalProtocolError):
+        _precopy(Role.SOURCE).send(PostcopyMissing(first=0, count=64, bitmap=bytes(8),
+                                                   last=True))
+    resumed = _precopy(Role.SOURCE)
+    resumed.receive(PostcopyMissing(first=0, count=64, bitmap=bytes(8), last=True))
+    with pytest.raises(RemoteProtocolError):
+        resumed.receive(DeviceStateRecord(b"{}"))  # nothing but the list, then RUNNING
+
+
+def test_a_missing_record_is_checked_as_a_dirty_one() -> None:
+    rec = PostcopyMissing(first=128, count=65, bitmap=bytes(16), last=True)
+    assert PostcopyMissing.from_payload(rec.payload()) == rec
+    with pytest.raises(RemoteProtocolError, match="POSTCOPY_MISSING"):
+        PostcopyMissing.from_payload(rec.payload()[:-1])
+    assert decode_header(rec.encode()[:12])[0] is rec.TYPE
+
+
+def test_hello_carries_resume_under_the_mac() -> None:
+    hello = Hello(uuid=bytes(16), channels=1, page_size=4096, image_size=4096,
+                  pages_alloc=1, block="b", zero_copy=False, zero_page_detection=True,
+                  resume=True)
+    assert b'"resume":true' in hello.body()
+    assert Hello.from_payload(hello.payload()).resume
