@@ -351,8 +351,15 @@ class DestinationJob:
         with self._state_lock:
             self._committing = True  # the guest runs here: no cancel says "nothing"
         self._postcopy.take_over(rec)
-        outcome = self._recover(ReceivePostcopyInterrupted(
-            f"post-copy of migration {self._uuid[:8]} taken over from a receiver that died"))
+        try:
+            outcome = self._recover(ReceivePostcopyInterrupted(
+                f"post-copy of migration {self._uuid[:8]} taken over from a receiver that "
+                "died"))
+        except PostcopyUnacknowledged as e:
+            outcome = e.outcome
+            self._acknowledged = False
+            self.log.error("committed, but the acknowledgement could not be delivered",
+                           error=str(e))
         self._postcopy_outcome = outcome
         return ReceiveResult(
             image=self.image, state_file=state_path(self.image), uuid=self._uuid,

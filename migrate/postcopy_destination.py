@@ -462,6 +462,8 @@ class PostcopyDestination:
         written (the source sends those too; a copy never overwrites a page). Then, as
         after any break, wait for the source's resume (DestinationJob)."""
         image = self.incoming.image
+        # Whatever happens here, IMAGE is the waiting guest's: never discarded by close().
+        self._keep_image = True
         self._fd_listener = FdListener(postcopy_socket(image))
         try:
             guest = PostcopyGuest.accept(self._fd_listener, TAKE_OVER_WAIT)

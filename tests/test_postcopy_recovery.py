@@ -161,6 +161,12 @@ def test_send_resume_with_nothing_to_resume_changes_nothing(shm: Path) -> None: 
         assert r.returncode == 2, r.stderr
         assert "nothing to resume" in r.stderr and "nothing was changed" in r.stderr
         assert sorted(p.name for p in shm.iterdir()) == before
+        # Nor is there a post-copy guest to take over on it.
+        r = subprocess.run([sys.executable, "-m", "zcmigrate", "receive", str(src),
+                            "--resume", "--listen", "127.0.0.1:0"], capture_output=True,
+                           text=True, timeout=60, check=False)
+        assert r.returncode == 1 and "nothing to take over" in r.stderr, r.stderr
+        assert sorted(p.name for p in shm.iterdir()) == before
         assert guest.running(), "the guest stopped running"
     finally:
         stop(guest.proc)

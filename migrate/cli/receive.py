@@ -32,7 +32,7 @@ from zcmigrate.migrate.cli.options import (
 from zcmigrate.migrate.cli.types import BandwidthType, SizeType
 from zcmigrate.migrate.destination import DestinationJob
 from zcmigrate.migrate.errors import EXIT_COMMITTED_UNACKNOWLEDGED, ReceiveError
-from zcmigrate.migrate.imagefiles import lock_path
+from zcmigrate.migrate.imagefiles import lock_path, resume_path
 from zcmigrate.migrate.imagelock import ImageLock
 from zcmigrate.migrate.incoming import claim_destination
 
@@ -107,6 +107,11 @@ def receive_command(image: Path, listen: str, serve: bool, accept_timeout: float
                                "--serve or --replace")
     try:
         if take_over:
+            if not resume_path(image).exists():  # before the lock, which leaves a file
+                raise click.ClickException(
+                    f"nothing to take over: {image} is not the destination of an "
+                    f"interrupted post-copy (no {resume_path(image).name}); nothing was "
+                    "changed")
             # IMAGE exists (its guest runs on it): only no other receiver may own it.
             claim = ImageLock(lock_path(image), f"cannot take over the post-copy of {image}")
         else:
