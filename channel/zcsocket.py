@@ -35,6 +35,8 @@ from zcmigrate.native import ZC_EOF, ffi, lib
 SO_ZEROCOPY = getattr(socket, "SO_ZEROCOPY", 60)
 SO_EE_ORIGIN_ZEROCOPY = 5
 _DRAIN_BATCH = 64
+# Zero-copy calls whose sizes one zc_sendv reports before it hands back for accounting.
+_CALL_BATCH = 64
 # How long a blocked flush or in-flight wait sleeps in poll before it looks at the
 # shutdown flag again: the bound on how late shutdown() wakes it.
 _WAIT_SLICE_MS = 100
@@ -85,6 +87,7 @@ class Channel:
         self._ledger_lock = threading.Lock()
         self._completions: Any = ffi.new("struct zc_completion[]", _DRAIN_BATCH)
         self._send_result: Any = ffi.new("struct zc_send_result *")
+        self._call_bytes: Any = ffi.new("uint64_t[]", _CALL_BATCH)
         self._nread: Any = ffi.new("uint64_t *")
         self._bytes_sent = 0
         self._bytes_received = 0
@@ -210,20 +213,23 @@ class Channel:
         `nplain` is the header's length in bytes; the header is the first iovec.
         """
         res = self._send_result
+        sizes = self._call_bytes
         done = 0
         retried = False
         while True:
             rc = lib.zc_sendv(self._fd, ptr, cnt, 1 if nplain else 0, int(zero_copy), skip + done,
-                              (limit - done) if limit else 0, res)
-            start = skip + done
+                              (limit - done) if limit else 0, res, sizes, _CALL_BATCH)
             done += int(res.bytes)
             self._bytes_sent += res.bytes
             self._send_calls += res.calls
             if res.zc_calls:
-                zc_bytes = (start + res.bytes) - max(start, nplain)
+                # Each call pins what it carried until its own completion: account each
+                # for its own bytes (the in-flight cap and the pool rely on it).
                 with self._ledger_lock:
-                    self._ledger.queue(res.zc_calls, max(zc_bytes, 0))
+                    self._ledger.queue(ffi.unpack(sizes, int(res.zc_calls)))
                     self._in_flight_peak = max(self._in_flight_peak, self._ledger.in_flight_bytes)
+            if rc == 1:
+                continue  # the call sizes filled their array: accounted, go on
             if rc == 0:
                 return done
             err = res.err
@@ -253,8 +259,7 @@ class Channel:
             if n < 0:
                 if -n in (errno.EBADF, errno.ENOTSOCK) and self._shut.is_set():
                     raise ChannelClosed(f"channel {self.name} was shut down")
-                raise ChannelError(f"channel {self.name}: reading the error queue failed: "
-                                   f"{os.strerror(-n)}")
+                raise ChannelError(f"channel {self.name}: {_errqueue_problem(-n)}")
             with self._ledger_lock:
                 for i in range(n):
                     c = self._completions[i]
@@ -529,6 +534,16 @@ def wait_readable_any(channels: Iterable[Channel], timeout: float) -> list[Chann
         poller.register(ch.fileno(), select.POLLIN)
     ready = {fd for fd, _ in poller.poll(max(0, int(timeout * 1000)))}
     return [ch for ch in chans if ch.fileno() in ready]
+
+
+def _errqueue_problem(err: int) -> str:
+    if err == errno.EMSGSIZE:
+        return ("a zero-copy completion was cut short on the error queue (MSG_CTRUNC): "
+                "the calls it completed can never be accounted")
+    if err == errno.EPROTO:
+        return ("a malformed message on the error queue (no single IP_RECVERR of a whole "
+                "sock_extended_err): its completion cannot be read")
+    return f"reading the error queue failed: {os.strerror(err)}"
 
 
 def _describe(sock: socket.socket) -> str:

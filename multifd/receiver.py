@@ -162,17 +162,18 @@ class ReceiverPool(PoolBase):
         self._cond = threading.Condition(self._lock)  # the barrier, both directions
         self._workers = [_Worker(i, ch) for i, ch in enumerate(channels)]
         npages = ctx.image_size // ctx.page_size
+        self._nwords = (npages + 63) // 64  # of each bitmap below
         # One bit per page, set once a page was written: on a fresh (all-zero) image a zero
         # page that was never written needs no work at all, not even a fault.
         self._written: array[int] | None = None
         self._written_c: Any = ffi.NULL
         if known_zero:
-            self._written = array("Q", bytes(8 * ((npages + 63) // 64)))
+            self._written = array("Q", bytes(8 * self._nwords))
             self._written_c = ffi.from_buffer("uint64_t[]", self._written)
         # One bit per page, set once a packet carried it (normal or zero) and it is in place:
         # a commit needs every page to have arrived at least once.
         self._npages = npages
-        self._arrived = array("Q", bytes(8 * ((npages + 63) // 64)))
+        self._arrived = array("Q", bytes(8 * self._nwords))
         self._arrived_c: Any = ffi.from_buffer("uint64_t[]", self._arrived)
         self._released = 0  # the last sync number the coordinator released
         self._final = 0  # the final sync's number once sync(final=True) released it
@@ -473,8 +474,8 @@ class ReceiverPool(PoolBase):
                 if rc:
                     raise OSError(rc, f"writing pages to the image file: {os.strerror(rc)}")
                 if known_zero:
-                    lib.zc_mark_pages(written_c, normal_c, nn, ps)
-                lib.zc_mark_pages(arrived_c, normal_c, nn, ps)
+                    self._mark(written_c, normal_c, nn)
+                self._mark(arrived_c, normal_c, nn)
             elif nn:
                 normal_c = ffi.from_buffer("uint64_t[]", normal)
 
@@ -488,27 +489,27 @@ class ReceiverPool(PoolBase):
                     raise RemoteProtocolError("packet offsets: outside the image (zc_recv_pages)")
                 consumed += header.payload_size
                 if known_zero:
-                    lib.zc_mark_pages(written_c, normal_c, nn, ps)
-                lib.zc_mark_pages(arrived_c, normal_c, nn, ps)
+                    self._mark(written_c, normal_c, nn)
+                self._mark(arrived_c, normal_c, nn)
             nz = len(zero)
             if nz and to_file:
                 zero_c = ffi.from_buffer("uint64_t[]", zero)
                 with self._write_lock:
                     rc = lib.zc_write_zero_pages(self._fd, ctx.image_size, zero_c, nz, ps,
-                                                 written_c, nwritten)
+                                                 written_c, self._nwords, nwritten)
                 if rc == lib.ZC_EBOUNDS:
                     raise RemoteProtocolError(
                         "packet offsets: outside the image (zc_write_zero_pages)")
                 if rc:
                     raise OSError(rc, f"writing zero pages to the image file: "
                                       f"{os.strerror(rc)}")
-                lib.zc_mark_pages(arrived_c, zero_c, nz, ps)
+                self._mark(arrived_c, zero_c, nz)
             elif nz:
                 zero_c = ffi.from_buffer("uint64_t[]", zero)
                 if lib.zc_zero_pages(self._base, ctx.image_size, zero_c, nz, ps, written_c,
-                                     nwritten):
+                                     self._nwords, nwritten):
                     raise RemoteProtocolError("packet offsets: outside the image (zc_zero_pages)")
-                lib.zc_mark_pages(arrived_c, zero_c, nz, ps)
+                self._mark(arrived_c, zero_c, nz)
             with self._lock:
                 w.packets += 1
                 w.normal_pages += nn
@@ -516,6 +517,11 @@ class ReceiverPool(PoolBase):
             after_data = True
             if hook is not None:
                 hook("recv_packet", w.id)
+
+    def _mark(self, bitmap_c: Any, offsets_c: Any, n: int) -> None:
+        """Set the bits of `n` pages in one of the pool's bitmaps (in C, bounds checked)."""
+        if lib.zc_mark_pages(bitmap_c, self._nwords, offsets_c, n, self._ctx.page_size):
+            raise RemoteProtocolError("packet offsets: outside the image (zc_mark_pages)")
 
     def _at_sync(self, w: _Worker) -> str:
         """Record a SYNC packet and wait for the coordinator's release. _RUNNING: read on;

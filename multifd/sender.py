@@ -5,6 +5,7 @@ It knows pages and packets; it must not know guests, the CLI, systemd or the mai
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from array import array
@@ -332,9 +333,10 @@ class SenderPool(PoolBase):
         offsets_c = ffi.from_buffer("uint64_t[]", offsets)
         if self._zero_page_detection:
             nn = int(lib.zc_split_zero(self._base, ctx.image_size, offsets_c, n, ps, w.normal_c,
-                                       w.zero_c, w.nzero))
+                                       len(w.normal), w.zero_c, len(w.zero), w.nzero))
             if nn < 0:
-                raise LocalProtocolError("page offsets outside the image in a job")
+                raise LocalProtocolError(f"zc_split_zero refused a job of {n} pages: "
+                                         f"{os.strerror(-nn)}")
             nz = int(w.nzero[0])
             normal, zero, normal_c = w.normal[:nn], w.zero[:nz], w.normal_c
         else:
@@ -347,9 +349,11 @@ class SenderPool(PoolBase):
         w.seq += 1
         w.since_sync_packets += 1
         w.since_sync_pages += nn + nz
-        cnt = int(lib.zc_page_iov(self._base, ctx.image_size, normal_c, nn, ps, w.iov.entries))
+        cnt = int(lib.zc_page_iov(self._base, ctx.image_size, normal_c, nn, ps, w.iov.entries,
+                                  w.iov.capacity))
         if cnt < 0:
-            raise LocalProtocolError("zc_page_iov refused offsets the wire encoder accepted")
+            raise LocalProtocolError(f"zc_page_iov refused offsets the wire encoder accepted: "
+                                     f"{os.strerror(-cnt)}")
         w.iov.set_filled(cnt, nn * ps)
         hook = self._hook
         if hook is not None:

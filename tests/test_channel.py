@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import hashlib
 import mmap
+import os
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import pytest
 
 from tests.conftest import tcp_pair
 from tests.thread_wait import Timeline, wait_until_blocked
 from zcmigrate.channel.errors import ChannelClosed, FlushTimeout, ZeroCopyUnsupported
+from zcmigrate.channel.errqueue import CompletionLedger
 from zcmigrate.channel.iovec import IoVec
 from zcmigrate.channel.zcsocket import Channel, Listener, connect
 
@@ -347,3 +349,65 @@ def test_shutdown_wakes_a_thread_waiting_for_given_zero_copy_calls() -> None:
     assert isinstance(errors[0], ChannelClosed)
     tx.close()
     peer.close()
+
+
+# ------------------------------------------------- each zero-copy call for its own bytes
+
+
+def test_in_flight_bytes_are_counted_per_call_as_the_kernel_took_them() -> None:
+    """A writev whose first zero-copy call carries 1024 small iovecs and whose second
+    carries one large buffer: the ledger gets each call's own bytes, not an even share."""
+
+    class Recording(CompletionLedger):
+        def __init__(self) -> None:
+            super().__init__()
+            self.batches: list[list[int]] = []
+
+        def queue(self, sizes: Sequence[int]) -> None:
+            self.batches.append(list(sizes))
+            super().queue(sizes)
+
+    tx, rx = tcp_pair(zero_copy=True)
+    ledger = Recording()
+    tx._ledger = ledger  # before any send: the kernel's counter is at 0 too
+    small = bytearray(os.urandom(16 * 1024))
+    big = bytearray(os.urandom(MiB))
+    bufs = [memoryview(small)[i * 16:(i + 1) * 16] for i in range(1024)] + [big]
+    got = bytearray()
+    t = threading.Thread(target=lambda: got.extend(rx.read_exact(len(small) + MiB, timeout=30)))
+    t.start()
+    try:
+        tx.writev(bufs, zero_copy=True)
+        tx.flush(timeout=30)
+        t.join(30)
+        assert bytes(got) == bytes(small) + bytes(big)
+        sizes = [n for batch in ledger.batches for n in batch]
+        assert sizes[0] == len(small) and sum(sizes) == len(small) + MiB
+    finally:
+        tx.close()
+        rx.close()
+
+
+def test_a_writev_of_more_calls_than_one_report_holds_accounts_all_of_them() -> None:
+    """70 windows of 1024 iovecs: zc_sendv hands back after 64 calls, the channel
+    accounts them and goes on; every byte arrives and every call is queued and completed."""
+    tx, rx = tcp_pair(zero_copy=True)
+    blob = os.urandom(70 * 1024 * 64)
+    view = memoryview(blob)
+    bufs = [view[i:i + 64] for i in range(0, len(blob), 64)]
+    got = bytearray()
+    t = threading.Thread(target=lambda: got.extend(rx.read_exact(len(blob), timeout=60)))
+    t.start()
+    try:
+        tx.writev(bufs, zero_copy=True)
+        del bufs
+        tx.flush(timeout=60)
+        t.join(60)
+        st = tx.statistics()
+        assert bytes(got) == blob
+        assert st.zero_copy_queued >= 70 and st.zero_copy_completed == st.zero_copy_queued
+        assert st.in_flight_bytes == 0
+    finally:
+        view.release()
+        tx.close()
+        rx.close()
