@@ -354,7 +354,9 @@ class SenderPool(PoolBase):
         if cnt < 0:
             raise LocalProtocolError(f"zc_page_iov refused offsets the wire encoder accepted: "
                                      f"{os.strerror(-cnt)}")
-        w.iov.set_filled(cnt, nn * ps)
+        # The mapping owns the pages: with zero copy the channel holds it until their
+        # completions (the pool itself keeps it until every worker was joined).
+        w.iov.set_filled(cnt, nn * ps, keep=self._image_c)
         hook = self._hook
         if hook is not None:
             hook("send_packet", w.id)
