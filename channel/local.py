@@ -57,6 +57,27 @@ def is_served(path: Path) -> bool:
     return True
 
 
+def listen_private(path: Path, *, backlog: int) -> socket.socket:
+    """A Unix stream socket listening on `path`, 0600 in a private directory (private_dir);
+    a leftover socket file nobody serves is replaced, a served one refused."""
+    private_dir(path.parent)
+    if path.exists() or path.is_symlink():
+        if is_served(path):
+            raise LocalSocketError(f"{path} is in use by another process")
+        path.unlink()  # a leftover of a process that died
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    old = os.umask(0o177)  # the socket is created 0600, never briefly wider
+    try:
+        sock.bind(str(path))
+    except OSError as e:
+        sock.close()
+        raise LocalSocketError(f"cannot bind {path}: {e.strerror}") from e
+    finally:
+        os.umask(old)
+    sock.listen(backlog)
+    return sock
+
+
 class LineServer:
     """Serves `handler(request line) -> reply line` on `path` from a daemon thread until
     close(). One slow or broken client cannot stop it: each connection has a deadline, and
@@ -67,20 +88,7 @@ class LineServer:
         self.path = path
         self._handler = handler
         self._error_reply = error_reply
-        private_dir(path.parent)
-        if path.exists() or path.is_symlink():
-            if is_served(path):
-                raise LocalSocketError(f"{path} is in use by another process")
-            path.unlink()  # a leftover of a process that died
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o177)
-        try:
-            self._sock.bind(str(path))
-        except OSError as e:
-            raise LocalSocketError(f"cannot bind {path}: {e.strerror}") from e
-        finally:
-            os.umask(old)
-        self._sock.listen(8)
+        self._sock = listen_private(path, backlog=8)
         self._closed = threading.Event()
         self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
         self._thread.start()

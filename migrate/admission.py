@@ -23,7 +23,14 @@ from zcmigrate.channel.errors import ChannelClosed
 from zcmigrate.channel.zcsocket import Channel, Listener, wait_readable_any
 from zcmigrate.migrate.errors import ReceiveError
 from zcmigrate.migrate.mainchannel import MainChannel
-from zcmigrate.migrate.protocol import RECORD_HEADER_SIZE, Error, Greeting, Hello, Role
+from zcmigrate.migrate.protocol import (
+    DEVICE_STATE_MAX,
+    RECORD_HEADER_SIZE,
+    Error,
+    Greeting,
+    Hello,
+    Role,
+)
 from zcmigrate.multifd.wire import (
     CHALLENGE_SIZE,
     INIT_SIZE,
@@ -68,6 +75,7 @@ def admit_source(
     accept_timeout: float | None,
     peer_timeout: float,
     abort: Callable[[], None],
+    device_state_max: int = DEVICE_STATE_MAX,
 ) -> Admitted:
     """Serve connections until one sends a valid HELLO (authenticate() raises for a
     wrong one); the others are closed. ReceiveError after `accept_timeout` seconds
@@ -81,7 +89,7 @@ def admit_source(
             if deadline is not None and now >= deadline:
                 raise ReceiveError(f"no migration arrived within {accept_timeout:g} s "
                                    "(accept-timeout)")
-            _accept_waiting(listener, pending, keyed, peer_timeout)
+            _accept_waiting(listener, pending, keyed, peer_timeout, device_state_max)
             for c in [c for c in pending if now >= c.deadline]:
                 _refuse(pending, c, f"no HELLO within {PREAUTH_TIMEOUT:g} s")
             ready = wait_readable_any([c.main.channel for c in pending], _POLL)
@@ -99,12 +107,12 @@ def admit_source(
 
 
 def _accept_waiting(listener: Listener, pending: list[_Candidate], keyed: bool,
-                    peer_timeout: float) -> None:
+                    peer_timeout: float, device_state_max: int) -> None:
     while len(pending) < MAX_PENDING:
         ch = listener.try_accept(name="main", peer_timeout=peer_timeout)
         if ch is None:
             return
-        main = MainChannel(ch, Role.DESTINATION)
+        main = MainChannel(ch, Role.DESTINATION, device_state_max=device_state_max)
         greeting = Greeting(fresh_nonce(), keyed=keyed)
         try:
             main.send(greeting)

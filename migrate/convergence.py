@@ -1,7 +1,9 @@
-"""When precopy may stop: the expected downtime against downtime-limit, and when to give up.
+"""When precopy may stop: the expected downtime against downtime-limit, when to give up,
+and, with auto-converge, how hard to throttle the guest meanwhile.
 
-A pure decision over what one iteration measured (QEMU's migration_iteration_run and
-its bandwidth estimate): no clocks, sockets or guests; the job feeds it numbers.
+Pure decisions over what one iteration measured (QEMU's migration_iteration_run, its
+bandwidth estimate and its cpu-throttle steps): no clocks, sockets or guests; the job
+feeds them numbers.
 """
 
 from __future__ import annotations
@@ -45,11 +47,15 @@ def _mib(rate: float) -> str:
 
 
 class Convergence:
-    """Judges each iteration; remembers only how many in a row looked hopeless."""
+    """Judges each iteration; remembers only how many in a row looked hopeless.
+
+    With a throttle that can still rise (`can_throttle`), a guest that dirties as fast as
+    the link is not hopeless yet: the next step slows it down."""
 
     def __init__(self, *, max_iterations: int, timeout: float) -> None:
         self.max_iterations = max_iterations
         self.timeout = timeout  # seconds of precopy; 0 means no limit
+        self.can_throttle = False
         self._hopeless = 0
 
     def decide(self, it: Iteration, downtime_limit_ms: int) -> Decision:
@@ -61,7 +67,7 @@ class Convergence:
         dirty_rate = it.dirty_bytes / max(it.elapsed, 1e-6)
         self._hopeless = self._hopeless + 1 if dirty_rate >= bandwidth * _HOPELESS_SHARE else 0
         reason = ""
-        if self._hopeless >= HOPELESS_ITERATIONS:
+        if self._hopeless >= HOPELESS_ITERATIONS and not self.can_throttle:
             reason = (f"the guest dirties {_mib(dirty_rate)}/s, as fast as or faster than "
                       f"the migration moves pages ({_mib(bandwidth)}/s)")
         elif it.number >= self.max_iterations:
@@ -71,3 +77,32 @@ class Convergence:
         if reason:
             return Decision(Action.GIVE_UP, expected_ms, reason)
         return Decision(Action.ITERATE, expected_ms)
+
+
+class AutoConverge:
+    """QEMU's auto-converge: each iteration that does not converge throttles the guest
+    harder (cpu-throttle-initial, then + cpu-throttle-increment, up to the maximum), so
+    that its dirty rate falls until the rest fits the downtime limit. Percent of the
+    guest's time it sleeps."""
+
+    MAX = 99  # QEMU's cpu-throttle ceiling: the guest always runs a little
+
+    def __init__(self, *, initial: int, increment: int) -> None:
+        if not 1 <= initial <= self.MAX or not 1 <= increment <= self.MAX:
+            raise ValueError(f"throttle steps must be 1..{self.MAX} percent, not "
+                             f"{initial} and {increment}")
+        self.initial = initial
+        self.increment = increment
+        self.percent = 0
+
+    @property
+    def at_max(self) -> bool:
+        return self.percent >= self.MAX
+
+    def step(self, decision: Decision) -> int:
+        """The throttle for the next iteration: raised after one that did not converge,
+        unchanged once it did (the pause follows)."""
+        if decision.action is Action.ITERATE:
+            self.percent = (self.initial if self.percent == 0
+                            else min(self.MAX, self.percent + self.increment))
+        return self.percent

@@ -27,9 +27,15 @@ from zcmigrate.migrate import faults
 from zcmigrate.migrate.admission import admit_data_channels, admit_source
 from zcmigrate.migrate.errors import ReceiveCancelled, ReceiveError
 from zcmigrate.migrate.imagefiles import state_path
-from zcmigrate.migrate.incoming import IncomingImage, check_destination
+from zcmigrate.migrate.incoming import (
+    IncomingImage,
+    check_destination,
+    free_space,
+    no_space,
+)
 from zcmigrate.migrate.mainchannel import MainChannel
 from zcmigrate.migrate.protocol import (
+    DEVICE_STATE_MAX,
     Cancel,
     CommitAck,
     DeviceStateRecord,
@@ -46,6 +52,7 @@ from zcmigrate.migrate.protocol import (
     WritebackDone,
 )
 from zcmigrate.migrate.stats import RECEIVE_FIELDS, channel_dict, channel_json
+from zcmigrate.migrate.units import format_size
 from zcmigrate.multifd.exiting import Exiting
 from zcmigrate.multifd.receiver import ReceiverPool
 from zcmigrate.multifd.wire import InitTracker, RemoteProtocolError
@@ -116,6 +123,8 @@ class DestinationJob:
         status: Callable[[str], None] | None = None,
         peer_timeout: float = DEFAULT_PEER_TIMEOUT,
         replace: bool = False,
+        max_image_size: int | None = None,
+        max_device_state: int = DEVICE_STATE_MAX,
     ) -> None:
         self.image = Path(image).absolute()
         self.listener = listener
@@ -124,6 +133,8 @@ class DestinationJob:
         self.status = status or (lambda s: None)
         self.peer_timeout = peer_timeout
         self.replace = replace
+        self.max_image_size = max_image_size  # None: what the directory can hold
+        self.max_device_state = max_device_state
         self.exiting = Exiting()
         self._main: MainChannel | None = None
         self._pool: ReceiverPool | None = None
@@ -193,10 +204,12 @@ class DestinationJob:
         admitted = admit_source(self.listener, keyed=key is not None,
                                 authenticate=self._authenticate,
                                 accept_timeout=self.accept_timeout,
-                                peer_timeout=self.peer_timeout, abort=self._check_exiting)
+                                peer_timeout=self.peer_timeout, abort=self._check_exiting,
+                                device_state_max=self.max_device_state)
         main, greeting, hello = admitted.main, admitted.greeting, admitted.hello
         self._main = main
         t0 = time.monotonic()  # the migration starts when its HELLO is accepted
+        self._check_size(hello)
         ctx = hello.context()
         uuid = self._uuid = hello.uuid.hex()
         self.log = self.log.bind(uuid=uuid[:8])
@@ -262,6 +275,21 @@ class DestinationJob:
                       syncs=self._syncs)
         self.status(f"migration {uuid[:8]}: committed")
         return result
+
+    def _check_size(self, hello: Hello) -> None:
+        """A source (proven, with a key) that proposes more than we take: its migration
+        fails at once, before anything is sized or allocated for it."""
+        limit = self.max_image_size
+        if limit is not None and hello.image_size > limit:
+            raise ReceiveError(
+                f"the source proposes an image of {format_size(hello.image_size)}; this "
+                f"receiver takes at most {format_size(limit)} (--max-image-size)")
+        # The old image (with --replace) goes only at the commit: the new one needs all of
+        # its own room meanwhile. Checked here so that a source too big is refused before
+        # anything is sized for it; the reservation at create() is the real test.
+        free = free_space(self.image.parent)
+        if free is not None and hello.image_size > free:
+            raise no_space(self.image, hello.image_size)
 
     def _authenticate(self, greeting: Greeting, hello: Hello) -> None:
         key = self.auth_key

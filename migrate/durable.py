@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 from pathlib import Path
 
 
@@ -19,13 +20,18 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
         os.close(dfd)
 
 
-def write_atomic(path: str | os.PathLike[str], data: bytes, mode: int = 0o644) -> None:
+def write_atomic(path: str | os.PathLike[str], data: bytes, mode: int = 0o600) -> None:
     """Replace `path` with `data`: a crash leaves the old file or the new one, never a torn
-    one, and once this returns the new one survives a power cut. Raises OSError."""
+    one, and once this returns the new one survives a power cut. Raises OSError.
+
+    The temporary file is new (O_EXCL, a name no one can guess) and never a symbolic link
+    (O_NOFOLLOW): a file planted beside the target cannot receive the data, nor redirect
+    it elsewhere. It is private (0600) unless `mode` says otherwise."""
     target = Path(path)
-    tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
+    tmp = target.with_name(f"{target.name}.tmp{os.getpid()}.{secrets.token_hex(6)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 mode)
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
         try:
             view = memoryview(data)
             while view:
@@ -37,5 +43,5 @@ def write_atomic(path: str | os.PathLike[str], data: bytes, mode: int = 0o644) -
         fsync_dir(target.parent)
     except OSError:
         with contextlib.suppress(OSError):
-            os.unlink(tmp)
+            os.unlink(tmp)  # ours: O_EXCL made it
         raise

@@ -78,6 +78,15 @@ def filesystem_type(fd: int) -> str:
     return ""
 
 
+def free_space(directory: Path) -> int | None:
+    """Bytes an unprivileged writer may still use in `directory`, None if unknown."""
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
 def no_space(path: Path, needed: int) -> ReceiveError:
     """The error for a destination without room, with what is needed and what is free."""
     try:

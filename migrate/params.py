@@ -18,6 +18,8 @@ DEFAULT_DOWNTIME_LIMIT_MS = 300  # QEMU's default
 DEFAULT_MAX_ITERATIONS = 30
 # Below 3 s keepalive probes would be sent every second and a busy host would look dead;
 # above an hour nobody would call it detecting a dead peer.
+DEFAULT_THROTTLE_INITIAL = 20  # QEMU's defaults
+DEFAULT_THROTTLE_INCREMENT = 10
 MIN_PEER_TIMEOUT = 3.0
 MAX_PEER_TIMEOUT = 3600.0
 
@@ -39,6 +41,10 @@ class MigrationParameters:
     # Seconds within which a dead or silent peer is found: TCP keepalive and user
     # timeout, and the deadline of every wait for the other end.
     peer_timeout: float = DEFAULT_PEER_TIMEOUT
+    # QEMU's auto-converge: throttle the guest harder each iteration that does not converge.
+    auto_converge: bool = False
+    throttle_initial: int = DEFAULT_THROTTLE_INITIAL  # percent, QEMU's cpu-throttle-initial
+    throttle_increment: int = DEFAULT_THROTTLE_INCREMENT  # cpu-throttle-increment
 
     def __post_init__(self) -> None:
         self.check()
@@ -58,6 +64,10 @@ class MigrationParameters:
             raise ParameterError("max-iterations must be at least 1")
         if self.timeout < 0 or self.commit_timeout <= 0:
             raise ParameterError("timeouts must be positive (timeout 0 means none)")
+        for name, value in (("throttle-initial", self.throttle_initial),
+                            ("throttle-increment", self.throttle_increment)):
+            if not 1 <= value <= 99:
+                raise ParameterError(f"{name} must be 1..99 percent, not {value}")
         if not MIN_PEER_TIMEOUT <= self.peer_timeout <= MAX_PEER_TIMEOUT:
             raise ParameterError(f"peer-timeout must be {MIN_PEER_TIMEOUT:g}.."
                                  f"{MAX_PEER_TIMEOUT:g} seconds, not {self.peer_timeout:g}")

@@ -28,7 +28,7 @@ from zcmigrate.channel.aead import Direction, SessionKeys, fresh_nonce, handshak
 from zcmigrate.channel.probe import probe
 from zcmigrate.channel.zcsocket import Channel, connect
 from zcmigrate.migrate import faults
-from zcmigrate.migrate.convergence import Action, Convergence, Iteration
+from zcmigrate.migrate.convergence import Action, AutoConverge, Convergence, Iteration
 from zcmigrate.migrate.errors import (
     CommitUncertain,
     MigrationCancelled,
@@ -368,6 +368,9 @@ class SourceJob:
         start = time.monotonic()
         judge = Convergence(max_iterations=self.params.max_iterations,
                             timeout=self.params.timeout)
+        auto = (AutoConverge(initial=self.params.throttle_initial,
+                             increment=self.params.throttle_increment)
+                if self.params.auto_converge and guest is not None else None)
         written_back = False
         unsynced = 0  # bytes sent since the destination last wrote its image back
         iteration = 0
@@ -385,6 +388,7 @@ class SourceJob:
             if guest is None:
                 return array("Q"), STATIC_DEVICE_STATE
             dirty_pages = self._fetch_dirty(guest, fresh)
+            judge.can_throttle = auto is not None and not auto.at_max
             decision = judge.decide(
                 Iteration(number=iteration, sent_bytes=len(offsets) * ps, elapsed=elapsed,
                           dirty_bytes=dirty_pages * ps, bandwidth=bandwidth,
@@ -426,8 +430,19 @@ class SourceJob:
                     "Raise max-bandwidth or downtime-limit, or lower the guest's dirty rate. "
                     "The guest keeps running here."
                 )
+            if auto is not None:
+                self._throttle(guest, auto.step(decision))
             count = dirty_offsets(fresh, npages, ps, offsets_buf)
             offsets = offsets_buf[:count]
+
+    def _throttle(self, guest: GuestControl, percent: int) -> None:
+        """Auto-converge: the guest sleeps `percent` of its time from now on (it lifts the
+        throttle by itself should we die; _cleanup lifts it whatever the outcome)."""
+        if percent == self.stats.throttle:
+            return
+        guest.set_throttle(percent * 10)
+        self.stats.throttle = percent
+        self.log.info("guest throttled", cpu_throttle_percentage=percent)
 
     def _writeback(self) -> None:
         assert self._main is not None
@@ -613,6 +628,11 @@ class SourceJob:
         if self._main is not None:
             self._main.close()
         if self._guest is not None:
+            if self.stats.throttle:
+                # Never leave the guest throttled: not after a migration, not after a
+                # failure (a guest handed over is on its way out anyway).
+                with contextlib.suppress(GuestError):
+                    self._guest.set_throttle(0)
             self._guest.close()
         if self._map is not None:
             with contextlib.suppress(BufferError):

@@ -41,6 +41,7 @@ class MigrationStats:
     error: str | None
     parameters: dict[str, Any] = field(default_factory=dict)
     channels: tuple[dict[str, int], ...] = ()
+    cpu_throttle_percentage: int = 0  # auto-converge: share of the guest's time it sleeps
 
     @property
     def percent(self) -> float:
@@ -79,6 +80,8 @@ class MigrationStats:
             out["downtime"] = round(self.downtime_ms, 1)
         if self.expected_downtime_ms is not None:
             out["expected-downtime"] = round(self.expected_downtime_ms, 1)
+        if self.cpu_throttle_percentage:
+            out["cpu-throttle-percentage"] = self.cpu_throttle_percentage
         if self.error:
             out["error-desc"] = self.error
         return out
@@ -99,6 +102,7 @@ class MigrationStats:
             iteration=ram["iterations"], live=d["live"], error=d.get("error-desc"),
             parameters=d.get("parameters", {}),
             channels=tuple(channel_counters(c) for c in d["multifd"]["channels"]),
+            cpu_throttle_percentage=d.get("cpu-throttle-percentage", 0),
         )
 
     def info_migrate(self) -> str:
@@ -126,6 +130,8 @@ class MigrationStats:
             f"zero-copy-send: dirty sync missed zero copy: {self.dirty_sync_missed_zero_copy}",
             f"iterations: {self.iteration}",
         ]
+        if self.cpu_throttle_percentage:
+            lines.append(f"cpu throttle percentage: {self.cpu_throttle_percentage}")
         for ch in self.channels:
             lines.append(
                 "multifd channel {id}: packets {packets} bytes {bytes} normal {normal_pages} "
@@ -161,6 +167,7 @@ class StatsBuilder:
         self.dirty_rate = 0.0
         self.bandwidth = 0.0
         self.missed_zero_copy = 0
+        self.throttle = 0  # percent
         self.error: str | None = None
         self.main_bytes = 0
         self.parameters: dict[str, Any] = {}
@@ -251,6 +258,7 @@ class StatsBuilder:
             dirty_pages_rate=self.dirty_rate,
             mbps=transferred * 8 / 1e6 / seconds,
             dirty_sync_missed_zero_copy=self.missed_zero_copy,
+            cpu_throttle_percentage=self.throttle,
             iteration=self.iterations,
             live=self.live,
             error=self.error,

@@ -1,7 +1,7 @@
 """cffi build script for zcmigrate.native._zcnative (API mode, out of line), run by setup.py.
 
-It compiles zcnative.c and zccrypto.c into one module, linked with libcrypto; it must not
-import anything of zcmigrate's own.
+It compiles zcnative.c, zccrypto.c and zcuffd.c into one module, linked with libcrypto; it
+must not import anything of zcmigrate's own.
 """
 
 import hashlib
@@ -10,9 +10,9 @@ from pathlib import Path
 from cffi import FFI
 
 HERE = Path(__file__).resolve().parent
-# Both interfaces end up in one cdef; native/__init__.py hashes the same files in the
+# The interfaces end up in one cdef; native/__init__.py hashes the same files in the
 # same order to refuse a stale build.
-HEADERS = ("zcnative.h", "zccrypto.h")
+HEADERS = ("zcnative.h", "zccrypto.h", "zcuffd.h")
 
 # cffi's cdef takes plain declarations: drop the headers' preprocessor lines and
 # give struct iovec, which the C side takes from <sys/uio.h>.
@@ -39,10 +39,10 @@ ffibuilder.cdef(
 )
 ffibuilder.set_source(
     "zcmigrate.native._zcnative",
-    '#include "zcnative.h"\n#include "zccrypto.h"\n'
+    '#include "zcnative.h"\n#include "zccrypto.h"\n#include "zcuffd.h"\n'
     f"#define ZC_INTERFACE_HASH {interface_hash([HERE / n for n in HEADERS])}ULL",
     # setup.py runs from the project root; setuptools wants sources relative to it.
-    sources=["native/zcnative.c", "native/zccrypto.c"],
+    sources=["native/zcnative.c", "native/zccrypto.c", "native/zcuffd.c"],
     include_dirs=["native"],
     # AES-GCM and HKDF come from OpenSSL's libcrypto (ARCHITECTURE.md, "Trust").
     libraries=["crypto"],

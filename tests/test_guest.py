@@ -353,10 +353,11 @@ def test_open_rejects_a_control_file_with_the_wrong_magic(tmp_path: Path) -> Non
 
 
 def test_control_fields_are_at_their_documented_offsets() -> None:
-    assert list(CONTROL_FIELDS.values()) == list(range(0, 168, 8))
+    assert list(CONTROL_FIELDS.values()) == list(range(0, 192, 8))
     assert CONTROL_FIELDS["heartbeat"] == 88
     assert CONTROL_FIELDS["lease_mode"] == 112
     assert CONTROL_FIELDS["throttle"] == 144
+    assert CONTROL_FIELDS["postcopy"] == 168
 
 
 # --------------------------------------------------------------------------- the oracle

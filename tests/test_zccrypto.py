@@ -416,11 +416,11 @@ def test_hkdf_refuses_lengths_past_255_blocks_and_empty_input_key_material() -> 
     assert hkdf(b"s", b"", b"i", 32)[0] == lib.ZCC_EINVAL
 
 
-def test_the_stale_build_fingerprint_covers_both_headers() -> None:
-    """native/__init__.py refuses a build older than either header (an editable install
+def test_the_stale_build_fingerprint_covers_every_header() -> None:
+    """native/__init__.py refuses a build older than any header (an editable install
     keeps the old .so after a header changes)."""
     native = Path(__file__).resolve().parent.parent / "native"
     h = hashlib.sha256()
-    for name in ("zcnative.h", "zccrypto.h"):
+    for name in ("zcnative.h", "zccrypto.h", "zcuffd.h"):
         h.update((native / name).read_bytes())
     assert int(h.hexdigest()[:12], 16) == lib.ZC_INTERFACE_HASH

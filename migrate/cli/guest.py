@@ -1,12 +1,14 @@
-"""`zcmigrate guest`: run the guest stand-in on an image, or check an image against its
-committed device state. Options, output and exit codes only; the guest is migrate.guest,
-and this module knows nothing of migrations, channels or sockets.
+"""`zcmigrate guest`: run the guest stand-in on an image (also post-copy, served by a
+receiver), check an image against its committed device state, or show its control block.
+Options, output and exit codes only; the guest is migrate.guest, and this module knows
+nothing of migrations, channels or sockets.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -15,11 +17,16 @@ from click.core import ParameterSource
 from zcmigrate.migrate.cli.types import BandwidthType, SizeType
 from zcmigrate.migrate.guest import (
     FILLS,
+    GO_TIMEOUT_S,
     DeviceState,
     GuestError,
+    PostcopyPhase,
     check_oracle,
+    guest_holder,
+    read_control_record,
     read_device_state,
     run_guest,
+    threads_waiting_for_pages,
 )
 from zcmigrate.migrate.units import format_rate
 
@@ -49,8 +56,10 @@ def _verdict(image: Path) -> tuple[DeviceState, bool]:
     "guest",
     epilog=(
         "\b\nExit codes:\n"
-        "  0  the guest exited on request (exit request, SIGTERM, SIGINT), or --check passed\n"
-        "  1  the image, its control file or its device state is not usable (see stderr)\n"
+        "  0  the guest exited on request (exit request, SIGTERM, SIGINT), --check passed,\n"
+        "     or --status found a control block\n"
+        "  1  the image, its control file or its device state is not usable, or a\n"
+        "     post-copy start found no receiver or no go (see stderr)\n"
         "  2  bad command line\n"
         "  3  the oracle failed: the image does not match <IMAGE>.state"
     ),
@@ -106,6 +115,35 @@ def _verdict(image: Path) -> tuple[DeviceState, bool]:
     help="Only check IMAGE against <IMAGE>.state and print the verdict.",
 )
 @click.option(
+    "--postcopy",
+    "postcopy",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    metavar="SOCKET",
+    envvar="ZCMIGRATE_GUEST_POSTCOPY",
+    show_envvar=True,
+    help="Start post-copy: IMAGE (on a tmpfs) may miss pages. Hand its userfaultfd to the "
+    "receiver listening on the Unix socket SOCKET, run from the device state it sends, "
+    "and wait in the kernel for any missing page the guest touches until it arrives.",
+)
+@click.option(
+    "--go-timeout",
+    type=click.FloatRange(min=0.0, min_open=True),
+    default=GO_TIMEOUT_S,
+    show_default=True,
+    envvar="ZCMIGRATE_GUEST_GO_TIMEOUT",
+    show_envvar=True,
+    help="With --postcopy: seconds to wait for the receiver and its go before giving up "
+    "(nothing ran yet). Once running, a missing page is waited for without limit.",
+)
+@click.option(
+    "--status",
+    is_flag=True,
+    envvar="ZCMIGRATE_GUEST_STATUS",
+    show_envvar=True,
+    help="Only print what IMAGE.guest says: pid, state, heartbeat age, progress, post-copy.",
+)
+@click.option(
     "--force",
     is_flag=True,
     envvar="ZCMIGRATE_GUEST_FORCE",
@@ -123,6 +161,9 @@ def guest_command(
     fill: str,
     resume: bool,
     check: bool,
+    postcopy: Path | None,
+    go_timeout: float,
+    status: bool,
     force: bool,
 ) -> None:
     """Run the guest stand-in on IMAGE: increment byte 0 of every page, page after page,
@@ -130,10 +171,21 @@ def guest_command(
 
     Prints "guest running: pid=... image=... pages=... dirty-rate=..." once running, and
     a "guest ..." line for what it does by itself: it resumed because the migration
-    that paused it died, its throttle changed, it was handed over to a destination.
+    that paused it died, its throttle changed, it was handed over to a destination, its
+    post-copy receiver went away or took over, every page arrived. With --postcopy it
+    first prints "guest offered: pid=... image=... socket=..." once the receiver has its
+    userfaultfd.
     """
-    if resume and check:
-        raise click.UsageError("--resume and --check exclude each other")
+    chosen = [name for name, on in (("--resume", resume), ("--check", check),
+                                    ("--postcopy", postcopy is not None),
+                                    ("--status", status)) if on]
+    if len(chosen) > 1:
+        raise click.UsageError(f"{' and '.join(chosen)} exclude each other")
+    if postcopy is not None and size is not None:
+        raise click.UsageError("--postcopy runs on the image the receiver made: no --size")
+    if status:
+        _status(image)
+        return
     try:
         state: DeviceState | None = None
         if check or resume:
@@ -160,6 +212,10 @@ def guest_command(
             click.echo(line)
             sys.stdout.flush()
 
+        def offered() -> None:
+            click.echo(f"guest offered: pid={os.getpid()} image={image} socket={postcopy}")
+            sys.stdout.flush()
+
         run_guest(
             image,
             dirty_rate=dirty_rate,
@@ -170,6 +226,43 @@ def guest_command(
             ready=announce,
             say=say,
             force=force,
+            postcopy=postcopy,
+            go_timeout=go_timeout,
+            offered=offered,
         )
     except GuestError as exc:
         raise click.ClickException(str(exc)) from exc
+
+
+def _age(ns: int) -> str:
+    return f"{(time.monotonic_ns() - ns) / 1e9:.3f}s" if ns else "never"
+
+
+def _status(image: Path) -> None:
+    record = read_control_record(image)
+    if record is None:
+        raise click.ClickException(f"no guest control block beside {image} (IMAGE.guest)")
+    holder = guest_holder(image)
+    alive = "yes" if holder is not None else "no"
+    words = [
+        f"guest: pid={record.pid}",
+        f"alive={alive}",
+        f"state={record.state.name.lower()}",
+        f"heartbeat-age={_age(record.heartbeat_ns)}",
+        f"position={record.position}",
+        f"value={record.value}",
+        f"touched={record.touched}",
+        f"lease={record.lease.mode.name.lower()}",
+    ]
+    pc = record.postcopy
+    if pc.phase != PostcopyPhase.NONE:
+        words += [
+            f"postcopy={pc.phase.name.lower()}",
+            f"postcopy-peer={pc.peer}",
+            f"postcopy-since={_age(pc.changed_ns)}",
+        ]
+        waiting = threads_waiting_for_pages(record.pid) if holder is not None else None
+        if waiting is not None:
+            # Threads asleep in handle_userfault: touched a page that has not arrived.
+            words.append(f"waiting-for-pages={waiting}")
+    click.echo(" ".join(words))

@@ -19,6 +19,8 @@ from zcmigrate.migrate.params import (
     DEFAULT_DOWNTIME_LIMIT_MS,
     DEFAULT_MAX_ITERATIONS,
     DEFAULT_PEER_TIMEOUT,
+    DEFAULT_THROTTLE_INCREMENT,
+    DEFAULT_THROTTLE_INITIAL,
     MAX_PEER_TIMEOUT,
     MIN_PEER_TIMEOUT,
     MigrationParameters,
@@ -131,6 +133,18 @@ def migration_options(f: Callable[..., Any]) -> Callable[..., Any]:
                      help="Zero-copy bytes in flight per channel [default: automatic, "
                      "inside RLIMIT_MEMLOCK unless CAP_IPC_LOCK is held]."),
         PEER_TIMEOUT,
+        click.option("--auto-converge", is_flag=True, envvar="ZCMIGRATE_AUTO_CONVERGE",
+                     show_envvar=True,
+                     help="Throttle the guest harder each iteration that does not converge "
+                     "(QEMU's auto-converge), instead of giving up (exit 5)."),
+        click.option("--throttle-initial", type=click.IntRange(1, 99),
+                     default=DEFAULT_THROTTLE_INITIAL, show_default=True,
+                     envvar="ZCMIGRATE_THROTTLE_INITIAL", show_envvar=True,
+                     help="Percent of its time the guest sleeps at the first throttle."),
+        click.option("--throttle-increment", type=click.IntRange(1, 99),
+                     default=DEFAULT_THROTTLE_INCREMENT, show_default=True,
+                     envvar="ZCMIGRATE_THROTTLE_INCREMENT", show_envvar=True,
+                     help="Percent added at each further step, up to 99."),
     ]
     for o in reversed(opts):
         f = o(f)
@@ -150,6 +164,9 @@ def params_from(kw: dict[str, Any]) -> MigrationParameters:
             timeout=kw["timeout"],
             in_flight_cap=kw["in_flight_cap"],
             peer_timeout=kw["peer_timeout"],
+            auto_converge=kw["auto_converge"],
+            throttle_initial=kw["throttle_initial"],
+            throttle_increment=kw["throttle_increment"],
         )
     except ParameterError as e:
         raise click.UsageError(str(e)) from e

@@ -29,6 +29,7 @@ from zcmigrate.migrate.cli.options import (
     parse_hostport,
     read_key,
 )
+from zcmigrate.migrate.cli.types import SizeType
 from zcmigrate.migrate.destination import DestinationJob
 from zcmigrate.migrate.errors import EXIT_COMMITTED_UNACKNOWLEDGED, ReceiveError
 from zcmigrate.migrate.incoming import claim_destination
@@ -48,6 +49,13 @@ from zcmigrate.migrate.incoming import claim_destination
 @click.option("--replace", is_flag=True, envvar="ZCMIGRATE_REPLACE", show_envvar=True,
               help="Overwrite an existing IMAGE at the commit (never one a guest runs on).")
 @PEER_TIMEOUT
+@click.option("--max-image-size", type=SizeType(), default=None,
+              envvar="ZCMIGRATE_MAX_IMAGE_SIZE", show_envvar=True,
+              help="The largest image a source may propose, e.g. 64G [default: what the "
+              "directory can hold].")
+@click.option("--max-device-state", type=SizeType(), default="1M", show_default=True,
+              envvar="ZCMIGRATE_MAX_DEVICE_STATE", show_envvar=True,
+              help="The largest device state a source may send.")
 @AUTH_KEY
 @click.option("--insecure", is_flag=True, envvar="ZCMIGRATE_INSECURE", show_envvar=True,
               help="Listen beyond loopback without a key: any host that reaches the port "
@@ -55,8 +63,9 @@ from zcmigrate.migrate.incoming import claim_destination
 @json_option("Print the result as JSON.")
 @LOG_FORMAT
 def receive_command(image: Path, listen: str, serve: bool, accept_timeout: float,
-                    replace: bool, peer_timeout: float, auth_key_file: Path | None,
-                    insecure: bool, as_json: bool, log_format: str) -> None:
+                    replace: bool, peer_timeout: float, max_image_size: int | None,
+                    max_device_state: int, auth_key_file: Path | None, insecure: bool,
+                    as_json: bool, log_format: str) -> None:
     """Receive a migration into IMAGE.
 
     Pages land in IMAGE.incoming; IMAGE and its device state IMAGE.state are replaced
@@ -110,6 +119,7 @@ def receive_command(image: Path, listen: str, serve: bool, accept_timeout: float
             job = DestinationJob(
                 image, listener, auth_key=key, accept_timeout=accept_timeout or None,
                 status=_status_line, peer_timeout=peer_timeout, replace=replace,
+                max_image_size=max_image_size, max_device_state=max_device_state,
             )
             current[:] = [job]
             try:

@@ -15,7 +15,7 @@ import fcntl
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -29,12 +29,14 @@ from zcmigrate.migrate.guest.layout import (
     CONTROL_VERSION,
     HEADER_WORDS,
     MAX_THROTTLE,
+    READABLE_VERSIONS,
     U64_MAX,
     Field,
     GuestRequest,
     GuestState,
     Lease,
     LeaseMode,
+    PostcopyPhase,
     bitmap_words,
     check_page_size,
     control_file_size,
@@ -179,6 +181,12 @@ class GuestControl:
             raise GuestError(f"dirty rate must be a non-negative integer, got {rate!r}")
         self._require_open()
         self._ctl[Field.DIRTY_RATE] = rate
+
+    @property
+    def postcopy(self) -> Postcopy:
+        """Where a post-copy start stands (PostcopyPhase.NONE for any other guest)."""
+        self._require_open()
+        return Postcopy.from_header(self._ctl)
 
     @property
     def throttle(self) -> int:
@@ -457,25 +465,61 @@ class GuestControl:
 
 
 @dataclass(frozen=True, slots=True)
+class Postcopy:
+    """The post-copy fields of a control block."""
+
+    phase: PostcopyPhase
+    peer: int
+    """pid of the receiver that serves (or last served) the missing pages; 0 none yet."""
+    changed_ns: int
+    """CLOCK_MONOTONIC ns of the phase's last change; 0 never."""
+
+    @classmethod
+    def from_header(cls, words: Sequence[int]) -> Postcopy:
+        raw = int(words[Field.POSTCOPY])
+        try:
+            phase = PostcopyPhase(raw)
+        except ValueError:
+            raise GuestError(f"guest control block holds unknown post-copy phase {raw}") from None
+        return cls(phase=phase, peer=int(words[Field.POSTCOPY_PEER]),
+                   changed_ns=int(words[Field.POSTCOPY_AT]))
+
+
+@dataclass(frozen=True, slots=True)
 class ControlRecord:
     """What a control file says when no guest may be running to ask: the last guest's
-    pid and state, and its lease and hand-over mark."""
+    pid and state, its lease and hand-over mark, and for an operator's look (`zcmigrate
+    guest IMAGE --status`) its progress, heartbeat and post-copy fields."""
 
     pid: int
     state: GuestState
     lease: Lease
+    version: int = CONTROL_VERSION
+    position: int = 0
+    value: int = 0
+    touched: int = 0
+    heartbeat_ns: int = 0
+    """CLOCK_MONOTONIC ns of the guest's last tick."""
+    postcopy: Postcopy = Postcopy(PostcopyPhase.NONE, 0, 0)
 
 
 def read_control_record(image: str | os.PathLike[str]) -> ControlRecord | None:
-    """The control file beside `image` as a plain read sees it; None if there is none of
-    this version (missing, short, wrong magic or version, unknown state or lease)."""
+    """The control file beside `image` as a plain read sees it; None if there is none this
+    version reads (missing, short, wrong magic or version, unknown state or lease)."""
     head = read_control_header(control_path(image))
-    if head is None or head[Field.MAGIC] != CONTROL_MAGIC or head[Field.VERSION] != CONTROL_VERSION:
+    if (
+        head is None
+        or head[Field.MAGIC] != CONTROL_MAGIC
+        or head[Field.VERSION] not in READABLE_VERSIONS
+    ):
         return None
     try:
         return ControlRecord(
             pid=int(head[Field.PID]), state=GuestState(head[Field.STATE]),
-            lease=Lease.from_header(head),
+            lease=Lease.from_header(head), version=int(head[Field.VERSION]),
+            position=int(head[Field.POSITION]), value=int(head[Field.VALUE]),
+            touched=int(head[Field.TOUCHED]), heartbeat_ns=int(head[Field.HEARTBEAT]),
+            postcopy=Postcopy.from_header(head),
         )
     except (ValueError, GuestError):
         return None
@@ -489,7 +533,10 @@ def mark_handed_over(image: str | os.PathLike[str], uuid: bytes | None = None) -
     hi, lo = uuid_words(uuid)
     path = control_path(image)
     if read_control_record(image) is None:
-        raise GuestError(f"no guest control file of version {CONTROL_VERSION} at {path}")
+        raise GuestError(
+            f"no guest control file of version {'/'.join(map(str, sorted(READABLE_VERSIONS)))} "
+            f"at {path}"
+        )
     try:
         image_fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
@@ -519,4 +566,5 @@ def mark_handed_over(image: str | os.PathLike[str], uuid: bytes | None = None) -
         os.close(image_fd)
 
 
-__all__ = ["ControlRecord", "GuestControl", "mark_handed_over", "read_control_record"]
+__all__ = ["ControlRecord", "GuestControl", "Postcopy", "mark_handed_over",
+           "read_control_record"]

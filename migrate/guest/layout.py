@@ -45,6 +45,11 @@ from zcmigrate.multifd.pages import bitmap_words
 #                        written by the migration, read by the guest every tick)
 #      152  throttle_by  pid of the process that set the throttle (0 none), and
 #      160  throttle_at  its start time: once it is dead the guest lifts the throttle
+#      168  postcopy     PostcopyPhase: 0 none, 1 served, 2 lost, 3 complete (below);
+#                        written by the guest's post-copy link, 0 for any other start
+#      176  postcopy_peer pid of the receiver that serves (or last served) the guest's
+#                        missing pages, 0 none yet
+#      184  postcopy_at  CLOCK_MONOTONIC ns of the last change of postcopy
 #     4096  bitmap       ceil(npages / 64) u64 words, bit i of the bitmap = page i dirty
 #
 # Requests are levels, not edges: the guest never clears `request`, so a request cannot be
@@ -64,6 +69,18 @@ from zcmigrate.multifd.pages import bitmap_words
 # retire`, or the migration after the destination's commit). A resume ends the lease
 # (mode none, owner 0).
 #
+# Post-copy (`zcmigrate guest IMAGE --postcopy SOCKET`): the guest starts on an image
+# some of whose pages have not arrived. It registers its mapping with a userfaultfd and
+# hands that to the receiver listening on SOCKET; once the receiver sends the device
+# state, the guest creates this block and runs (postcopy served), and a page it touches
+# that is missing is fetched by the receiver while the touching thread waits in the
+# kernel. If the receiver goes away (lost) the guest keeps its userfaultfd, so a missing
+# page is never filled with zeros: a thread that touches one waits, and the heartbeat
+# stops, until a receiver takes the descriptor again (served). Once the receiver says
+# every page is there and the image has no hole left, the guest unregisters (complete).
+# A blocked guest cannot write its own state: postcopy and a stale heartbeat together
+# say why it is silent.
+#
 # The guest writes position, value and touched before it publishes state=paused (x86
 # stores are not reordered with each other, and each aligned u64 store through a
 # memoryview is a single store), so a reader that sees "paused" reads a consistent
@@ -71,7 +88,10 @@ from zcmigrate.multifd.pages import bitmap_words
 # (multifd/pages.py).
 
 CONTROL_MAGIC: Final = 0x5A43_4755_4553_5431  # "ZCGUEST1"
-CONTROL_VERSION: Final = 2
+CONTROL_VERSION: Final = 3
+READABLE_VERSIONS: Final = frozenset({2, 3})
+"""Control versions whose header this version reads (the pid, state, lease and hand-over
+mark): fields are only ever appended, and a field a version lacks reads as 0."""
 CONTROL_SIZE: Final = 4096
 BITMAP_OFFSET: Final = CONTROL_SIZE
 
@@ -105,6 +125,9 @@ class Field(enum.IntEnum):
     THROTTLE = 18
     THROTTLE_BY = 19
     THROTTLE_AT = 20
+    POSTCOPY = 21
+    POSTCOPY_PEER = 22
+    POSTCOPY_AT = 23
 
 
 HEADER_WORDS: Final = len(Field)
@@ -149,6 +172,19 @@ class LeaseMode(enum.IntEnum):
     """The device state has left: the guest stays paused whatever happens."""
     LAPSED = 3
     """The owner died under RESUME_IF_OWNER_DIES and the guest resumed itself."""
+
+
+class PostcopyPhase(enum.IntEnum):
+    """Where a guest started with --postcopy stands (the table and the comment above)."""
+
+    NONE = 0
+    """Not a post-copy start (or one from before this version)."""
+    SERVED = 1
+    """Running; a missing page is fetched by the receiver while its thread waits."""
+    LOST = 2
+    """The receiver is gone: a missing page waits (never zeros) until one takes over."""
+    COMPLETE = 3
+    """Every page is there and the range is unregistered: an ordinary guest again."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,12 +281,14 @@ __all__ = [
     "MAX_PAGE_SIZE",
     "MAX_THROTTLE",
     "MIN_PAGE_SIZE",
+    "READABLE_VERSIONS",
     "U64_MAX",
     "Field",
     "GuestRequest",
     "GuestState",
     "Lease",
     "LeaseMode",
+    "PostcopyPhase",
     "bitmap_words",
     "check_page_size",
     "control_file_size",

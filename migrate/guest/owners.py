@@ -1,7 +1,8 @@
 """Who owns a guest: whether the process holding a pause lease still lives (its pid and
-its start time, so that neither a zombie nor a reused pid passes for it), and which
-guest process holds the flock on an image's control file. It knows /proc and flock, not
-what a migration or a guest does.
+its start time, so that neither a zombie nor a reused pid passes for it), which guest
+process holds the flock on an image's control file, and which of its threads wait in
+the kernel for a missing page. It knows /proc and flock, not what a migration or a
+guest does.
 """
 
 from __future__ import annotations
@@ -103,4 +104,30 @@ def guest_holder(image: str | os.PathLike[str]) -> int | None:
     return 0
 
 
-__all__ = ["guest_holder", "owner_alive", "pid_alive", "process_start_time"]
+def threads_waiting_for_pages(pid: int) -> int | None:
+    """How many threads of `pid` wait in the kernel for a page a userfaultfd reports
+    missing (their wchan is handle_userfault: a post-copy guest's page that has not
+    arrived); None if /proc does not tell (no such process, no wchan here)."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return None
+    waiting, known = 0, False
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/wchan", "rb") as f:
+                wchan = f.read().strip()
+        except OSError:
+            continue
+        known = True
+        waiting += wchan == b"handle_userfault"
+    return waiting if known else None
+
+
+__all__ = [
+    "guest_holder",
+    "owner_alive",
+    "pid_alive",
+    "process_start_time",
+    "threads_waiting_for_pages",
+]

@@ -1,7 +1,7 @@
 """The running guest: the reference workload's loop over a mapped image, its control file
 as the guest writes it (and flocks for its whole life), pause, lease, throttle and exit
-handling, signals, and run_guest. It knows the control file's layout and the image, not
-the migration that drives it.
+handling, signals, and run_guest, also started post-copy (postcopy_link.py). It knows the
+control file's layout and the image, not the migration that drives it.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from zcmigrate.migrate.guest.layout import (
     CONTROL_VERSION,
     HEADER_WORDS,
     MAX_THROTTLE,
+    READABLE_VERSIONS,
     U64_MAX,
     Field,
     GuestRequest,
@@ -39,6 +40,7 @@ from zcmigrate.migrate.guest.layout import (
 )
 from zcmigrate.migrate.guest.oracle import check_image_size, infer_step, oracle_verdict
 from zcmigrate.migrate.guest.owners import guest_holder, owner_alive
+from zcmigrate.migrate.guest.postcopy_link import GO_TIMEOUT_S, PostcopyLink
 from zcmigrate.migrate.imagefiles import control_path, state_path
 from zcmigrate.multifd.pages import MappedFile, touch_pages
 
@@ -64,6 +66,9 @@ def run_guest(
     ready: Callable[[], None] | None = None,
     say: Callable[[str], None] | None = None,
     force: bool = False,
+    postcopy: Path | None = None,
+    go_timeout: float = GO_TIMEOUT_S,
+    offered: Callable[[], None] | None = None,
 ) -> DeviceState:
     """Run the workload on `image` until asked to exit (request or SIGTERM/SIGINT).
 
@@ -77,9 +82,20 @@ def run_guest(
     (the control file's mark; with `resume`, only if the mark is newer than the device
     state, so that a guest that came back can resume) or ended held paused after its
     device state left: a guest here would be a second copy of the one that may run there.
+
+    With `postcopy` (a socket path), starts post-copy on an image whose pages need not all
+    be there: registers the mapping for missing pages, hands the userfaultfd to the
+    receiver listening on `postcopy` (postcopy.py says what is sent, in which order),
+    calls `offered()`, and runs from the device state of the receiver's go, which must
+    come within `go_timeout` seconds. No oracle check at the start (reading the pages
+    would fetch them all), and no refusal for a hand-over mark: the receiver, which owns
+    the image for a migration that brings the guest here now, vouches for its state.
     """
     path = Path(image)
     check_page_size(page_size)
+    if postcopy is not None and (resume is not None or size is not None):
+        raise GuestError("a post-copy start takes its device state from the receiver and "
+                         "needs the image the receiver made: no resume state, no size")
     if type(dirty_rate) is not int or dirty_rate < 0:
         raise GuestError(f"dirty rate must be a non-negative integer, got {dirty_rate!r}")
     if resume is not None and resume.page_size != page_size:
@@ -100,7 +116,8 @@ def run_guest(
         else:
             create_image(path, size, page_size, fill)
     elif not path.exists():
-        raise GuestError(f"image {path} does not exist: give a size to create it")
+        how = "the receiver makes it" if postcopy is not None else "give a size to create it"
+        raise GuestError(f"image {path} does not exist: {how}")
     with open_image(path, writable=True) as (fd, nbytes):
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -113,7 +130,7 @@ def run_guest(
             raise GuestError(
                 f"another guest{who} is already running on {path}; stop it first"
             ) from None
-        if not force:
+        if not force and postcopy is None:
             _refuse_a_second_copy(path, resume is not None)
         if nbytes == 0 or nbytes % page_size:
             raise GuestError(
@@ -122,22 +139,60 @@ def run_guest(
             )
         npages = nbytes // page_size
         m = MappedFile(fd, nbytes, writable=True)
+        link: PostcopyLink | None = None
         try:
-            start = _starting_state(path, m, npages, page_size, resume)
+            if postcopy is None:
+                start = _starting_state(path, m, npages, page_size, resume)
+            else:
+                link = PostcopyLink(postcopy, path, fd, m, page_size, say)
+                start = _postcopy_go(link, path, npages, page_size, go_timeout, offered)
             guest = _Guest(path, m, start, dirty_rate, say)
             try:
-                return guest.run(ready)
+                return guest.run(ready, None if link is None else link.running)
             finally:
+                if link is not None:
+                    link.stop()
                 guest.close()
         finally:
             m.close()
+            # After the mapping: nothing can fault on the range once its descriptor closes.
+            if link is not None:
+                link.close()
+
+
+def _postcopy_go(
+    link: PostcopyLink,
+    path: Path,
+    npages: int,
+    page_size: int,
+    go_timeout: float,
+    offered: Callable[[], None] | None,
+) -> DeviceState:
+    deadline = time.monotonic() + go_timeout
+    link.offer(deadline)
+    if offered is not None:
+        offered()
+    state = link.wait_go(deadline)
+    if (state.npages, state.page_size) != (npages, page_size):
+        reason = (
+            f"the device state describes {state.npages} pages of {state.page_size} bytes, "
+            f"the image {path} {npages} pages of {page_size}"
+        )
+        link.refuse(reason)
+        raise GuestError(f"refusing the receiver's go: {reason}")
+    return state
 
 
 def _refuse_a_second_copy(path: Path, resuming: bool) -> None:
     """GuestError if the last guest on `path` left it to a destination (handed over) or
     may have (it ended held paused with its device state gone)."""
     head = read_control_header(control_path(path))
-    if head is None or head[Field.MAGIC] != CONTROL_MAGIC or head[Field.VERSION] != CONTROL_VERSION:
+    # An older version's mark counts too: an upgrade must not forget a hand-over.
+    if (
+        head is None
+        or head[Field.MAGIC] != CONTROL_MAGIC
+        or head[Field.VERSION] not in READABLE_VERSIONS
+    ):
         return
     try:
         lease = Lease.from_header(head)
@@ -276,13 +331,19 @@ class _Guest:
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self._stop = True
 
-    def run(self, ready: Callable[[], None] | None) -> DeviceState:
+    def run(
+        self,
+        ready: Callable[[], None] | None,
+        running: Callable[[memoryview], None] | None = None,
+    ) -> DeviceState:
         handlers: dict[int, Any] = {}
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 handlers[sig] = signal.signal(sig, self._on_signal)
         try:
             self.ctl[Field.STATE] = GuestState.RUNNING
+            if running is not None:
+                running(self.ctl)
             if ready is not None:
                 ready()
             self._loop()

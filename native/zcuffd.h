@@ -1,0 +1,67 @@
+/* The interface of zcuffd.c: userfaultfd for post-copy (missing pages of a shared tmpfs or
+ * hugetlbfs mapping, served from another process). _build.py feeds this file (less its #
+ * lines) to cffi's cdef beside zcnative.h and zccrypto.h, so it must stay plain
+ * declarations: constants are enums with their kernel values written out, and zcuffd.c
+ * checks each against <linux/userfaultfd.h> at compile time. */
+#include <stdint.h>
+
+/* Return codes of our own: negative, never an errno. */
+enum {
+    ZCU_EBOUNDS = -30 /* an offset, length or address outside the registered range or the
+                       * file, not page-aligned, or a buffer too short: nothing done */
+};
+
+/* UFFD_FEATURE_* bits a caller may ask zcu_open for. */
+enum {
+    ZCU_FEATURE_MISSING_HUGETLBFS = 1 << 4, /* MISSING faults on a hugetlbfs mapping */
+    ZCU_FEATURE_MISSING_SHMEM = 1 << 5,     /* MISSING faults on a tmpfs (shmem) mapping */
+    ZCU_FEATURE_THREAD_ID = 1 << 8          /* each fault names its thread */
+};
+
+/* How zcu_open creates the descriptor. */
+enum {
+    ZCU_OPEN_SYSCALL = 0, /* userfaultfd(2): root (CAP_SYS_PTRACE) or the sysctl
+                           * vm.unprivileged_userfaultfd = 1 */
+    ZCU_OPEN_DEVICE = 1   /* ioctl USERFAULTFD_IOC_NEW on /dev/userfaultfd (Linux 6.1):
+                           * whoever may open the device */
+};
+
+/* Bits of zcu_register's `ioctls`: what the kernel allows on the registered range. */
+enum {
+    ZCU_RANGE_WAKE = 1 << 2, /* 1 << _UFFDIO_WAKE */
+    ZCU_RANGE_COPY = 1 << 3  /* 1 << _UFFDIO_COPY */
+};
+
+/* A message read from a userfaultfd. Without event features only page faults come. */
+struct zcu_fault {
+    uint64_t offset;  /* the faulting page's offset from base, page-aligned; UINT64_MAX
+                       * when `inside` is 0 */
+    uint64_t address; /* the address as the kernel reported it */
+    uint32_t flags;   /* UFFD_PAGEFAULT_FLAG_*: 1 write, 2 write-protect, 4 minor */
+    uint32_t tid;     /* the faulting thread; 0 without ZCU_FEATURE_THREAD_ID */
+    uint32_t event;   /* UFFD_EVENT_PAGEFAULT (0x12), or another event */
+    uint32_t inside;  /* 1 for a page fault in [base, base + length) */
+};
+
+struct zcu_copy_result {
+    uint64_t copied;  /* pages placed by UFFDIO_COPY; the kernel woke their waiters */
+    uint64_t existed; /* pages that were there already (EEXIST): they arrived another way
+                       * meanwhile (a pwrite into the page cache); left as they were */
+    uint32_t woken;   /* 1 if the run was woken (UFFDIO_WAKE) because some page existed */
+    int err;          /* 0, or the errno that stopped the run (see zcu_copy) */
+};
+
+/* A descriptor (O_CLOEXEC | O_NONBLOCK) past the UFFD_API handshake with `features`,
+ * or -errno. *available: every feature the kernel offers (0 if the handshake failed). */
+int zcu_open(uint32_t how, uint64_t features, uint64_t *available);
+int zcu_register(int uffd, uint64_t base, uint64_t length, uint32_t page_size,
+                 uint64_t *ioctls);
+int zcu_unregister(int uffd, uint64_t base, uint64_t length, uint32_t page_size);
+int zcu_read_faults(int uffd, uint64_t base, uint64_t length, uint32_t page_size,
+                    struct zcu_fault *out, uint32_t max);
+int zcu_copy(int uffd, uint64_t base, uint64_t length, uint32_t page_size, uint64_t offset,
+             const void *src, uint64_t len, struct zcu_copy_result *res);
+int zcu_wake(int uffd, uint64_t base, uint64_t length, uint32_t page_size, uint64_t offset,
+             uint64_t len);
+int zcu_punch(int fd, uint64_t file_size, const uint64_t *offsets, uint32_t n,
+              uint32_t page_size, uint32_t *npunched);
