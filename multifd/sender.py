@@ -19,7 +19,7 @@ import structlog
 
 from zcmigrate.channel.aead import Direction, Sealer, SessionKeys
 from zcmigrate.channel.iovec import IoVec
-from zcmigrate.channel.sendpool import SendPool
+from zcmigrate.channel.sendpool import SendPool, SendPoolStats
 from zcmigrate.channel.zcsocket import Channel
 from zcmigrate.multifd.exiting import Exiting, MultifdError
 from zcmigrate.multifd.pool import PoolBase
@@ -299,6 +299,12 @@ class SenderPool(PoolBase):
                 zero_copy_copied=st.zero_copy_copied, enobufs_retries=st.enobufs_retries,
             ))
         return PoolStats.from_channels(tuple(chans), jobs_queued=jobs, send_waits=waits)
+
+    def send_buffer_statistics(self) -> list[SendPoolStats]:
+        """Each channel's send buffers (sealed packets only; empty for clear ones): how
+        often a worker waited for a completion to free one, and how many were in flight."""
+        return [w.send_buffers.statistics() for w in self._workers
+                if w.send_buffers is not None]
 
     def close(self, timeout: float | None = 60.0) -> None:
         """Stop the workers (after their queued work, unless exiting), join them, close channels.
