@@ -189,7 +189,11 @@ class SendPool:
         ch = self._channel
         first = ch.zero_copy_calls()
         try:
-            sent = ch.writev([buf.view[:nbytes]], header=header, zero_copy=self._zero_copy)
+            # A cffi buffer of the mapping, not a slice of `view`: a failed send's traceback
+            # holds what the channel made of it in a cycle, and the collector clearing an
+            # exported memoryview at exit crashed the interpreter (SIGSEGV).
+            sent = ch.writev([ffi.buffer(buf.cdata, nbytes)], header=header,
+                             zero_copy=self._zero_copy)
         finally:
             # Even a writev that failed half-way may have made calls that pin the buffer.
             buf.calls = (first, ch.zero_copy_calls())

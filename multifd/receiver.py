@@ -426,7 +426,6 @@ class ReceiverPool(PoolBase):
             # mapping): not a byte that failed its tag reaches the image.
             sealed_cap = 8 * ctx.pages_alloc + ctx.pages_alloc * ps + TAG_SIZE
             sealed_buf: Any = ffi.new("uint8_t[]", sealed_cap)
-            sealed_view = memoryview(ffi.buffer(sealed_buf))
             sealed_iov = IoVec(1)
             sealed_iov.entries[0].iov_base = sealed_buf
             tag_buf: Any = ffi.new("uint8_t[]", TAG_SIZE)
@@ -493,7 +492,7 @@ class ReceiverPool(PoolBase):
                 # Counter seq - 1: the sequence check above already holds it to the next
                 # one, and the opener holds it again, so a replay or reordering fails twice.
                 opener.open_in_place(header.seq - 1, sealed_buf, body, aad=header_buf)
-                normal, zero = decode_offsets(sealed_view[:size], header, ctx)
+                normal, zero = decode_offsets(ffi.buffer(sealed_buf, size), header, ctx)
             else:
                 if size:
                     entry = offsets_iov.entries[0]

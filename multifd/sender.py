@@ -432,8 +432,10 @@ class SenderPool(PoolBase):
         one pass in C into a send buffer, and send its clear header, then the buffer."""
         assert w.sealer is not None and w.send_buffers is not None
         ctx = self._ctx
-        mv = memoryview(packet)
-        header, lead = mv[:HEADER_SIZE], mv[HEADER_SIZE:]
+        # Bytes (320, and 8 per page), not views: nothing the channel pins for a send is an
+        # exported memoryview that a failed send's traceback could keep in a cycle (see
+        # SendPool.send for the crash that caused).
+        header, lead = packet[:HEADER_SIZE], packet[HEADER_SIZE:]
         body = len(lead) + nn * ctx.page_size
         self._check_counter(w)
         if self._hook is not None:
