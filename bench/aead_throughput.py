@@ -82,9 +82,9 @@ class Worker:
     def prepare_open(self) -> None:
         """One sealed packet under a fixed nonce, opened again and again into `plain`."""
         offs = self.offsets_c[0]
-        rc = lib.zcc_seal_pages(self.ctx, self.nonce, b"", 0, self.base, len(self.image), offs,
-                                len(offs), self.page, self.out_c, self.packet,
-                                self.out_c + self.packet)
+        rc = lib.zcc_seal_pages(self.ctx, self.nonce, b"", 0, b"", 0, self.base,
+                                len(self.image), offs, len(offs), self.page, self.out_c,
+                                self.packet, self.out_c + self.packet)
         assert rc == 0, rc
 
     def open(self, until: float) -> None:

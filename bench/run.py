@@ -116,7 +116,9 @@ def cli(*args: str) -> list[str]:
 
 
 def migrate_once(image: Path, size: int, channels: int, zero_copy: bool,
-                 log: Path, verify: bool) -> dict[str, Any]:
+                 log: Path, verify: bool, *, send_args: tuple[str, ...] = (),
+                 recv_args: tuple[str, ...] = ()) -> dict[str, Any]:
+    """One migration; send_args and recv_args go to each command (a key: bench/crypto.py)."""
     work = image.parent
     dst = work / "dst.img"
     for p in (dst, work / "dst.img.state", work / "dst.img.incoming"):
@@ -125,7 +127,7 @@ def migrate_once(image: Path, size: int, channels: int, zero_copy: bool,
     with open(log, "ab") as errf:
         recv = subprocess.Popen(
             cli("receive", str(dst), "--listen", "127.0.0.1:0", "--json", "--accept-timeout",
-                "60", "--log-format", "json"),
+                "60", "--log-format", "json", *recv_args),
             cwd=ROOT, stdout=subprocess.PIPE, stderr=errf, env=env)
         try:
             assert recv.stdout is not None
@@ -138,7 +140,7 @@ def migrate_once(image: Path, size: int, channels: int, zero_copy: bool,
                 cli("send", str(image), "--to", f"127.0.0.1:{m.group(1)}", "--static",
                     "--multifd-channels", str(channels),
                     "--multifd-zerocopy", "on" if zero_copy else "off",
-                    "--json", "--log-format", "json"),
+                    "--json", "--log-format", "json", *send_args),
                 cwd=ROOT, stdout=subprocess.PIPE, stderr=errf, env=env)
             assert send.stdout is not None
             send_out = send.stdout.read()  # EOF: the child is exiting

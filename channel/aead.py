@@ -253,12 +253,14 @@ class Sealer(_Aead):
         return counter
 
     def seal_gather(self, base: int, size: int, offsets: Any, count: int, block_size: int,
-                    out: Buffer, tag: Buffer, *, aad: Buffer = b"") -> int:
-        """Seal `count` blocks of `block_size` bytes read at `offsets` (a uint64_t array or
-        pointer) in the mapping [base, base+size) straight into `out`, one pass in C, and
-        the tag into `tag` (16 bytes, or a cffi pointer to them, e.g. just past the
-        ciphertext in `out`); return the counter used. Offsets outside the mapping, or an
-        `out` too small, raise AeadError with nothing read or written."""
+                    out: Buffer, tag: Buffer, *, aad: Buffer = b"", lead: Buffer = b"") -> int:
+        """Seal `lead` (bytes of the caller's: a packet's offsets) and then `count` blocks of
+        `block_size` bytes read at `offsets` (a uint64_t array or pointer) in the mapping
+        [base, base+size), as one message, straight into `out` (the lead's ciphertext
+        first, then the blocks'), one pass in C, and the tag into `tag` (16 bytes, or a
+        cffi pointer to them, e.g. just past the ciphertext in `out`); return the counter
+        used. Offsets outside the mapping, or an `out` too small, raise AeadError with
+        nothing read or written."""
         with _Pins() as pins:
             if isinstance(offsets, ffi.CData):
                 offsets_c = offsets
@@ -270,11 +272,12 @@ class Sealer(_Aead):
             out_c, cap = pins.writable(out)
             tag_c = pins.tag_out(tag)
             aad_c, aad_n = pins.readable(aad)
+            lead_c, lead_n = pins.readable(lead)
             with self._lock:
                 counter = self._take_counter()
                 rc = int(lib.zcc_seal_pages(self._live_ctx(), self._nonce(counter), aad_c,
-                                            aad_n, base, size, offsets_c, count, block_size,
-                                            out_c, cap, tag_c))
+                                            aad_n, lead_c, lead_n, base, size, offsets_c,
+                                            count, block_size, out_c, cap, tag_c))
                 self._settle(rc)
             return counter
 
@@ -346,6 +349,20 @@ class Opener(_Aead):
                 raise ValueError(f"{self.name}: output of {cap} bytes for {n} bytes of data")
             aad_c, _ = pins.readable(aad)
             self._open(counter, data_c, out_c, n, tag_c, aad_c)
+
+    def open_in_place(self, counter: int, buf: Any, n: int, *, aad: Buffer = b"") -> None:
+        """Verify and decrypt the `n` bytes at `buf` (a cffi uint8_t pointer or array)
+        in place, their tag in the 16 bytes right after them: a sealed packet as it was
+        read off a channel into one buffer. As open_into otherwise: only the next counter
+        opens, and on AuthenticationFailed the n bytes hold zeros."""
+        if not isinstance(buf, ffi.CData):
+            raise TypeError("open_in_place takes a cffi pointer or array")
+        if ffi.typeof(buf).kind == "array" and ffi.sizeof(buf) < n + TAG_LEN:
+            raise ValueError(f"{self.name}: a buffer of {ffi.sizeof(buf)} bytes for {n} "
+                             f"bytes and a {TAG_LEN}-byte tag")
+        with _Pins() as pins:
+            aad_c, _ = pins.readable(aad)
+            self._open(counter, buf, buf, n, buf + n, aad_c)
 
     def _open(self, counter: int, data_c: Any, out_c: Any, n: int, tag_c: Any,
               aad_c: Any) -> None:

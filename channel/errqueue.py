@@ -9,6 +9,7 @@ sockets, pages or packets.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from zcmigrate import ZcmigrateError
@@ -56,25 +57,24 @@ class CompletionLedger:
         self._in_flight_bytes = 0
         self._copied_since_mark = False
 
-    def queue(self, calls: int, nbytes: int) -> None:
-        """Record `calls` successful zero-copy send calls that carried `nbytes` in all.
-
-        The split of bytes between the calls of one batch is not known here, so it is
-        spread evenly; in-flight bytes are exact whenever a whole batch has completed.
+    def queue(self, sizes: Sequence[int]) -> None:
+        """Record successful zero-copy send calls, in the kernel's order: `sizes[i]` is the
+        bytes the i-th of them carried (zc_sendv reports each call's own), so the bytes in
+        flight drop by exactly what a call pinned when that call completes.
         """
-        if calls <= 0:
-            if nbytes:
-                raise ValueError("bytes queued without a send call")
+        calls = len(sizes)
+        if not calls:
             return
+        if any(n < 0 for n in sizes):
+            raise ValueError(f"a zero-copy call of negative size in {list(sizes)}")
         if len(self._outstanding) + calls >= COUNTER_MOD:
             # Beyond this the 32-bit counter would name two outstanding calls at once.
             raise CompletionError("more than 2**32 - 1 zero-copy sends outstanding")
-        share, rest = divmod(nbytes, calls)
-        for i in range(calls):
-            self._outstanding[(self._next + i) % COUNTER_MOD] = share + (rest if i == 0 else 0)
+        for i, n in enumerate(sizes):
+            self._outstanding[(self._next + i) % COUNTER_MOD] = n
         self._next = (self._next + calls) % COUNTER_MOD
         self._queued += calls
-        self._in_flight_bytes += nbytes
+        self._in_flight_bytes += sum(sizes)
 
     def complete(self, lo: int, hi: int, copied: bool) -> int:
         """Apply one notification for the inclusive range [lo, hi]; return calls completed."""

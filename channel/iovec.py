@@ -54,12 +54,25 @@ class IoVec:
         return self._arr + 1
 
     def set_filled(self, count: int, nbytes: int, keep: Any = None) -> None:
-        """Declare that C wrote `count` entries covering `nbytes`; `keep` stays alive."""
+        """Declare that C wrote `count` entries covering `nbytes`; `keep` is the object that
+        owns their memory (a mapping, or a cffi buffer of it), kept alive with them."""
         if not 0 <= count <= self.capacity:
             raise ValueError(f"iovec count {count} outside 0..{self.capacity}")
         self.count = count
         self.nbytes = nbytes
         self._keep = [keep] if keep is not None else []
+
+    @property
+    def owned(self) -> bool:
+        """Whether something is known to own the memory the entries point at (or there
+        are none): what a zero-copy send must hold until its completion."""
+        return self.count == 0 or bool(self._keep)
+
+    @property
+    def owners(self) -> tuple[Any, ...]:
+        """The objects that keep the entries' memory alive, as they are now (the IoVec
+        itself may be refilled for the next send)."""
+        return tuple(self._keep)
 
     def with_header(self, header: Any) -> tuple[Any, int, int, Any]:
         """(iovec pointer, iovcnt, header bytes, header buffer) with slot 0 filled.

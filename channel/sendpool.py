@@ -91,17 +91,17 @@ class SendPool:
 
     acquire() hands a free buffer out, waiting for completions (bounded by its timeout,
     woken by shutdown()) when none is free; send() writes it on the channel with zero copy
-    when the channel has it; the buffer comes back once its calls have completed. At most
-    count * size bytes are pinned by zero copy at once: keep that within RLIMIT_MEMLOCK
-    when running without CAP_IPC_LOCK. One writer thread uses a pool; shutdown() may come
-    from any thread.
+    when the channel has it (and `zero_copy` is not False); the buffer comes back once its
+    calls have completed. At most count * size bytes are pinned by zero copy at once: keep
+    that within RLIMIT_MEMLOCK when running without CAP_IPC_LOCK. One writer thread uses a
+    pool; shutdown() may come from any thread.
 
     `poison`, if given, is written over every buffer as it returns to the free list: a
     debugging aid that makes any early reuse visible to the receiver.
     """
 
     def __init__(self, channel: ZeroCopyWriter, count: int, size: int, *,
-                 poison: bytes | None = None) -> None:
+                 zero_copy: bool | None = None, poison: bytes | None = None) -> None:
         if count <= 0:
             raise ValueError("a send pool needs at least one buffer")
         if size <= 0:
@@ -111,7 +111,10 @@ class SendPool:
         page = mmap.PAGESIZE
         self.buffer_size = -(-size // page) * page
         self._channel = channel
-        self._zero_copy = channel.supports_zero_copy
+        if zero_copy and not channel.supports_zero_copy:
+            raise ValueError(f"send pool: channel {channel.name} has no zero copy")
+        # None: whatever the channel can do.
+        self._zero_copy = channel.supports_zero_copy if zero_copy is None else zero_copy
         self._poison = poison
         self._shut = threading.Event()
         self._buffers = [SendBuffer(i, self.buffer_size) for i in range(count)]
@@ -186,7 +189,11 @@ class SendPool:
         ch = self._channel
         first = ch.zero_copy_calls()
         try:
-            sent = ch.writev([buf.view[:nbytes]], header=header, zero_copy=self._zero_copy)
+            # A cffi buffer of the mapping, not a slice of `view`: a failed send's traceback
+            # holds what the channel made of it in a cycle, and the collector clearing an
+            # exported memoryview at exit crashed the interpreter (SIGSEGV).
+            sent = ch.writev([ffi.buffer(buf.cdata, nbytes)], header=header,
+                             zero_copy=self._zero_copy)
         finally:
             # Even a writev that failed half-way may have made calls that pin the buffer.
             buf.calls = (first, ch.zero_copy_calls())

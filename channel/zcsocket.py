@@ -14,6 +14,7 @@ import select
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -35,11 +36,20 @@ from zcmigrate.native import ZC_EOF, ffi, lib
 SO_ZEROCOPY = getattr(socket, "SO_ZEROCOPY", 60)
 SO_EE_ORIGIN_ZEROCOPY = 5
 _DRAIN_BATCH = 64
+# Zero-copy calls whose sizes one zc_sendv reports before it hands back for accounting.
+_CALL_BATCH = 64
 # How long a blocked flush or in-flight wait sleeps in poll before it looks at the
 # shutdown flag again: the bound on how late shutdown() wakes it.
 _WAIT_SLICE_MS = 100
 # Seconds within which a dead peer is found by default (keepalive and user timeout).
 DEFAULT_PEER_TIMEOUT = 30.0
+
+# What closed channels' zero-copy sends may still be reading: after close() the kernel goes
+# on sending what was queued, reading it from our memory, and no completion will ever say
+# when it is done. Their owners stay referenced for the life of the process, so that no
+# allocator reuses that memory under the kernel. Only a channel closed with zero-copy sends
+# still in flight (a failure: flush() comes before every orderly close) adds to it.
+_ORPHANED: list[Any] = []
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +68,7 @@ class ChannelStats:
     in_flight_bytes: int
     in_flight_peak: int
     in_flight_waits: int
+    held_sends: int  # zero-copy writevs whose buffers the channel holds until completion
 
 
 class Channel:
@@ -85,6 +96,10 @@ class Channel:
         self._ledger_lock = threading.Lock()
         self._completions: Any = ffi.new("struct zc_completion[]", _DRAIN_BATCH)
         self._send_result: Any = ffi.new("struct zc_send_result *")
+        self._call_bytes: Any = ffi.new("uint64_t[]", _CALL_BATCH)
+        # (first call, end call, owners) of every zero-copy writev not yet completed: the
+        # references that keep its buffers' memory alive until the kernel is done with it.
+        self._held: deque[tuple[int, int, tuple[Any, ...]]] = deque()
         self._nread: Any = ffi.new("uint64_t *")
         self._bytes_sent = 0
         self._bytes_received = 0
@@ -152,6 +167,14 @@ class Channel:
     def close(self) -> None:
         if self._closed:
             return
+        if self._held:
+            # Whatever completed is let go; the rest the kernel may still read after the
+            # close, with no one left to tell us when: those owners are kept for good.
+            with contextlib.suppress(ChannelError, OSError):
+                self._drain()
+            with self._ledger_lock:
+                _ORPHANED.extend(owners for _, _, owners in self._held)
+                self._held.clear()
         self.shutdown()
         self._closed = True
         self._sock.close()
@@ -173,16 +196,30 @@ class Channel:
         """Send `header` normally, then `buffers` (with MSG_ZEROCOPY if `zero_copy`).
 
         Returns the bytes written (all of them; partial sends are looped in C). With
-        zero copy the buffers must stay unchanged until flush(), or a newer version
-        of them may leave (seed 000).
+        zero copy the kernel reads the buffers after this returns, until each call's
+        completion: their contents must stay unchanged until flush(), or a newer version
+        of them may leave (seed 000), and their memory must stay allocated. The channel
+        sees to the second: it holds a reference to every buffer of a zero-copy writev
+        (the cffi views it made of them, or what an IoVec filled by C names as its owner
+        with set_filled(keep=...)) until the error queue says every call that carried it
+        completed, and past close() for good if that never comes. An IoVec filled by C
+        with no owner is refused with zero copy (ValueError): its memory's lifetime is
+        nothing the channel could hold.
         """
         self._check_open()
         if zero_copy and not self.supports_zero_copy:
             raise ZeroCopyUnsupported(f"channel {self.name}: {self.zero_copy_refusal}")
         iov = buffers if isinstance(buffers, IoVec) else IoVec.from_buffers(buffers)
+        if zero_copy and not iov.owned:
+            raise ValueError(
+                f"channel {self.name}: a zero-copy writev of an IoVec with no owner: the "
+                "kernel reads its memory until the completion arrives, so name the object "
+                "that owns it (IoVec.set_filled(keep=...)) for the channel to hold"
+            )
         ptr, cnt, nplain, hbuf = iov.with_header(header)
         total = nplain + iov.nbytes
         sent = 0
+        first = self.zero_copy_calls()
         try:
             if zero_copy and self.in_flight_cap is not None:
                 cap = self.in_flight_cap
@@ -197,7 +234,13 @@ class Channel:
             else:
                 sent = self._send(ptr, cnt, nplain, zero_copy, 0, 0)
         finally:
-            del hbuf
+            del hbuf  # sent without zero copy: the kernel copied it in sendmsg
+            if zero_copy:
+                # Even a writev that failed half-way may have made calls that read them.
+                end = self.zero_copy_calls()
+                if end > first:
+                    with self._ledger_lock:
+                        self._held.append((first, end, iov.owners))
         if zero_copy:
             # Opportunistic: notifications never pile up against optmem_max (seed 003).
             self._drain()
@@ -210,20 +253,23 @@ class Channel:
         `nplain` is the header's length in bytes; the header is the first iovec.
         """
         res = self._send_result
+        sizes = self._call_bytes
         done = 0
         retried = False
         while True:
             rc = lib.zc_sendv(self._fd, ptr, cnt, 1 if nplain else 0, int(zero_copy), skip + done,
-                              (limit - done) if limit else 0, res)
-            start = skip + done
+                              (limit - done) if limit else 0, res, sizes, _CALL_BATCH)
             done += int(res.bytes)
             self._bytes_sent += res.bytes
             self._send_calls += res.calls
             if res.zc_calls:
-                zc_bytes = (start + res.bytes) - max(start, nplain)
+                # Each call pins what it carried until its own completion: account each
+                # for its own bytes (the in-flight cap and the pool rely on it).
                 with self._ledger_lock:
-                    self._ledger.queue(res.zc_calls, max(zc_bytes, 0))
+                    self._ledger.queue(ffi.unpack(sizes, int(res.zc_calls)))
                     self._in_flight_peak = max(self._in_flight_peak, self._ledger.in_flight_bytes)
+            if rc == 1:
+                continue  # the call sizes filled their array: accounted, go on
             if rc == 0:
                 return done
             err = res.err
@@ -253,8 +299,7 @@ class Channel:
             if n < 0:
                 if -n in (errno.EBADF, errno.ENOTSOCK) and self._shut.is_set():
                     raise ChannelClosed(f"channel {self.name} was shut down")
-                raise ChannelError(f"channel {self.name}: reading the error queue failed: "
-                                   f"{os.strerror(-n)}")
+                raise ChannelError(f"channel {self.name}: {_errqueue_problem(-n)}")
             with self._ledger_lock:
                 for i in range(n):
                     c = self._completions[i]
@@ -267,8 +312,19 @@ class Channel:
                         total += self._ledger.complete(c.lo, c.hi, bool(c.copied))
                     except CompletionError as e:
                         raise ChannelError(f"channel {self.name}: {e}") from e
+            if self._held:
+                self._release_held()
             if n < _DRAIN_BATCH:
                 return total
+
+    def _release_held(self) -> None:
+        """Let go of the buffers of every zero-copy writev whose calls have all completed.
+        Oldest first, stopping at the first still out: one completed out of order waits for
+        those before it, which only holds a buffer longer, never too briefly."""
+        with self._ledger_lock:
+            held = self._held
+            while held and self._ledger.calls_completed(held[0][0], held[0][1]):
+                held.popleft()
 
     def _wait_in_flight(self, at_most: int, deadline: float | None = None) -> None:
         """Wait until no more than `at_most` bytes of zero-copy sends are in flight."""
@@ -513,6 +569,7 @@ class Channel:
             in_flight_bytes=snap.in_flight_bytes,
             in_flight_peak=self._in_flight_peak,
             in_flight_waits=self._in_flight_waits,
+            held_sends=len(self._held),
         )
 
 
@@ -529,6 +586,16 @@ def wait_readable_any(channels: Iterable[Channel], timeout: float) -> list[Chann
         poller.register(ch.fileno(), select.POLLIN)
     ready = {fd for fd, _ in poller.poll(max(0, int(timeout * 1000)))}
     return [ch for ch in chans if ch.fileno() in ready]
+
+
+def _errqueue_problem(err: int) -> str:
+    if err == errno.EMSGSIZE:
+        return ("a zero-copy completion was cut short on the error queue (MSG_CTRUNC): "
+                "the calls it completed can never be accounted")
+    if err == errno.EPROTO:
+        return ("a malformed message on the error queue (no single IP_RECVERR of a whole "
+                "sock_extended_err): its completion cannot be read")
+    return f"reading the error queue failed: {os.strerror(err)}"
 
 
 def _describe(sock: socket.socket) -> str:

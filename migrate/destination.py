@@ -276,8 +276,11 @@ class DestinationJob:
             timeout=self.peer_timeout, peer_timeout=self.peer_timeout,
             abort=self._check_exiting)
         self._ctx = ctx
+        if ctx.sealed and session is None:  # _authenticate refuses it; never run clear
+            raise RemoteProtocolError("the source asks for sealed packets without a key")
         self._pool = ReceiverPool(channels, ctx, self._incoming.sink, known_zero=True,
-                                  exiting=self.exiting)
+                                  exiting=self.exiting,
+                                  keys=session if ctx.sealed else None)
         self._pool.start()
 
         # What each record makes us do; the conversation table has already refused any

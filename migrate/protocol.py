@@ -256,6 +256,7 @@ class Hello(Record):
                 image_size=self.image_size,
                 pages_alloc=self.pages_alloc,
                 block=self.block,
+                sealed=self.encryption,
             )
         except LocalProtocolError as e:
             raise RemoteProtocolError(f"HELLO: {e}") from e

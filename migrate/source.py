@@ -294,6 +294,8 @@ class SourceJob:
         self._main = main
         greeting = self._expect(Greeting, peer_timeout, "the destination's greeting")
         self._handshake(main, greeting, hello)
+        # Sealed data packets once both ends agreed on it in the authenticated HELLO.
+        ctx = dataclasses.replace(ctx, sealed=self._encrypted)
 
         chans: list[Channel] = []
         macs: list[bytes] = []
@@ -321,6 +323,7 @@ class SourceJob:
             zero_page_detection=self.params.zero_page_detection,
             exiting=self.exiting,
             init_macs=macs,
+            keys=self._session if ctx.sealed else None,
         )
         self._pool.start()
 

@@ -83,7 +83,11 @@ def fetch_clear_dirty(bitmap_address: int, nwords: int, out: array[int]) -> int:
     _check_words("out", out, nwords)
     bm = ffi.cast("uint64_t *", bitmap_address)
     with ffi.from_buffer("uint64_t[]", out, require_writable=True) as out_c:
-        return int(lib.zc_bitmap_fetch_clear(bm, nwords, out_c))
+        count = int(lib.zc_bitmap_fetch_clear(bm, nwords, out_c, len(out_c)))
+    if count < 0:
+        raise ValueError(f"fetch_clear_dirty: {os.strerror(-count)} ({nwords} words into "
+                         f"{len(out)})")
+    return count
 
 
 def dirty_offsets(bitmap: array[int], npages: int, page_size: int, out: array[int]) -> int:
@@ -97,7 +101,11 @@ def dirty_offsets(bitmap: array[int], npages: int, page_size: int, out: array[in
         ffi.from_buffer("uint64_t[]", bitmap) as bm_c,
         ffi.from_buffer("uint64_t[]", out, require_writable=True) as out_c,
     ):
-        return int(lib.zc_bitmap_offsets(bm_c, npages, page_size, out_c))
+        count = int(lib.zc_bitmap_offsets(bm_c, npages, page_size, out_c, len(out_c)))
+    if count < 0:
+        raise ValueError(f"dirty_offsets: {os.strerror(-count)} ({npages} pages into "
+                         f"{len(out)} offsets)")
+    return count
 
 
 def or_words(a: array[int], b: array[int]) -> array[int]:
@@ -141,7 +149,11 @@ def touch_pages(
     if count < 0:
         raise ValueError(f"cannot touch {count} pages")
     bm = ffi.cast("uint64_t *", bitmap_address)
-    return int(lib.zc_guest_touch(image.address, bm, npages, page_size, position, count))
+    pos = int(lib.zc_guest_touch(image.address, bm, npages, page_size, position, count))
+    if pos < 0:
+        raise ValueError(f"touch_pages: {os.strerror(-pos)} (position {position} of "
+                         f"{npages} pages)")
+    return pos
 
 
 def first_page_off_step(
@@ -175,6 +187,7 @@ def zero_pages(buffer: Buffer, offsets: array[int], page_size: int) -> int:
             len(offsets),
             page_size,
             ffi.NULL,
+            0,
             nwritten,
         )
     if rc:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from zcmigrate.channel.aead import Direction, Opener, SessionKeys
 from zcmigrate.channel.errors import ChannelClosed, ChannelError, ReadTimeout
 from zcmigrate.channel.iovec import IoVec
 from zcmigrate.channel.zcsocket import Channel
@@ -26,6 +27,7 @@ from zcmigrate.multifd.stats import ChannelCounters, PoolStats
 from zcmigrate.multifd.wire import (
     HEADER_SIZE,
     INIT_SIZE,
+    TAG_SIZE,
     InitTracker,
     RemoteProtocolError,
     SequenceTracker,
@@ -96,9 +98,10 @@ def accept_data_channel(channel: Channel, tracker: InitTracker, timeout: float) 
 class _Worker:
     """One channel's state; the counters and barrier fields are guarded by the pool lock."""
 
-    def __init__(self, channel_id: int, channel: Channel) -> None:
+    def __init__(self, channel_id: int, channel: Channel, opener: Opener | None) -> None:
         self.id = channel_id
         self.channel = channel
+        self.opener = opener  # sealed packets: accepts only counter seq - 1, in order
         self.name = f"multifd-recv-{channel_id}"
         self.state = _RUNNING
         self.synced = 0  # SYNC packets read
@@ -131,6 +134,11 @@ class ReceiverPool(PoolBase):
     closes the descriptor; durability (fdatasync) is the caller's.
 
     known_zero: `image` is fresh (all zero): zero pages never written need no work.
+
+    keys: with a sealed context (ctx.sealed), the session whose source-to-destination key of
+    each channel opens its packets; required then, refused otherwise. A sealed packet's body
+    is read into the worker's buffer and opened there in place; its offsets are decoded and
+    its pages written only once its tag verified (docs/protocol.md, "Sealed packets").
     """
 
     role = "receive"
@@ -144,7 +152,11 @@ class ReceiverPool(PoolBase):
         known_zero: bool = False,
         exiting: Exiting | None = None,
         hook: Hook | None = None,
+        keys: SessionKeys | None = None,
     ) -> None:
+        if ctx.sealed != (keys is not None):
+            raise ValueError("a sealed context needs the session's keys, and only it takes "
+                             f"them (sealed {ctx.sealed}, keys given: {keys is not None})")
         self._fd = -1
         if isinstance(image, int):
             size = os.fstat(image).st_size
@@ -160,19 +172,24 @@ class ReceiverPool(PoolBase):
         # (rwsem_spin_on_owner), taking a core from the sender on a 2-core host.
         self._write_lock = threading.Lock()
         self._cond = threading.Condition(self._lock)  # the barrier, both directions
-        self._workers = [_Worker(i, ch) for i, ch in enumerate(channels)]
+        self._workers = [
+            _Worker(i, ch, None if keys is None
+                    else keys.opener(Direction.SOURCE_TO_DESTINATION, i))
+            for i, ch in enumerate(channels)
+        ]
         npages = ctx.image_size // ctx.page_size
+        self._nwords = (npages + 63) // 64  # of each bitmap below
         # One bit per page, set once a page was written: on a fresh (all-zero) image a zero
         # page that was never written needs no work at all, not even a fault.
         self._written: array[int] | None = None
         self._written_c: Any = ffi.NULL
         if known_zero:
-            self._written = array("Q", bytes(8 * ((npages + 63) // 64)))
+            self._written = array("Q", bytes(8 * self._nwords))
             self._written_c = ffi.from_buffer("uint64_t[]", self._written)
         # One bit per page, set once a packet carried it (normal or zero) and it is in place:
         # a commit needs every page to have arrived at least once.
         self._npages = npages
-        self._arrived = array("Q", bytes(8 * ((npages + 63) // 64)))
+        self._arrived = array("Q", bytes(8 * self._nwords))
         self._arrived_c: Any = ffi.from_buffer("uint64_t[]", self._arrived)
         self._released = 0  # the last sync number the coordinator released
         self._final = 0  # the final sync's number once sync(final=True) released it
@@ -360,6 +377,9 @@ class ReceiverPool(PoolBase):
         for t in threads:
             t.join(_JOIN_TIMEOUT)
         if self._release(threads):
+            for w in self._workers:
+                if w.opener is not None:
+                    w.opener.close()
             ffi.release(self._arrived_c)
             if self._written is not None:
                 ffi.release(self._written_c)
@@ -407,7 +427,21 @@ class ReceiverPool(PoolBase):
         offsets_iov = IoVec(1)
         nwritten: Any = ffi.new("uint32_t *")
         to_file = self._fd >= 0
-        if to_file:
+        opener = w.opener
+        if opener is not None:
+            # A sealed packet's body and tag land here, are opened in place, and only then
+            # are its offsets decoded and its pages written (from here, to the file or the
+            # mapping): not a byte that failed its tag reaches the image.
+            sealed_cap = 8 * ctx.pages_alloc + ctx.pages_alloc * ps + TAG_SIZE
+            sealed_buf: Any = ffi.new("uint8_t[]", sealed_cap)
+            sealed_iov = IoVec(1)
+            sealed_iov.entries[0].iov_base = sealed_buf
+            tag_buf: Any = ffi.new("uint8_t[]", TAG_SIZE)
+            tag_iov = IoVec(1)
+            tag_iov.entries[0].iov_base = tag_buf
+            tag_iov.entries[0].iov_len = TAG_SIZE
+            tag_iov.set_filled(1, TAG_SIZE)
+        elif to_file:
             # A packet's pages land here first, then go to the file: the place for a step
             # that works on the payload before it is written (decryption in place).
             payload_buf: Any = ffi.new("char[]", ctx.pages_alloc * ps)
@@ -442,24 +476,62 @@ class ReceiverPool(PoolBase):
             # never reaches the image, and a lost one fails the channel here.
             sequence.accept(header)
             if header.is_sync:
+                if opener is not None:
+                    # The SYNC's counts are trusted only once its tag (over the header
+                    # alone) verified.
+                    ch.readv_into(tag_iov)
+                    consumed += TAG_SIZE
+                    opener.open_in_place(header.seq - 1, tag_buf, 0, aad=header_buf)
                 end = self._at_sync(w)
                 if end != _RUNNING:
                     return end
                 after_data = False
                 continue
             size = header.offsets_size
-            if size:
-                entry = offsets_iov.entries[0]
-                entry.iov_base = offsets_c
-                entry.iov_len = size
-                offsets_iov.set_filled(1, size)
-                ch.readv_into(offsets_iov)
-                consumed += size
-            normal, zero = decode_offsets(offsets_view[:size], header, ctx)
+            if opener is not None:
+                body = size + header.payload_size
+                if body + TAG_SIZE > sealed_cap:  # decode_header refuses it; never overrun
+                    raise RemoteProtocolError(f"sealed packet of {body} bytes, more than "
+                                              f"pages_alloc pages and their offsets")
+                sealed_iov.entries[0].iov_len = body + TAG_SIZE
+                sealed_iov.set_filled(1, body + TAG_SIZE)
+                ch.readv_into(sealed_iov)
+                consumed += body + TAG_SIZE
+                # Counter seq - 1: the sequence check above already holds it to the next
+                # one, and the opener holds it again, so a replay or reordering fails twice.
+                opener.open_in_place(header.seq - 1, sealed_buf, body, aad=header_buf)
+                normal, zero = decode_offsets(ffi.buffer(sealed_buf, size), header, ctx)
+            else:
+                if size:
+                    entry = offsets_iov.entries[0]
+                    entry.iov_base = offsets_c
+                    entry.iov_len = size
+                    offsets_iov.set_filled(1, size)
+                    ch.readv_into(offsets_iov)
+                    consumed += size
+                normal, zero = decode_offsets(offsets_view[:size], header, ctx)
             if hook is not None:
                 hook("recv_header", w.id)
             nn = len(normal)
-            if nn and to_file:
+            if nn and opener is not None:
+                normal_c = ffi.from_buffer("uint64_t[]", normal)
+                pages_c = sealed_buf + size
+                pages_len = header.payload_size
+                if to_file:
+                    with self._write_lock:
+                        rc = lib.zc_write_pages(self._fd, ctx.image_size, normal_c, nn, ps,
+                                                pages_c, pages_len)
+                else:
+                    rc = lib.zc_place_pages(self._base, ctx.image_size, normal_c, nn, ps,
+                                            pages_c, pages_len)
+                if rc == lib.ZC_EBOUNDS:
+                    raise RemoteProtocolError("packet offsets: outside the image (sealed)")
+                if rc:
+                    raise OSError(rc, f"writing pages to the image file: {os.strerror(rc)}")
+                if known_zero:
+                    self._mark(written_c, normal_c, nn)
+                self._mark(arrived_c, normal_c, nn)
+            elif nn and to_file:
                 normal_c = ffi.from_buffer("uint64_t[]", normal)
                 payload = header.payload_size
                 if payload > len(payload_buf):  # decode_header refuses it; never overrun
@@ -481,8 +553,8 @@ class ReceiverPool(PoolBase):
                 if rc:
                     raise OSError(rc, f"writing pages to the image file: {os.strerror(rc)}")
                 if known_zero:
-                    lib.zc_mark_pages(written_c, normal_c, nn, ps)
-                lib.zc_mark_pages(arrived_c, normal_c, nn, ps)
+                    self._mark(written_c, normal_c, nn)
+                self._mark(arrived_c, normal_c, nn)
             elif nn:
                 normal_c = ffi.from_buffer("uint64_t[]", normal)
 
@@ -496,27 +568,27 @@ class ReceiverPool(PoolBase):
                     raise RemoteProtocolError("packet offsets: outside the image (zc_recv_pages)")
                 consumed += header.payload_size
                 if known_zero:
-                    lib.zc_mark_pages(written_c, normal_c, nn, ps)
-                lib.zc_mark_pages(arrived_c, normal_c, nn, ps)
+                    self._mark(written_c, normal_c, nn)
+                self._mark(arrived_c, normal_c, nn)
             nz = len(zero)
             if nz and to_file:
                 zero_c = ffi.from_buffer("uint64_t[]", zero)
                 with self._write_lock:
                     rc = lib.zc_write_zero_pages(self._fd, ctx.image_size, zero_c, nz, ps,
-                                                 written_c, nwritten)
+                                                 written_c, self._nwords, nwritten)
                 if rc == lib.ZC_EBOUNDS:
                     raise RemoteProtocolError(
                         "packet offsets: outside the image (zc_write_zero_pages)")
                 if rc:
                     raise OSError(rc, f"writing zero pages to the image file: "
                                       f"{os.strerror(rc)}")
-                lib.zc_mark_pages(arrived_c, zero_c, nz, ps)
+                self._mark(arrived_c, zero_c, nz)
             elif nz:
                 zero_c = ffi.from_buffer("uint64_t[]", zero)
                 if lib.zc_zero_pages(self._base, ctx.image_size, zero_c, nz, ps, written_c,
-                                     nwritten):
+                                     self._nwords, nwritten):
                     raise RemoteProtocolError("packet offsets: outside the image (zc_zero_pages)")
-                lib.zc_mark_pages(arrived_c, zero_c, nz, ps)
+                self._mark(arrived_c, zero_c, nz)
             with self._lock:
                 w.packets += 1
                 w.normal_pages += nn
@@ -524,6 +596,11 @@ class ReceiverPool(PoolBase):
             after_data = True
             if hook is not None:
                 hook("recv_packet", w.id)
+
+    def _mark(self, bitmap_c: Any, offsets_c: Any, n: int) -> None:
+        """Set the bits of `n` pages in one of the pool's bitmaps (in C, bounds checked)."""
+        if lib.zc_mark_pages(bitmap_c, self._nwords, offsets_c, n, self._ctx.page_size):
+            raise RemoteProtocolError("packet offsets: outside the image (zc_mark_pages)")
 
     def _at_sync(self, w: _Worker) -> str:
         """Record a SYNC packet and wait for the coordinator's release. _RUNNING: read on;

@@ -1,10 +1,12 @@
 """The multifd sender pool: N worker threads, each owning one data channel, sending pages as
-iovecs straight from the source mapping, with a bounded job queue each and sync on request.
+iovecs straight from the source mapping (or, sealed, as ciphertext from a pool of send
+buffers), with a bounded job queue each and sync on request.
 It knows pages and packets; it must not know guests, the CLI, systemd or the main channel.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from array import array
@@ -15,12 +17,16 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from zcmigrate.channel.aead import Direction, Sealer, SessionKeys
 from zcmigrate.channel.iovec import IoVec
+from zcmigrate.channel.sendpool import SendPool, SendPoolStats
 from zcmigrate.channel.zcsocket import Channel
 from zcmigrate.multifd.exiting import Exiting, MultifdError
 from zcmigrate.multifd.pool import PoolBase
 from zcmigrate.multifd.stats import ChannelCounters, PoolStats, SyncResult
 from zcmigrate.multifd.wire import (
+    HEADER_SIZE,
+    TAG_SIZE,
     LocalProtocolError,
     WireContext,
     encode_init,
@@ -62,7 +68,8 @@ class _Worker:
     """One channel's state; all but the per-worker buffers are guarded by the pool lock."""
 
     def __init__(self, channel_id: int, channel: Channel, lock: threading.RLock,
-                 pages_alloc: int) -> None:
+                 pages_alloc: int, sealer: Sealer | None = None,
+                 send_buffers: SendPool | None = None) -> None:
         self.id = channel_id
         self.channel = channel
         self.name = f"multifd-send-{channel_id}"
@@ -88,6 +95,11 @@ class _Worker:
         self.normal_c: Any = ffi.from_buffer("uint64_t[]", self.normal)
         self.zero_c: Any = ffi.from_buffer("uint64_t[]", self.zero)
         self.nzero: Any = ffi.new("uint32_t *")
+        # Sealed packets (docs/protocol.md, "Sealed packets"): this channel's sealer, whose
+        # counter is always the next packet's seq - 1, and the buffers its ciphertext
+        # leaves from; None for clear packets.
+        self.sealer = sealer
+        self.send_buffers = send_buffers
 
 
 class SenderPool(PoolBase):
@@ -99,6 +111,13 @@ class SenderPool(PoolBase):
     hook(point, channel_id), for tests, runs in the worker at: "send_packet" (before a data
     packet is written), "sent_packet" (after writev returned), "send_sync" (before a SYNC
     packet is written). An exception in the hook fails the worker like any other.
+
+    keys: with a sealed context (ctx.sealed), the session whose source-to-destination key
+    of each channel seals its packets; required then, refused otherwise. send_buffers: the
+    send buffers per channel the ciphertext leaves from (each reused only after the
+    completion of every zero-copy call that carried it). send_buffer_poison, for tests: a
+    pattern written over every send buffer as it comes back to its pool, so that a buffer
+    reused too early shows in what the destination receives.
     """
 
     role = "send"
@@ -116,9 +135,17 @@ class SenderPool(PoolBase):
         exiting: Exiting | None = None,
         hook: Hook | None = None,
         init_macs: Sequence[bytes] | None = None,
+        keys: SessionKeys | None = None,
+        send_buffers: int = 4,
+        send_buffer_poison: bytes | None = None,
     ) -> None:
         if queue_depth < 1:
             raise ValueError(f"queue_depth {queue_depth}, expected at least 1")
+        if ctx.sealed != (keys is not None):
+            raise ValueError("a sealed context needs the session's keys, and only it takes "
+                             f"them (sealed {ctx.sealed}, keys given: {keys is not None})")
+        if send_buffers < 1:
+            raise ValueError(f"send_buffers {send_buffers}, expected at least 1")
         for i, ch in enumerate(channels):
             if zero_copy and not ch.supports_zero_copy:
                 raise MultifdError(f"multifd send channel {i}: {ch.zero_copy_refusal}",
@@ -135,8 +162,20 @@ class SenderPool(PoolBase):
         if self._init_macs is not None and len(self._init_macs) != len(channels):
             raise ValueError(f"{len(self._init_macs)} init MACs for {len(channels)} channels")
         self._room = threading.Condition(self._lock)  # producers and the sync waiter
-        self._workers = [_Worker(i, ch, self._lock, ctx.pages_alloc)
-                         for i, ch in enumerate(channels)]
+        self._workers: list[_Worker] = []
+        try:
+            for i, ch in enumerate(channels):
+                sealer = pool = None
+                if keys is not None:
+                    # A packet's ciphertext: its offsets, its pages and the tag.
+                    size = 8 * ctx.pages_alloc + ctx.pages_alloc * ctx.page_size + TAG_SIZE
+                    sealer = keys.sealer(Direction.SOURCE_TO_DESTINATION, i)
+                    pool = SendPool(ch, send_buffers, size, zero_copy=zero_copy,
+                                    poison=send_buffer_poison)
+                self._workers.append(_Worker(i, ch, self._lock, ctx.pages_alloc, sealer, pool))
+        except BaseException:
+            self._close_sealing()
+            raise
         self._last_offset = ctx.image_size - ctx.page_size
         self._next_packet = 0  # packet_num, shared by all channels as QEMU's is
         self._sync_num = 0
@@ -261,6 +300,12 @@ class SenderPool(PoolBase):
             ))
         return PoolStats.from_channels(tuple(chans), jobs_queued=jobs, send_waits=waits)
 
+    def send_buffer_statistics(self) -> list[SendPoolStats]:
+        """Each channel's send buffers (sealed packets only; empty for clear ones): how
+        often a worker waited for a completion to free one, and how many were in flight."""
+        return [w.send_buffers.statistics() for w in self._workers
+                if w.send_buffers is not None]
+
     def close(self, timeout: float | None = 60.0) -> None:
         """Stop the workers (after their queued work, unless exiting), join them, close channels.
 
@@ -285,7 +330,17 @@ class SenderPool(PoolBase):
                 where="multifd-send close")
             for t in threads:
                 t.join(_FORCED_JOIN)
-        self._release(threads)
+        if self._release(threads):
+            self._close_sealing()
+
+    def _close_sealing(self) -> None:
+        """Unmap the send buffers and free the sealers' contexts: only once no worker can
+        touch them (a buffer still in flight stays mapped while the channel holds it)."""
+        for w in self._workers:
+            if w.send_buffers is not None:
+                w.send_buffers.close()
+            if w.sealer is not None:
+                w.sealer.close()
 
     # ------------------------------------------------------------------ workers
 
@@ -332,9 +387,10 @@ class SenderPool(PoolBase):
         offsets_c = ffi.from_buffer("uint64_t[]", offsets)
         if self._zero_page_detection:
             nn = int(lib.zc_split_zero(self._base, ctx.image_size, offsets_c, n, ps, w.normal_c,
-                                       w.zero_c, w.nzero))
+                                       len(w.normal), w.zero_c, len(w.zero), w.nzero))
             if nn < 0:
-                raise LocalProtocolError("page offsets outside the image in a job")
+                raise LocalProtocolError(f"zc_split_zero refused a job of {n} pages: "
+                                         f"{os.strerror(-nn)}")
             nz = int(w.nzero[0])
             normal, zero, normal_c = w.normal[:nn], w.zero[:nz], w.normal_c
         else:
@@ -347,14 +403,21 @@ class SenderPool(PoolBase):
         w.seq += 1
         w.since_sync_packets += 1
         w.since_sync_pages += nn + nz
-        cnt = int(lib.zc_page_iov(self._base, ctx.image_size, normal_c, nn, ps, w.iov.entries))
-        if cnt < 0:
-            raise LocalProtocolError("zc_page_iov refused offsets the wire encoder accepted")
-        w.iov.set_filled(cnt, nn * ps)
         hook = self._hook
-        if hook is not None:
-            hook("send_packet", w.id)
-        w.channel.writev(w.iov, header=header, zero_copy=self._zero_copy)
+        if w.sealer is not None:
+            self._send_sealed(w, header, normal_c, nn)
+        else:
+            cnt = int(lib.zc_page_iov(self._base, ctx.image_size, normal_c, nn, ps,
+                                      w.iov.entries, w.iov.capacity))
+            if cnt < 0:
+                raise LocalProtocolError(f"zc_page_iov refused offsets the wire encoder "
+                                         f"accepted: {os.strerror(-cnt)}")
+            # The mapping owns the pages: with zero copy the channel holds it until their
+            # completions (the pool itself keeps it until every worker was joined).
+            w.iov.set_filled(cnt, nn * ps, keep=self._image_c)
+            if hook is not None:
+                hook("send_packet", w.id)
+            w.channel.writev(w.iov, header=header, zero_copy=self._zero_copy)
         with self._lock:
             w.packets += 1
             w.normal_pages += nn
@@ -363,6 +426,40 @@ class SenderPool(PoolBase):
             self._room.notify_all()
         if hook is not None:
             hook("sent_packet", w.id)
+
+    def _send_sealed(self, w: _Worker, packet: bytes, normal_c: Any, nn: int) -> None:
+        """Seal the packet's offsets and its nn pages (read at normal_c in the mapping) in
+        one pass in C into a send buffer, and send its clear header, then the buffer."""
+        assert w.sealer is not None and w.send_buffers is not None
+        ctx = self._ctx
+        # Bytes (320, and 8 per page), not views: nothing the channel pins for a send is an
+        # exported memoryview that a failed send's traceback could keep in a cycle (see
+        # SendPool.send for the crash that caused).
+        header, lead = packet[:HEADER_SIZE], packet[HEADER_SIZE:]
+        body = len(lead) + nn * ctx.page_size
+        self._check_counter(w)
+        if self._hook is not None:
+            self._hook("send_packet", w.id)
+        # Waits, if every buffer is still in flight, for the completion that frees the
+        # oldest: the seeds' rule (004, "the buffer may not be modified until the
+        # notification"), here on our own buffers.
+        buf = w.send_buffers.acquire(self._flush_timeout)
+        try:
+            w.sealer.seal_gather(self._base, ctx.image_size, normal_c, nn, ctx.page_size,
+                                 buf.cdata, buf.cdata + body, aad=header, lead=lead)
+        except BaseException:
+            w.send_buffers.release(buf)
+            raise
+        w.send_buffers.send(buf, body + TAG_SIZE, header=header)
+
+    def _check_counter(self, w: _Worker) -> None:
+        """The nonce's counter is the packet's seq - 1 (docs/protocol.md): the one the
+        receiver derives from the header. w.seq is this packet's seq already."""
+        assert w.sealer is not None
+        if w.sealer.next_counter != w.seq - 1:
+            raise LocalProtocolError(
+                f"sealing channel {w.id}: the sealer's next counter is "
+                f"{w.sealer.next_counter}, packet seq {w.seq} needs {w.seq - 1}")
 
     def _send_sync(self, w: _Worker, job: _Sync) -> None:
         hook = self._hook
@@ -374,6 +471,10 @@ class SenderPool(PoolBase):
                            pages=w.since_sync_pages)
         w.seq += 1
         w.since_sync_packets = w.since_sync_pages = 0
+        if w.sealer is not None:
+            # Its tag over the header alone: the counts are authenticated, the body empty.
+            self._check_counter(w)
+            sync += w.sealer.seal(b"", aad=sync)
         w.channel.write_all(sync)
         copied = 0
         if self._zero_copy:

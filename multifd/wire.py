@@ -28,6 +28,7 @@ __all__ = [
     "MIN_PAGE_SIZE",
     "MULTIFD_MAGIC",
     "MULTIFD_VERSION",
+    "TAG_SIZE",
     "InitRecord",
     "InitTracker",
     "LocalProtocolError",
@@ -44,6 +45,7 @@ __all__ = [
     "encode_init",
     "encode_packet",
     "encode_sync",
+    "sealed_body_size",
 ]
 
 MULTIFD_MAGIC = 0x11223344
@@ -52,6 +54,9 @@ INIT_SIZE = 64
 HEADER_SIZE = 320
 FLAG_SYNC = 1
 BLOCK_NAME_SIZE = 256
+
+# A sealed packet's AES-GCM tag, right after its sealed body (channel/aead.py's TAG_LEN).
+TAG_SIZE = 16
 
 MAX_CHANNELS = 255  # the channel id travels as one byte
 MIN_PAGE_SIZE = 512
@@ -110,6 +115,9 @@ class WireContext:
     image_size: int  # bytes, a positive multiple of page_size, at most MAX_IMAGE_SIZE
     pages_alloc: int  # most pages (normal + zero) in one packet, 1..1024
     block: str = "zcmigrate.ram"  # ASCII, 1..255 bytes, so the 256-byte field keeps a NUL
+    # Every packet sealed (HELLO's "encryption"): the header stays clear and is the AAD,
+    # everything after it is ciphertext, and a TAG_SIZE-byte tag ends the packet.
+    sealed: bool = False
 
     def __post_init__(self) -> None:
         problem = _context_problem(self)
@@ -141,6 +149,8 @@ def _context_problem(ctx: WireContext) -> str | None:
         or not 1 <= len(block) < BLOCK_NAME_SIZE
     ):
         return f"block {block!r}, expected 1..{BLOCK_NAME_SIZE - 1} ASCII characters, no NUL"
+    if not isinstance(ctx.sealed, bool):
+        return f"sealed {ctx.sealed!r}, expected True or False"
     return None
 
 
@@ -187,6 +197,12 @@ class PacketHeader:
     def payload_size(self) -> int:
         """Bytes of page data that follow the offsets."""
         return self.next_packet_size
+
+
+def sealed_body_size(header: PacketHeader) -> int:
+    """What a sealed packet encrypts after its header: the offsets and the page data (0 for
+    a SYNC, whose tag authenticates its header alone). TAG_SIZE bytes of tag follow them."""
+    return header.offsets_size + header.payload_size
 
 
 @dataclass(frozen=True, slots=True)
@@ -552,7 +568,11 @@ def decode_offsets(
 
 
 def decode_packet(data: bytes | bytearray | memoryview, ctx: WireContext) -> Packet:
-    """Check one whole packet (header, offsets, payload) with nothing before or after it."""
+    """Check one whole clear packet (header, offsets, payload) with nothing before or after
+    it. A sealed packet is opened first (its offsets are ciphertext until then)."""
+    if ctx.sealed:
+        raise LocalProtocolError("decode_packet: the context says sealed; open the packet "
+                                 "first and decode its header and offsets apart")
     mv = _view(data)
     header = decode_header(mv[:HEADER_SIZE], ctx)
     offsets_end = HEADER_SIZE + header.offsets_size

@@ -147,18 +147,20 @@ int zcc_seal(struct zcc_aead *a, const uint8_t *nonce, const uint8_t *aad, size_
 }
 
 int zcc_seal_pages(struct zcc_aead *a, const uint8_t *nonce, const uint8_t *aad,
-                   size_t aad_len, uint64_t base, uint64_t image_size,
-                   const uint64_t *offsets, uint32_t n, uint32_t page_size, uint8_t *out,
-                   uint64_t out_capacity, uint8_t *tag)
+                   size_t aad_len, const uint8_t *lead, uint64_t lead_len, uint64_t base,
+                   uint64_t image_size, const uint64_t *offsets, uint32_t n,
+                   uint32_t page_size, uint8_t *out, uint64_t out_capacity, uint8_t *tag)
 {
     if (!common_ok(a, nonce, aad, aad_len) || tag == NULL || page_size == 0 ||
-        (n && (offsets == NULL || out == NULL)))
+        (n && offsets == NULL) || (lead_len && lead == NULL) || lead_len > GCM_MAX_BYTES ||
+        ((n || lead_len) && out == NULL))
         return ZCC_EINVAL;
-    uint64_t total = (uint64_t)n * page_size; /* < 2^64: both factors are 32-bit */
+    uint64_t pages = (uint64_t)n * page_size; /* < 2^64: both factors are 32-bit */
+    if (pages > GCM_MAX_BYTES - lead_len)
+        return ZCC_EINVAL;
+    uint64_t total = lead_len + pages;
     if (total > out_capacity)
         return ZCC_EBOUNDS;
-    if (total > GCM_MAX_BYTES)
-        return ZCC_EINVAL;
     /* Every offset before any byte is read or written: the offsets come from a caller
      * that may be wrong, and a seal must never read outside the image (nor leak what
      * lies beside it to the peer). */
@@ -170,10 +172,17 @@ int zcc_seal_pages(struct zcc_aead *a, const uint8_t *nonce, const uint8_t *aad,
     const void *image = (const void *)(uintptr_t)base;
     if (overlaps(out, total, image, image_size) || overlaps(tag, ZCC_TAG_LEN, out, total))
         return ZCC_EINVAL;
+    /* The lead may be sealed in place (lead == out), never from a shifted overlap. */
+    if (lead != out && overlaps(lead, lead_len, out, total))
+        return ZCC_EINVAL;
     if (!take(a))
         return ZCC_EBUSY;
     int rc = begin(a, nonce, aad, aad_len, 1);
-    uint8_t *dst = out;
+    /* One GCM message: the lead, then the pages, so the receiver opens them as one unit
+     * under one tag (a packet's offsets and its pages). */
+    if (!rc && lead_len)
+        rc = update(a, out, lead, lead_len);
+    uint8_t *dst = out + lead_len;
     uint32_t i = 0;
     /* The fused gather: each run of adjacent pages is read from the mapping and its
      * ciphertext written straight into the send buffer, one pass over the bytes. */

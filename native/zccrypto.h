@@ -29,10 +29,13 @@ void zcc_aead_free(struct zcc_aead *a);
 
 int zcc_seal(struct zcc_aead *a, const uint8_t *nonce, const uint8_t *aad, size_t aad_len,
              const uint8_t *in, uint8_t *out, uint64_t len, uint8_t *tag);
+/* One sealed unit of `lead` (lead_len bytes: a packet's offsets) followed by n pages read at
+ * `offsets` in the mapping [base, base + image_size): its ciphertext in out[0, lead_len +
+ * n * page_size), out_capacity bytes at most, the tag in tag[0, 16). */
 int zcc_seal_pages(struct zcc_aead *a, const uint8_t *nonce, const uint8_t *aad,
-                   size_t aad_len, uint64_t base, uint64_t image_size,
-                   const uint64_t *offsets, uint32_t n, uint32_t page_size, uint8_t *out,
-                   uint64_t out_capacity, uint8_t *tag);
+                   size_t aad_len, const uint8_t *lead, uint64_t lead_len, uint64_t base,
+                   uint64_t image_size, const uint64_t *offsets, uint32_t n,
+                   uint32_t page_size, uint8_t *out, uint64_t out_capacity, uint8_t *tag);
 int zcc_open(struct zcc_aead *a, const uint8_t *nonce, const uint8_t *aad, size_t aad_len,
              const uint8_t *in, uint8_t *out, uint64_t len, const uint8_t *tag);
 

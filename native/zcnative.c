@@ -37,7 +37,8 @@
 /* ------------------------------------------------------------------------ send */
 
 int zc_sendv(int fd, const struct iovec *iov, int iovcnt, int nplain, int zero_copy,
-             uint64_t skip, uint64_t limit, struct zc_send_result *res)
+             uint64_t skip, uint64_t limit, struct zc_send_result *res, uint64_t *call_bytes,
+             uint32_t call_cap)
 {
     struct iovec win[ZC_IOV_MAX];
     uint64_t plain_bytes = 0, total = 0, pos, end;
@@ -47,6 +48,11 @@ int zc_sendv(int fd, const struct iovec *iov, int iovcnt, int nplain, int zero_c
     res->calls = 0;
     res->zc_calls = 0;
     res->err = 0;
+    if (iovcnt < 0 || nplain < 0 || nplain > iovcnt ||
+        (zero_copy && (call_bytes == NULL || call_cap == 0))) {
+        res->err = EINVAL;
+        return -1;
+    }
     for (i = 0; i < iovcnt; i++) {
         if (i < nplain)
             plain_bytes += iov[i].iov_len;
@@ -67,6 +73,8 @@ int zc_sendv(int fd, const struct iovec *iov, int iovcnt, int nplain, int zero_c
         /* With zero copy, the plain part (headers, whose buffers are reused) and the
          * page part go in separate calls: MSG_ZEROCOPY is per call (seed 004). */
         int in_plain = zero_copy && pos < plain_bytes;
+        if (zero_copy && !in_plain && res->zc_calls == call_cap)
+            return 1; /* call_bytes is full: the caller accounts these, then calls again */
         uint64_t seg_end = zero_copy ? (in_plain ? plain_bytes : end) : end;
         if (seg_end > end)
             seg_end = end;
@@ -103,8 +111,11 @@ int zc_sendv(int fd, const struct iovec *iov, int iovcnt, int nplain, int zero_c
         }
         res->bytes += (uint64_t)r;
         res->calls++;
-        if (flags & MSG_ZEROCOPY)
-            res->zc_calls++; /* the kernel's counter moves once per successful call */
+        if (flags & MSG_ZEROCOPY) {
+            /* The kernel's counter moves once per successful call, and this call pins
+             * exactly r bytes until its completion: the ledger holds each call to its own. */
+            call_bytes[res->zc_calls++] = (uint64_t)r;
+        }
         pos += (uint64_t)r;
         intra += (uint64_t)r;
         while (idx < iovcnt && intra >= iov[idx].iov_len) {
@@ -117,15 +128,65 @@ int zc_sendv(int fd, const struct iovec *iov, int iovcnt, int nplain, int zero_c
 
 /* ------------------------------------------------------------------ error queue */
 
+int zc_parse_errqueue(const void *control, uint64_t controllen, int msg_flags,
+                      struct zc_completion *out, int max)
+{
+    if (control == NULL || out == NULL || max < 1)
+        return -EINVAL;
+    /* The control data was cut short: the notification in it is lost, and with it the
+     * completion of calls that can then never be accounted. Never guess. */
+    if (msg_flags & MSG_CTRUNC)
+        return -EMSGSIZE;
+    struct msghdr msg;
+    memset(&msg, 0, sizeof(msg));
+    msg.msg_control = (void *)control;
+    msg.msg_controllen = (size_t)controllen;
+    const char *limit = (const char *)control + controllen;
+    int found = 0;
+    struct cmsghdr *cm;
+    for (cm = CMSG_FIRSTHDR(&msg); cm; cm = CMSG_NXTHDR(&msg, cm)) {
+        /* cmsg_len is the kernel's word for how far this message's data goes: it must
+         * hold a whole sock_extended_err and end inside what recvmsg wrote, or the copy
+         * below would read past it. */
+        if (cm->cmsg_len < CMSG_LEN(sizeof(struct sock_extended_err)) ||
+            cm->cmsg_len > (uint64_t)(limit - (const char *)cm))
+            return -EPROTO;
+        if (!((cm->cmsg_level == SOL_IP && cm->cmsg_type == IP_RECVERR) ||
+              (cm->cmsg_level == SOL_IPV6 && cm->cmsg_type == IPV6_RECVERR)))
+            continue;
+        if (found)
+            return -EPROTO; /* one error-queue skb carries one sock_extended_err */
+        struct sock_extended_err serr;
+        memcpy(&serr, CMSG_DATA(cm), sizeof(serr));
+        /* The range is inclusive, [ee_info, ee_data] (seed 004). */
+        out->lo = serr.ee_info;
+        out->hi = serr.ee_data;
+        out->copied = (serr.ee_code & SO_EE_CODE_ZEROCOPY_COPIED) ? 1 : 0;
+        out->origin = serr.ee_origin;
+        out->err = (int)serr.ee_errno;
+        found = 1;
+    }
+    return found ? 1 : -EPROTO;
+}
+
 int zc_drain_errqueue(int fd, struct zc_completion *out, int max)
 {
     int count = 0;
+    if (out == NULL || max < 1)
+        return -EINVAL;
+    /* Each message yields exactly one completion, so a message is read only while there
+     * is room for it: nothing taken off the queue is ever dropped. */
     while (count < max) {
-        char control[128];
+        /* Room for a sock_extended_err and the offender's address (IPv6 at most). */
+        union {
+            char buf[CMSG_SPACE(sizeof(struct sock_extended_err) +
+                                sizeof(struct sockaddr_in6))];
+            struct cmsghdr align;
+        } control;
         struct msghdr msg;
         memset(&msg, 0, sizeof(msg));
-        msg.msg_control = control;
-        msg.msg_controllen = sizeof(control);
+        msg.msg_control = control.buf;
+        msg.msg_controllen = sizeof(control.buf);
         ssize_t r = recvmsg(fd, &msg, MSG_ERRQUEUE | MSG_DONTWAIT);
         if (r < 0) {
             if (errno == EINTR)
@@ -134,21 +195,11 @@ int zc_drain_errqueue(int fd, struct zc_completion *out, int max)
                 break;
             return -errno;
         }
-        struct cmsghdr *cm;
-        for (cm = CMSG_FIRSTHDR(&msg); cm && count < max; cm = CMSG_NXTHDR(&msg, cm)) {
-            if (!((cm->cmsg_level == SOL_IP && cm->cmsg_type == IP_RECVERR) ||
-                  (cm->cmsg_level == SOL_IPV6 && cm->cmsg_type == IPV6_RECVERR)))
-                continue;
-            struct sock_extended_err serr;
-            memcpy(&serr, CMSG_DATA(cm), sizeof(serr));
-            struct zc_completion *c = &out[count++];
-            /* The range is inclusive, [ee_info, ee_data] (seed 004). */
-            c->lo = serr.ee_info;
-            c->hi = serr.ee_data;
-            c->copied = (serr.ee_code & SO_EE_CODE_ZEROCOPY_COPIED) ? 1 : 0;
-            c->origin = serr.ee_origin;
-            c->err = (int)serr.ee_errno;
-        }
+        int got = zc_parse_errqueue(control.buf, msg.msg_controllen, msg.msg_flags,
+                                    out + count, max - count);
+        if (got < 0)
+            return got;
+        count += got;
     }
     return count;
 }
@@ -210,11 +261,22 @@ int zc_readv_full(int fd, const struct iovec *iov, int iovcnt, uint64_t *nread)
 
 /* ----------------------------------------------------------------------- pages */
 
+/* log2 of a page size, or -1 for one that is not a power of two (0 included): no caller
+ * ever takes the count of trailing zeros of 0, which is undefined. */
+static int page_shift(uint32_t page_size)
+{
+    if (page_size == 0 || (page_size & (page_size - 1)))
+        return -1;
+    return __builtin_ctz(page_size);
+}
+
 static int pages_in_bounds(uint64_t image_size, const uint64_t *offsets, uint32_t n,
                            uint32_t page_size)
 {
     /* The wire decoder already checked this; a receiver must never write outside
      * its image whatever it reads, so the hot loop checks again. */
+    if (page_shift(page_size) < 0 || (n && offsets == NULL))
+        return 0;
     for (uint32_t i = 0; i < n; i++) {
         uint64_t off = offsets[i];
         if (off % page_size || off > image_size || image_size - off < page_size)
@@ -223,24 +285,32 @@ static int pages_in_bounds(uint64_t image_size, const uint64_t *offsets, uint32_
     return 1;
 }
 
-int zc_page_iov(uint64_t base, uint64_t image_size, const uint64_t *offsets, uint32_t n,
-                uint32_t page_size, struct iovec *iov)
+/* Whether bit `page` lies in a bitmap of `nwords` words. */
+static inline int bit_in(uint64_t page, uint64_t nwords)
 {
-    if (page_size == 0 || !pages_in_bounds(image_size, offsets, n, page_size))
+    return (page >> 6) < nwords;
+}
+
+int zc_page_iov(uint64_t base, uint64_t image_size, const uint64_t *offsets, uint32_t n,
+                uint32_t page_size, struct iovec *iov, uint32_t iov_cap)
+{
+    if (!pages_in_bounds(image_size, offsets, n, page_size) || (n && iov == NULL))
         return -EINVAL;
-    int cnt = 0;
+    uint32_t cnt = 0;
     for (uint32_t i = 0; i < n; i++) {
         char *p = (char *)(uintptr_t)(base + offsets[i]);
         /* Adjacent pages share one iovec: a static image becomes a few large ones. */
         if (cnt && (char *)iov[cnt - 1].iov_base + iov[cnt - 1].iov_len == p) {
             iov[cnt - 1].iov_len += page_size;
         } else {
+            if (cnt == iov_cap || cnt == INT_MAX)
+                return -ENOSPC;
             iov[cnt].iov_base = p;
             iov[cnt].iov_len = page_size;
             cnt++;
         }
     }
-    return cnt;
+    return (int)cnt;
 }
 
 static inline int page_is_zero(const unsigned char *p, uint32_t len)
@@ -255,19 +325,27 @@ static inline int page_is_zero(const unsigned char *p, uint32_t len)
 }
 
 int64_t zc_split_zero(uint64_t base, uint64_t image_size, const uint64_t *offsets, uint32_t n,
-                      uint32_t page_size, uint64_t *normal, uint64_t *zero, uint32_t *nzero)
+                      uint32_t page_size, uint64_t *normal, uint32_t normal_cap, uint64_t *zero,
+                      uint32_t zero_cap, uint32_t *nzero)
 {
     uint32_t nn = 0, nz = 0;
+    if (nzero == NULL)
+        return -EINVAL;
     *nzero = 0;
     /* Reading outside the mapping would fault: offsets come from callers we check too. */
-    if (page_size == 0 || !pages_in_bounds(image_size, offsets, n, page_size))
+    if (!pages_in_bounds(image_size, offsets, n, page_size) || page_size < sizeof(uint64_t))
         return -EINVAL;
     for (uint32_t i = 0; i < n; i++) {
         const unsigned char *p = (const unsigned char *)(uintptr_t)(base + offsets[i]);
-        if (page_is_zero(p, page_size))
+        if (page_is_zero(p, page_size)) {
+            if (nz == zero_cap || zero == NULL)
+                return -ENOSPC;
             zero[nz++] = offsets[i];
-        else
+        } else {
+            if (nn == normal_cap || normal == NULL)
+                return -ENOSPC;
             normal[nn++] = offsets[i];
+        }
     }
     *nzero = nz;
     return nn;
@@ -283,20 +361,46 @@ static inline int bitmap_test(const uint64_t *bm, uint64_t page)
     return (__atomic_load_n(&bm[page >> 6], __ATOMIC_ACQUIRE) >> (page & 63)) & 1;
 }
 
-void zc_mark_pages(uint64_t *bm, const uint64_t *offsets, uint32_t n, uint32_t page_size)
+int zc_mark_pages(uint64_t *bm, uint64_t nwords, const uint64_t *offsets, uint32_t n,
+                  uint32_t page_size)
 {
-    uint32_t shift = (uint32_t)__builtin_ctz(page_size);
+    int shift = page_shift(page_size);
+    if (shift < 0 || (n && (bm == NULL || offsets == NULL)))
+        return -EINVAL;
+    /* Every page before any bit: a wrong offset leaves the bitmap as it was. */
+    for (uint32_t i = 0; i < n; i++)
+        if (!bit_in(offsets[i] >> shift, nwords))
+            return -ERANGE;
     for (uint32_t i = 0; i < n; i++)
         bitmap_mark(bm, offsets[i] >> shift);
+    return 0;
+}
+
+/* Whether every page of `offsets` has its bit inside a `written` bitmap of nwords words
+ * (a NULL bitmap: nothing to check). */
+static int written_covers(const uint64_t *written, uint64_t nwords, const uint64_t *offsets,
+                          uint32_t n, int shift)
+{
+    if (written == NULL)
+        return 1;
+    for (uint32_t i = 0; i < n; i++)
+        if (!bit_in(offsets[i] >> shift, nwords))
+            return 0;
+    return 1;
 }
 
 int zc_zero_pages(uint64_t base, uint64_t image_size, const uint64_t *offsets, uint32_t n,
-                  uint32_t page_size, const uint64_t *written, uint32_t *nwritten)
+                  uint32_t page_size, const uint64_t *written, uint64_t written_words,
+                  uint32_t *nwritten)
 {
-    *nwritten = 0;
-    if (page_size == 0 || !pages_in_bounds(image_size, offsets, n, page_size))
+    if (nwritten == NULL)
         return EINVAL;
-    uint32_t shift = (uint32_t)__builtin_ctz(page_size);
+    *nwritten = 0;
+    if (!pages_in_bounds(image_size, offsets, n, page_size) || page_size < sizeof(uint64_t))
+        return EINVAL;
+    int shift = page_shift(page_size);
+    if (!written_covers(written, written_words, offsets, n, shift))
+        return EINVAL;
     for (uint32_t i = 0; i < n; i++) {
         /* A page never written on a fresh image is already zero: touching it would
          * only fault it in. Otherwise write only if it is not zero already. */
@@ -322,7 +426,7 @@ int zc_recv_pages(int fd, uint64_t base, uint64_t image_size, const uint64_t *of
     struct iovec win[ZC_IOV_MAX];
     int nw = 0, r;
     *nread = 0;
-    if (page_size == 0 || !pages_in_bounds(image_size, offsets, n, page_size))
+    if (!pages_in_bounds(image_size, offsets, n, page_size))
         return ZC_EBOUNDS;
     uint32_t i = 0;
     while (i < n) {
@@ -379,8 +483,8 @@ int zc_write_pages(int fd, uint64_t image_size, const uint64_t *offsets, uint32_
      * Everything is checked before the first write: an offset outside the image would
      * grow the file, so a receiver never writes outside it whatever it reads. */
     const char *src = buf;
-    if (page_size == 0 || !pages_in_bounds(image_size, offsets, n, page_size) ||
-        (uint64_t)n * page_size > buf_len)
+    if (!pages_in_bounds(image_size, offsets, n, page_size) ||
+        (uint64_t)n * page_size > buf_len || (n && buf == NULL))
         return ZC_EBOUNDS;
     uint32_t i = 0;
     while (i < n) {
@@ -396,8 +500,30 @@ int zc_write_pages(int fd, uint64_t image_size, const uint64_t *offsets, uint32_
     return 0;
 }
 
+int zc_place_pages(uint64_t base, uint64_t image_size, const uint64_t *offsets, uint32_t n,
+                   uint32_t page_size, const void *buf, uint64_t buf_len)
+{
+    /* Page i of buf to base + offsets[i], one memcpy per run of adjacent pages; every
+     * offset and the buffer's length are checked before the first byte moves. */
+    const char *src = buf;
+    if (!pages_in_bounds(image_size, offsets, n, page_size) ||
+        (uint64_t)n * page_size > buf_len || (n && buf == NULL))
+        return ZC_EBOUNDS;
+    uint32_t i = 0;
+    while (i < n) {
+        uint32_t j = i + 1;
+        while (j < n && offsets[j] == offsets[j - 1] + page_size)
+            j++;
+        memcpy((char *)(uintptr_t)(base + offsets[i]), src + (uint64_t)i * page_size,
+               (uint64_t)(j - i) * page_size);
+        i = j;
+    }
+    return 0;
+}
+
 int zc_write_zero_pages(int fd, uint64_t image_size, const uint64_t *offsets, uint32_t n,
-                        uint32_t page_size, const uint64_t *written, uint32_t *nwritten)
+                        uint32_t page_size, const uint64_t *written, uint64_t written_words,
+                        uint32_t *nwritten)
 {
     /* Zero pages through the fd. A page never written on a fresh image is already zero
      * (written != NULL and its bit clear): nothing to do, not even a page allocated. Any
@@ -405,11 +531,14 @@ int zc_write_zero_pages(int fd, uint64_t image_size, const uint64_t *offsets, ui
      * punching it (fallocate PUNCH_HOLE) on a 4 KiB tmpfs, a huge-page tmpfs and ext4
      * alike (bench/pagecache_floor.c, zero-write against zero-punch). */
     struct iovec win[ZC_IOV_MAX];
+    if (nwritten == NULL)
+        return EINVAL;
     *nwritten = 0;
-    if (page_size == 0 || page_size > ZC_ZERO_BLOCK ||
-        !pages_in_bounds(image_size, offsets, n, page_size))
+    if (page_size > ZC_ZERO_BLOCK || !pages_in_bounds(image_size, offsets, n, page_size))
         return ZC_EBOUNDS;
-    uint32_t shift = (uint32_t)__builtin_ctz(page_size);
+    int shift = page_shift(page_size);
+    if (!written_covers(written, written_words, offsets, n, shift))
+        return ZC_EBOUNDS;
     uint32_t i = 0;
     while (i < n) {
         if (written && !bitmap_test(written, offsets[i] >> shift)) {
@@ -456,9 +585,11 @@ int zc_write_zero_pages(int fd, uint64_t image_size, const uint64_t *offsets, ui
 
 /* ---------------------------------------------------------------------- bitmap */
 
-uint64_t zc_bitmap_fetch_clear(uint64_t *bm, uint64_t nwords, uint64_t *out)
+int64_t zc_bitmap_fetch_clear(uint64_t *bm, uint64_t nwords, uint64_t *out, uint64_t out_cap)
 {
-    uint64_t total = 0;
+    if (nwords > out_cap || nwords > INT64_MAX / 64 || (nwords && (bm == NULL || out == NULL)))
+        return -ENOSPC;
+    int64_t total = 0;
     for (uint64_t i = 0; i < nwords; i++) {
         /* Skip the atomic write when a word is clean: it is the common case and a
          * locked exchange on every word would bounce the guest's cache lines. */
@@ -468,14 +599,16 @@ uint64_t zc_bitmap_fetch_clear(uint64_t *bm, uint64_t nwords, uint64_t *out)
         }
         uint64_t w = __atomic_exchange_n(&bm[i], 0, __ATOMIC_ACQ_REL);
         out[i] = w;
-        total += (uint64_t)__builtin_popcountll(w);
+        total += __builtin_popcountll(w);
     }
     return total;
 }
 
-uint64_t zc_bitmap_offsets(const uint64_t *bm, uint64_t npages, uint32_t page_size,
-                           uint64_t *out)
+int64_t zc_bitmap_offsets(const uint64_t *bm, uint64_t npages, uint32_t page_size,
+                          uint64_t *out, uint64_t out_cap)
 {
+    if (npages > INT64_MAX || (npages && bm == NULL) || (out_cap && out == NULL))
+        return -EINVAL;
     uint64_t cnt = 0;
     uint64_t nwords = (npages + 63) / 64;
     for (uint64_t i = 0; i < nwords; i++) {
@@ -483,17 +616,24 @@ uint64_t zc_bitmap_offsets(const uint64_t *bm, uint64_t npages, uint32_t page_si
         while (w) {
             uint64_t page = i * 64 + (uint64_t)__builtin_ctzll(w);
             w &= w - 1;
-            if (page < npages)
+            if (page < npages) {
+                if (cnt == out_cap)
+                    return -ENOSPC;
                 out[cnt++] = page * page_size;
+            }
         }
     }
-    return cnt;
+    return (int64_t)cnt;
 }
 
-void zc_bitmap_set_range(uint64_t *bm, uint64_t first, uint64_t count)
+int zc_bitmap_set_range(uint64_t *bm, uint64_t nwords, uint64_t first, uint64_t count)
 {
+    uint64_t nbits = nwords > UINT64_MAX / 64 ? UINT64_MAX : nwords * 64;
+    if (first > nbits || count > nbits - first || (count && bm == NULL))
+        return -ERANGE;
     for (uint64_t p = first; p < first + count; p++)
         bitmap_mark(bm, p);
+    return 0;
 }
 
 uint64_t zc_bitmap_missing(const uint64_t *bm, uint64_t npages, uint32_t page_size,
@@ -518,9 +658,13 @@ uint64_t zc_bitmap_missing(const uint64_t *bm, uint64_t npages, uint32_t page_si
 
 /* ----------------------------------------------------------------------- guest */
 
-uint64_t zc_guest_touch(uint64_t base, uint64_t *bm, uint64_t npages, uint32_t page_size,
-                        uint64_t pos, uint64_t count)
+int64_t zc_guest_touch(uint64_t base, uint64_t *bm, uint64_t npages, uint32_t page_size,
+                       uint64_t pos, uint64_t count)
 {
+    /* pos indexes both the mapping and the bitmap (npages bits): one outside would write
+     * outside both. */
+    if (pos >= npages || npages > INT64_MAX || page_size == 0 || bm == NULL)
+        return -EINVAL;
     for (uint64_t k = 0; k < count; k++) {
         volatile unsigned char *p = (volatile unsigned char *)(uintptr_t)(base + pos * page_size);
         *p = (unsigned char)(*p + 1);
@@ -530,7 +674,7 @@ uint64_t zc_guest_touch(uint64_t base, uint64_t *bm, uint64_t npages, uint32_t p
         if (++pos == npages)
             pos = 0;
     }
-    return pos;
+    return (int64_t)pos;
 }
 
 int64_t zc_guest_check(uint64_t base, uint64_t npages, uint32_t page_size, uint64_t pos,

@@ -1,5 +1,6 @@
 """A TCP proxy in front of a receiver that forwards a migration untouched except for exactly
-one whole multifd data packet of one data channel, which it drops.
+one whole multifd data packet of one data channel, which it drops (or, with `flip_at`,
+forwards with one byte changed).
 
 PacketDropper is the rule, sans I/O: fed a data channel's bytes (64-byte init record, then
 packets: a 320-byte header, the offsets and the page data, docs/protocol.md), it returns
@@ -48,13 +49,19 @@ class DroppedPacket:
 
 
 class PacketDropper:
-    """One connection's client-to-server bytes in, what to forward out."""
+    """One connection's client-to-server bytes in, what to forward out.
 
-    def __init__(self, channel: int, nth: int) -> None:
+    flip_at: instead of dropping the packet, forward it with the byte at this index of it
+    inverted (from its start: the header is [0, 320); negative: from its end, trailer
+    included, so -1 is a sealed packet's last tag byte); `flipped` then says which."""
+
+    def __init__(self, channel: int, nth: int, flip_at: int | None = None) -> None:
         if nth < 1:
             raise ValueError("nth counts from 1")
         self.channel = channel
         self.nth = nth
+        self.flip_at = flip_at
+        self.flipped: DroppedPacket | None = None
         self.channel_id: int | None = None
         self.data_packets = 0
         self.dropped: DroppedPacket | None = None
@@ -151,9 +158,16 @@ class PacketDropper:
         if normal > 0:
             self.data_packets += 1
         if normal > 0 and self.data_packets == self.nth:
-            self.dropped = DroppedPacket(channel=self.channel, packet_num=packet_num,
-                                         normal_pages=normal, zero_pages=zero, size=nxt,
-                                         stream_offset=self._offset)
+            seen = DroppedPacket(channel=self.channel, packet_num=packet_num,
+                                 normal_pages=normal, zero_pages=zero, size=nxt,
+                                 stream_offset=self._offset)
+            if self.flip_at is None:
+                self.dropped = seen
+            else:
+                packet = bytearray(buf[:nxt])
+                packet[self.flip_at] ^= 0xFF
+                out += packet
+                self.flipped = seen
             self._forget(nxt)
             self._mode = "pass"
             return False
@@ -168,10 +182,12 @@ class DroppingProxy:
     sockets live in that network namespace."""
 
     def __init__(self, upstream: tuple[str, int], *, channel: int = 0, nth: int = 3,
-                 namespace: str | None = None, listen_host: str = "127.0.0.1") -> None:
+                 namespace: str | None = None, listen_host: str = "127.0.0.1",
+                 flip_at: int | None = None) -> None:
         self.upstream = upstream
         self.channel = channel
         self.nth = nth
+        self.flip_at = flip_at
         self.namespace = namespace
         self.listen_host = listen_host
         self.port = 0
@@ -206,13 +222,18 @@ class DroppingProxy:
             return next((d.dropped for d in self._droppers if d.dropped), None)
 
     @property
+    def flipped(self) -> DroppedPacket | None:
+        with self._lock:
+            return next((d.flipped for d in self._droppers if d.flipped), None)
+
+    @property
     def problems(self) -> list[str]:
         with self._lock:
             return [d.problem for d in self._droppers if d.problem]
 
     def report(self) -> str:
         return (f"proxy: {self.connections} connections, dropped {self.dropped}, "
-                f"problems {self.problems}")
+                f"flipped {self.flipped}, problems {self.problems}")
 
     def _accept_loop(self) -> None:
         # This thread alone enters the namespace: every socket it creates (the listener,
@@ -239,7 +260,7 @@ class DroppingProxy:
             except OSError:
                 client.close()
                 continue
-            dropper = PacketDropper(self.channel, self.nth)
+            dropper = PacketDropper(self.channel, self.nth, self.flip_at)
             with self._lock:
                 self.connections += 1
                 self._socks += [client, server]

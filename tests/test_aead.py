@@ -324,6 +324,53 @@ def test_the_c_path_takes_a_cffi_array_and_a_tag_pointer_just_past_the_ciphertex
         image.close()
 
 
+def test_a_lead_and_gathered_blocks_are_one_sealed_unit_opened_in_place() -> None:
+    """A packet's offsets (the lead) and its pages seal as one message into one buffer,
+    the tag after them; the receiver opens the whole in place, and nothing else opens it:
+    not another counter, not a byte changed in the lead, the pages or the AAD."""
+    image = mmap.mmap(-1, 16 * PAGE)
+    image[:] = os.urandom(len(image))
+    img_c = ffi.from_buffer("uint8_t[]", image)
+    base = int(ffi.cast("uintptr_t", img_c))
+    offsets = array("Q", [3 * PAGE, 4 * PAGE, 9 * PAGE])
+    lead = offsets.tobytes() + b"zero page offsets"
+    n = len(lead) + 3 * PAGE
+    buf = ffi.new("uint8_t[]", n + TAG_LEN)
+    try:
+        s, o = pair(channel=2)
+        assert s.seal_gather(base, len(image), offsets, 3, PAGE, buf, buf + n, aad=b"hdr",
+                             lead=lead) == 0
+        sealed = bytes(ffi.buffer(buf, n + TAG_LEN))
+        o.open_in_place(0, buf, n, aad=b"hdr")
+        assert bytes(ffi.buffer(buf, n)) == lead + b"".join(image[q:q + PAGE] for q in offsets)
+        for where in (0, len(lead) + 5, n + 3):  # the lead, a page, the tag
+            _, o2 = pair(channel=2)
+            bad = bytearray(sealed)
+            bad[where] ^= 1
+            ffi.memmove(buf, bytes(bad), len(bad))
+            with pytest.raises(AuthenticationFailed):
+                o2.open_in_place(0, buf, n, aad=b"hdr")
+            assert bytes(ffi.buffer(buf, n)) == bytes(n)  # zeros, never unverified bytes
+        _, o3 = pair(channel=2)
+        ffi.memmove(buf, sealed, len(sealed))
+        with pytest.raises(AuthenticationFailed):
+            o3.open_in_place(0, buf, n, aad=b"hdR")
+        _, o4 = pair(channel=2)
+        with pytest.raises(OutOfOrder):
+            o4.open_in_place(1, buf, n, aad=b"hdr")
+    finally:
+        ffi.release(img_c)
+        image.close()
+
+
+def test_open_in_place_takes_a_cffi_buffer_with_room_for_the_tag() -> None:
+    _, o = pair()
+    with pytest.raises(TypeError):
+        o.open_in_place(0, bytearray(64), 32)
+    with pytest.raises(ValueError, match="16-byte tag"):
+        o.open_in_place(0, ffi.new("uint8_t[]", 40), 32)
+
+
 def test_a_session_gives_out_one_sealer_per_stream() -> None:
     keys = session()
     keys.sealer(S2D, 0)

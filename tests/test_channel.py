@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import mmap
+import os
 import socket
 import threading
 import time
-from collections.abc import Callable
+import weakref
+from array import array
+from collections.abc import Callable, Sequence
 
 import pytest
 
 from tests.conftest import tcp_pair
 from tests.thread_wait import Timeline, wait_until_blocked
 from zcmigrate.channel.errors import ChannelClosed, FlushTimeout, ZeroCopyUnsupported
+from zcmigrate.channel.errqueue import CompletionLedger
 from zcmigrate.channel.iovec import IoVec
 from zcmigrate.channel.zcsocket import Channel, Listener, connect
+from zcmigrate.native import ffi
 
 MiB = 1 << 20
 # shutdown() wakes a waiter at once: the kernel ends a blocked sendmsg or readv on
@@ -347,3 +353,148 @@ def test_shutdown_wakes_a_thread_waiting_for_given_zero_copy_calls() -> None:
     assert isinstance(errors[0], ChannelClosed)
     tx.close()
     peer.close()
+
+
+# ------------------------------------------- what a zero-copy writev holds, and for how long
+
+
+def _read_all(peer: socket.socket, n: int) -> bytes:
+    peer.setblocking(True)
+    got = bytearray()
+    while len(got) < n:
+        got += peer.recv(1 << 16)
+    return bytes(got)
+
+
+def test_a_zero_copy_writev_holds_its_buffers_until_their_calls_complete() -> None:
+    """Heap memory handed to a zero-copy writev and dropped by the caller at once stays
+    alive while the kernel may still read it: the channel holds it until the completion,
+    and lets go of it after."""
+    tx, peer = _stalled_pair()
+    data = array("B", os.urandom(128 * 1024))
+    expected = data.tobytes()
+    ref = weakref.ref(data)
+    first = tx.zero_copy_calls()
+    tx.writev([data], header=b"hdr", zero_copy=True)
+    del data
+    gc.collect()
+    assert not tx.zero_copy_completed(first, tx.zero_copy_calls())  # the peer reads nothing
+    assert ref() is not None, "the channel let go of a buffer the kernel still reads"
+    assert tx.statistics().held_sends == 1
+    assert _read_all(peer, 3 + len(expected)) == b"hdr" + expected
+    tx.flush(timeout=10)
+    gc.collect()
+    assert ref() is None and tx.statistics().held_sends == 0
+    tx.close()
+    peer.close()
+
+
+def test_a_held_bytearray_cannot_be_resized_under_the_kernel() -> None:
+    tx, peer = _stalled_pair()
+    buf = bytearray(64 * 1024)
+    tx.writev([buf], zero_copy=True)
+    with pytest.raises(BufferError):
+        buf.extend(b"more")  # its memory could move while the kernel reads it
+    _read_all(peer, 64 * 1024)
+    tx.flush(timeout=10)
+    buf.extend(b"more")  # completed: it is the caller's again
+    tx.close()
+    peer.close()
+
+
+def test_an_iovec_filled_by_c_needs_an_owner_for_zero_copy() -> None:
+    tx, rx = tcp_pair(zero_copy=True)
+    image = mmap.mmap(-1, 8 * 4096)
+    image[:] = os.urandom(len(image))
+    image_c = ffi.from_buffer(image)
+    iov = IoVec(1)
+    iov.entries[0].iov_base = image_c
+    iov.entries[0].iov_len = len(image)
+    try:
+        iov.set_filled(1, len(image))
+        with pytest.raises(ValueError, match="no owner"):
+            tx.writev(iov, zero_copy=True)
+        assert tx.zero_copy_calls() == 0 and tx.statistics().bytes_sent == 0
+        tx.writev(iov, zero_copy=False)  # copied in sendmsg: nothing to hold
+        iov.set_filled(1, len(image), keep=image_c)
+        tx.writev(iov, zero_copy=True)
+        assert bytes(rx.read_exact(2 * len(image), timeout=10)) == bytes(image) * 2
+        tx.flush(timeout=10)
+    finally:
+        tx.close()
+        rx.close()
+        ffi.release(image_c)
+        image.close()
+
+
+def test_closing_with_sends_in_flight_keeps_their_buffers_for_good() -> None:
+    """After close() the kernel may still send what was queued, reading our memory, and
+    no completion will ever come: the owners are kept, never handed back to the heap."""
+    tx, peer = _stalled_pair()
+    data = array("B", bytes(64 * 1024))
+    ref = weakref.ref(data)
+    tx.writev([data], zero_copy=True)
+    del data
+    tx.close()
+    gc.collect()
+    assert ref() is not None
+    peer.close()
+
+
+def test_in_flight_bytes_are_counted_per_call_as_the_kernel_took_them() -> None:
+    """A writev whose first zero-copy call carries 1024 small iovecs and whose second
+    carries one large buffer: the ledger gets each call's own bytes, not an even share."""
+
+    class Recording(CompletionLedger):
+        def __init__(self) -> None:
+            super().__init__()
+            self.batches: list[list[int]] = []
+
+        def queue(self, sizes: Sequence[int]) -> None:
+            self.batches.append(list(sizes))
+            super().queue(sizes)
+
+    tx, rx = tcp_pair(zero_copy=True)
+    ledger = Recording()
+    tx._ledger = ledger  # before any send: the kernel's counter is at 0 too
+    small = bytearray(os.urandom(16 * 1024))
+    big = bytearray(os.urandom(MiB))
+    bufs = [memoryview(small)[i * 16:(i + 1) * 16] for i in range(1024)] + [big]
+    got = bytearray()
+    t = threading.Thread(target=lambda: got.extend(rx.read_exact(len(small) + MiB, timeout=30)))
+    t.start()
+    try:
+        tx.writev(bufs, zero_copy=True)
+        tx.flush(timeout=30)
+        t.join(30)
+        assert bytes(got) == bytes(small) + bytes(big)
+        sizes = [n for batch in ledger.batches for n in batch]
+        assert sizes[0] == len(small) and sum(sizes) == len(small) + MiB
+    finally:
+        tx.close()
+        rx.close()
+
+
+def test_a_writev_of_more_calls_than_one_report_holds_accounts_all_of_them() -> None:
+    """70 windows of 1024 iovecs: zc_sendv hands back after 64 calls, the channel
+    accounts them and goes on; every byte arrives and every call is queued and completed."""
+    tx, rx = tcp_pair(zero_copy=True)
+    blob = os.urandom(70 * 1024 * 64)
+    view = memoryview(blob)
+    bufs = [view[i:i + 64] for i in range(0, len(blob), 64)]
+    got = bytearray()
+    t = threading.Thread(target=lambda: got.extend(rx.read_exact(len(blob), timeout=60)))
+    t.start()
+    try:
+        tx.writev(bufs, zero_copy=True)
+        del bufs
+        tx.flush(timeout=60)
+        t.join(60)
+        st = tx.statistics()
+        assert bytes(got) == blob
+        assert st.zero_copy_queued >= 70 and st.zero_copy_completed == st.zero_copy_queued
+        assert st.in_flight_bytes == 0 and st.held_sends == 0
+    finally:
+        view.release()
+        tx.close()
+        rx.close()

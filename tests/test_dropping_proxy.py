@@ -1,6 +1,7 @@
 """The fault suite's packet-dropping rule (tests/dropping_proxy.py) on exact bytes: it drops
-one whole data packet of one channel, forwards everything else untouched, stays in step
-when packets carry a trailer (as sealed ones will), and says so when it cannot read them."""
+one whole data packet of one channel (or changes one byte of it), forwards everything else
+untouched, stays in step when packets carry a trailer (a sealed packet's tag), and says so
+when it cannot read them."""
 
 from __future__ import annotations
 
@@ -56,6 +57,20 @@ def test_the_nth_data_packet_of_the_channel_is_dropped_whole(chunk: int, trailer
     assert d.dropped.packet_num == 3 and d.dropped.normal_pages == 3
     assert d.dropped.size == len(packets[3])
     assert out == data.replace(packets[3], b"")
+
+
+@pytest.mark.parametrize("chunk", [1, 320, 1 << 20])
+@pytest.mark.parametrize("flip_at", [31, 320, -1])
+def test_with_flip_at_the_nth_data_packet_passes_with_one_byte_inverted(
+        chunk: int, flip_at: int) -> None:
+    data, packets = stream(0, trailer=16)
+    d = PacketDropper(channel=0, nth=3, flip_at=flip_at)
+    out = run(d, data, chunk)
+    assert d.dropped is None and d.problem is None
+    assert d.flipped is not None and d.flipped.packet_num == 3
+    changed = bytearray(packets[3])
+    changed[flip_at] ^= 0xFF
+    assert out == data.replace(packets[3], bytes(changed))
 
 
 def test_other_channels_and_the_main_channel_pass_untouched() -> None:

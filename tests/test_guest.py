@@ -132,9 +132,9 @@ def fetch_clear(ctl: GuestControl) -> tuple[int, list[int]]:
     """(dirty page count, page numbers) from the native fetch-and-clear, as a sender does."""
     out = native.ffi.new("uint64_t[]", ctl.nwords)
     bm = native.ffi.cast("uint64_t *", ctl.bitmap_address)
-    n = native.lib.zc_bitmap_fetch_clear(bm, ctl.nwords, out)
+    n = native.lib.zc_bitmap_fetch_clear(bm, ctl.nwords, out, ctl.nwords)
     offsets = native.ffi.new("uint64_t[]", max(n, 1))
-    k = native.lib.zc_bitmap_offsets(out, ctl.npages, ctl.page_size, offsets)
+    k = native.lib.zc_bitmap_offsets(out, ctl.npages, ctl.page_size, offsets, max(n, 1))
     assert k == n
     return n, [offsets[i] // ctl.page_size for i in range(k)]
 
@@ -146,7 +146,7 @@ def advance(image: Path, npages: int, count: int) -> None:
         buf = native.ffi.from_buffer(mm)
         try:
             addr = int(native.ffi.cast("uintptr_t", buf))
-            native.lib.zc_guest_touch(addr, bm, npages, PAGE, 0, count)
+            assert native.lib.zc_guest_touch(addr, bm, npages, PAGE, 0, count) >= 0
         finally:
             native.ffi.release(buf)
 

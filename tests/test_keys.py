@@ -10,11 +10,14 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from tests.dropping_proxy import DroppingProxy
 from tests.migration_procs import Receiver, finish, send, spawn, stop
-from zcmigrate.channel.aead import handshake_mac
+from zcmigrate.channel.aead import TAG_LEN, handshake_mac
+from zcmigrate.migrate.imagefiles import state_path
 from zcmigrate.migrate.keyfile import KeyFileError, keygen, read_key
 from zcmigrate.migrate.protocol import (
     RECORD_HEADER_SIZE,
@@ -24,6 +27,7 @@ from zcmigrate.migrate.protocol import (
     decode_header,
     decode_record,
 )
+from zcmigrate.multifd.wire import HEADER_SIZE
 
 ZCM = [sys.executable, "-m", "zcmigrate"]
 
@@ -127,3 +131,78 @@ def test_a_keyed_migration_completes_with_both_ends_proven(tmp_path: Path) -> No
     assert code == 0, err
     assert recv.result()[0] == 0
     assert dst.read_bytes() == src.read_bytes()
+
+
+# ------------------------------------------------------------------ sealed data packets
+
+def _image_with_zero_pages(path: Path, size: int = 16 << 20) -> bytes:
+    """Random pages with a zero run every 64 pages: normal and zero pages in one packet."""
+    data = bytearray(os.urandom(size))
+    for at in range(0, size, 64 * 4096):
+        data[at:at + 4 * 4096] = bytes(4 * 4096)
+    path.write_bytes(data)
+    return bytes(data)
+
+
+def _wire_bytes(stats: dict[str, Any]) -> tuple[int, int]:
+    """(data-channel bytes, packets incl. SYNCs) the source's final statistics count."""
+    chans = stats["multifd"]["channels"]
+    return (sum(c["bytes"] for c in chans),
+            sum(c["packets"] + c["syncs"] for c in chans))
+
+
+@pytest.mark.parametrize("zero_copy", ["on", "off"])
+def test_a_sealed_migration_arrives_identical_and_each_packet_carries_a_tag(
+        tmp_path: Path, zero_copy: str) -> None:
+    """The same image with a key, encrypted and then with --no-encryption: identical both
+    times, and the sealed run's data channels carried exactly 16 bytes (a GCM tag) more per
+    packet, SYNCs included: every packet was sealed, none went clear."""
+    key = tmp_path / "k"
+    keygen(key)
+    src = tmp_path / "src.img"
+    data = _image_with_zero_pages(src)
+    wire: dict[str, tuple[int, int]] = {}
+    for mode in ("sealed", "clear"):
+        dst = tmp_path / f"{mode}.img"
+        recv = Receiver.start(dst, "--auth-key-file", str(key))
+        extra = ["--no-encryption"] if mode == "clear" else []
+        code, stats, err = finish(send(src, recv.port, "--auth-key-file", str(key),
+                                       "--multifd-zerocopy", zero_copy, *extra))
+        assert code == 0, err
+        assert recv.result()[0] == 0
+        assert dst.read_bytes() == data, f"{mode}: the destination differs"
+        wire[mode] = _wire_bytes(stats)
+    (sealed, packets), (clear, clear_packets) = wire["sealed"], wire["clear"]
+    assert packets == clear_packets
+    assert sealed - clear == TAG_LEN * packets
+
+
+FLIPS = [
+    pytest.param(31, id="header-packet_num"),  # no header check looks at it: the tag must
+    pytest.param(HEADER_SIZE, id="offsets"),
+    pytest.param(-TAG_LEN - 100, id="page-data"),
+    pytest.param(-1, id="tag"),
+]
+
+
+@pytest.mark.parametrize("flip_at", FLIPS)
+def test_a_flipped_byte_in_a_sealed_data_packet_fails_the_migration(
+        tmp_path: Path, flip_at: int) -> None:
+    """Issue 11's proxy that flips one byte of one page: with sealed packets, a byte
+    flipped anywhere in a data packet (its clear header, its offsets, its pages, its tag)
+    fails the tag, so the receiver fails the migration and commits nothing, and the
+    source fails with it."""
+    key = tmp_path / "k"
+    keygen(key)
+    src, dst = tmp_path / "src.img", tmp_path / "dst.img"
+    _image_with_zero_pages(src)
+    recv = Receiver.start(dst, "--auth-key-file", str(key))
+    with DroppingProxy(("127.0.0.1", recv.port), channel=0, nth=2, flip_at=flip_at) as proxy:
+        scode, _, serr = finish(send(src, proxy.port, "--auth-key-file", str(key)))
+        rcode, _, rerr = recv.result()
+    assert proxy.flipped is not None, f"harness: nothing was flipped; {proxy.report()}"
+    assert not proxy.problems, proxy.report()
+    assert rcode == 1, rerr
+    assert scode == 1, serr
+    assert "did not verify" in rerr, rerr
+    assert not dst.exists() and not state_path(dst).exists(), "something was committed"

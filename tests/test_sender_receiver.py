@@ -19,6 +19,7 @@ import pytest
 
 from tests.conftest import tcp_pair
 from tests.thread_wait import wait_until_blocked
+from zcmigrate.channel.aead import SessionKeys
 from zcmigrate.channel.zcsocket import Channel
 from zcmigrate.multifd.exiting import Exiting
 from zcmigrate.multifd.receiver import ReceiverPool, accept_data_channel
@@ -102,12 +103,16 @@ def make_pools(
     sender_hook: Callable[[str, int], None] | None = None,
     receiver_hook: Callable[[str, int], None] | None = None,
     receiver_exiting: Exiting | str | None = None,
+    keys: SessionKeys | None = None,
     **sender_options: Any,
 ) -> Pools:
-    """receiver_exiting="sender": both pools share the sender's Exiting (one process)."""
+    """receiver_exiting="sender": both pools share the sender's Exiting (one process).
+    keys: a sealed context's session, for both pools (the sender's sealers, the
+    receiver's openers)."""
     pairs = [tcp_pair(zero_copy=zero_copy) for _ in range(ctx.channels)]
     tx = [p[0] for p in pairs]
-    sender = SenderPool(tx, ctx, src, zero_copy=zero_copy, hook=sender_hook, **sender_options)
+    sender = SenderPool(tx, ctx, src, zero_copy=zero_copy, hook=sender_hook, keys=keys,
+                        **sender_options)
     sender.start()
     tracker = InitTracker(ctx)
     rx: list[Channel | None] = [None] * ctx.channels
@@ -120,7 +125,7 @@ def make_pools(
         receiver_exiting = sender.exiting
     assert not isinstance(receiver_exiting, str)
     receiver = ReceiverPool(channels, ctx, dst, known_zero=known_zero, hook=receiver_hook,
-                            exiting=receiver_exiting)
+                            exiting=receiver_exiting, keys=keys)
     receiver.start()
     return Pools(ctx, sender, receiver, tx, channels)
 

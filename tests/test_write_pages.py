@@ -45,7 +45,8 @@ def write_zero_pages(fd: int, offsets: list[int], written: array[int] | None,
     bm: Any = ffi.NULL if written is None else ffi.from_buffer("uint64_t[]", written)
     nwritten: Any = ffi.new("uint32_t *")
     rc = lib.zc_write_zero_pages(fd, SIZE, ffi.from_buffer("uint64_t[]", offs), len(offs),
-                                 page_size, bm, nwritten)
+                                 page_size, bm, 0 if written is None else len(written),
+                                 nwritten)
     return int(rc), int(nwritten[0])
 
 
@@ -168,7 +169,7 @@ def test_zero_pages_larger_than_the_zero_block_are_refused(tmp_path: Path) -> No
         offs = array("Q", [0])
         nwritten: Any = ffi.new("uint32_t *")
         rc = lib.zc_write_zero_pages(fd, 4 * 131072, ffi.from_buffer("uint64_t[]", offs), 1,
-                                     131072, ffi.NULL, nwritten)
+                                     131072, ffi.NULL, 0, nwritten)
         assert rc == lib.ZC_EBOUNDS
     finally:
         os.close(fd)
@@ -183,7 +184,7 @@ def test_a_long_run_of_zero_pages_is_written_whole(tmp_path: Path) -> None:
         offs = array("Q", range(0, npages * PAGE, PAGE))
         nwritten: Any = ffi.new("uint32_t *")
         rc = lib.zc_write_zero_pages(fd, npages * PAGE, ffi.from_buffer("uint64_t[]", offs),
-                                     npages, PAGE, ffi.NULL, nwritten)
+                                     npages, PAGE, ffi.NULL, 0, nwritten)
         assert (rc, nwritten[0]) == (0, npages)
         assert os.pread(fd, npages * PAGE, 0) == bytes(npages * PAGE)
     finally:

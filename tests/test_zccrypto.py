@@ -237,13 +237,13 @@ GUARD = b"\x5a" * PAGE
 
 def seal_pages(ctx: Any, img: Image, offsets: list[int], capacity: int, *,
                aad: bytes = b"", nonce: bytes = IV16, page_size: int = PAGE,
-               ) -> tuple[int, bytes, bytes, bytes]:
+               lead: bytes = b"") -> tuple[int, bytes, bytes, bytes]:
     """(rc, output, tag, guard): the output buffer is followed by a guard region that
     must come back unchanged whatever the call does."""
     out = bytearray(b"\xee" * capacity + GUARD)
     tag = bytearray(b"\xee" * 16)
     offs = array("Q", offsets)
-    rc = lib.zcc_seal_pages(ctx, nonce, aad, len(aad), img.base, img.size,
+    rc = lib.zcc_seal_pages(ctx, nonce, aad, len(aad), lead, len(lead), img.base, img.size,
                             ffi.from_buffer("uint64_t[]", offs), len(offs), page_size,
                             ffi.from_buffer("uint8_t[]", out), capacity,
                             ffi.from_buffer("uint8_t[]", tag))
@@ -262,6 +262,44 @@ def test_sealed_pages_equal_a_seal_of_the_same_pages_laid_end_to_end() -> None:
         plain = b"".join(img.page(o) for o in offsets)
         assert seal(ctx, IV16, A16, plain) == (0, out, tag)
         assert open_(ctx, IV16, A16, out, tag) == (0, plain)
+    finally:
+        img.close()
+
+
+def test_a_lead_and_pages_seal_as_one_message() -> None:
+    """A packet's offsets (the lead) and its gathered pages are one GCM message: the plain
+    seal of lead || pages, opened under one tag."""
+    img = Image()
+    ctx = aead(K16)
+    lead = os.urandom(24)
+    offsets = [2 * PAGE, 3 * PAGE, 7 * PAGE]
+    try:
+        rc, out, tag, guard = seal_pages(ctx, img, offsets, 24 + 3 * PAGE, aad=A16, lead=lead)
+        assert rc == 0 and guard == GUARD
+        plain = lead + b"".join(img.page(o) for o in offsets)
+        assert seal(ctx, IV16, A16, plain) == (0, out, tag)
+        # A lead alone (a packet of zero pages only) is a plain seal of it too.
+        rc, out, tag, _ = seal_pages(ctx, img, [], 24, aad=A16, lead=lead)
+        assert rc == 0 and seal(ctx, IV16, A16, lead) == (0, out, tag)
+    finally:
+        img.close()
+
+
+def test_the_lead_counts_against_the_output_and_may_not_overlap_it() -> None:
+    img = Image()
+    ctx = aead(K16)
+    try:
+        rc, out, tag, guard = seal_pages(ctx, img, [0], PAGE + 7, lead=bytes(8))
+        assert rc == lib.ZCC_EBOUNDS and out == b"\xee" * (PAGE + 7) and guard == GUARD
+        assert tag == b"\xee" * 16
+        buf = ffi.new("uint8_t[]", 64 + PAGE)
+        offs = ffi.new("uint64_t[]", [0])
+        tag_c = ffi.new("uint8_t[16]")
+        # Sealed in place (lead == out) is fine; shifted by one, refused.
+        assert lib.zcc_seal_pages(ctx, IV16, b"", 0, buf, 8, img.base, img.size, offs, 1,
+                                  PAGE, buf, 64 + PAGE, tag_c) == 0
+        assert lib.zcc_seal_pages(ctx, IV16, b"", 0, buf + 1, 8, img.base, img.size, offs,
+                                  1, PAGE, buf, 64 + PAGE, tag_c) == lib.ZCC_EINVAL
     finally:
         img.close()
 
@@ -322,8 +360,8 @@ def test_a_zero_page_size_or_an_output_inside_the_image_is_refused() -> None:
     try:
         assert seal_pages(ctx, img, [0], PAGE, page_size=0)[0] == lib.ZCC_EINVAL
         # Ciphertext written over the pages it is reading: refused.
-        assert lib.zcc_seal_pages(ctx, IV16, b"", 0, img.base, img.size, offs, 1, PAGE,
-                                  img.c + 2 * PAGE, PAGE, tag) == lib.ZCC_EINVAL
+        assert lib.zcc_seal_pages(ctx, IV16, b"", 0, b"", 0, img.base, img.size, offs, 1,
+                                  PAGE, img.c + 2 * PAGE, PAGE, tag) == lib.ZCC_EINVAL
     finally:
         img.close()
 
