@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Final
 
 from zcmigrate import ZcmigrateError
-from zcmigrate.channel.aead import Direction, SessionKeys
+from zcmigrate.channel.aead import Direction, Opener, SessionKeys
 from zcmigrate.channel.fdpass import FdListener
 from zcmigrate.channel.zcsocket import Channel, Listener
 from zcmigrate.migrate import faults
@@ -70,7 +70,7 @@ from zcmigrate.migrate.protocol import (
 )
 from zcmigrate.multifd.exiting import Exiting
 from zcmigrate.multifd.pages import dirty_offsets
-from zcmigrate.multifd.placement import PlacementReaders
+from zcmigrate.multifd.placement import Handed, PlacementReaders
 from zcmigrate.multifd.receiver import ReceiverPool
 from zcmigrate.multifd.urgent import MAX_PAGES, PAGES, UrgentChannel
 from zcmigrate.multifd.userfault import (
@@ -197,6 +197,7 @@ class PostcopyDestination:
         self._start_error: ReceiveError | None = None
         self._went = False  # the guest was sent its go: it may run here
         self._device_state: bytes | None = None  # for the commit, after a resume too
+        self._openers: list[Opener] = []  # a resumed session's sealed data channels
         self._ndirty = 0
         self._keep_image = False  # precopy completed instead: the image is committed
 
@@ -248,6 +249,9 @@ class PostcopyDestination:
         if self._guest is not None:
             self._guest.close()  # the guest keeps its own descriptor
             self._guest = None
+        for opener in self._openers:
+            opener.close()
+        self._openers = []
         if self._fd_listener is not None:
             self._fd_listener.close()
             self._fd_listener = None
@@ -381,7 +385,7 @@ class PostcopyDestination:
 
     # ------------------------------------------------------------------ serving
 
-    def _start_serving(self, channels: Sequence[tuple[Channel, SequenceTracker]]) -> None:
+    def _start_serving(self, channels: Sequence[Handed]) -> None:
         """The background readers on the data channels, the fault loop and the urgent
         channel's reader."""
         self._readers = PlacementReaders(channels, self.ctx, self._place, self.exiting)
@@ -495,6 +499,9 @@ class PostcopyDestination:
         the kernel for its pages while a new session is awaited."""
         self._stop_threads()
         self._stop = threading.Event()
+        for opener in self._openers:  # a resumed session's; the pool closes its own
+            opener.close()
+        self._openers = []
 
     def resume(self, *, main: MainChannel, channels: Sequence[Channel], ctx: WireContext,
                session: SessionKeys | None, exiting: Exiting) -> PostcopyOutcome:
@@ -509,7 +516,13 @@ class PostcopyDestination:
                 asked = [page * self.ps for page in self._requested if self._pending[page]]
             self._send_missing(pending)
             self._admit_urgent()
-            fresh = [(ch, SequenceTracker(i)) for i, ch in enumerate(channels)]
+            # New channels, so new sequences and, sealed, the new session's openers.
+            fresh: list[Handed] = [
+                (ch, SequenceTracker(i),
+                 session.opener(Direction.SOURCE_TO_DESTINATION, i)
+                 if ctx.sealed and session is not None else None)
+                for i, ch in enumerate(channels)]
+            self._openers = [o for _, _, o in fresh if o is not None]
             self._start_serving(fresh)
             assert self._urgent is not None
             # Faults read before the break were asked for on the old urgent channel and

@@ -285,7 +285,6 @@ class SourceJob:
         channels = self.params.multifd_channels
         assert self._map is not None
         ctx = hello.context()
-        self._ctx = ctx
         cap = self._in_flight_cap()
 
         peer_timeout = self.params.peer_timeout
@@ -296,6 +295,7 @@ class SourceJob:
         self._handshake(main, greeting, hello)
         # Sealed data packets once both ends agreed on it in the authenticated HELLO.
         ctx = dataclasses.replace(ctx, sealed=self._encrypted)
+        self._ctx = ctx  # post-copy's urgent channel is bound to it too
 
         chans: list[Channel] = []
         macs: list[bytes] = []

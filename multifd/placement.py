@@ -10,8 +10,9 @@ packets are counted, so the caller can wait until every page sent before the sou
 last SYNC has been placed.
 
 It knows packets and channels (handed over by the ReceiverPool, with their sequence
-trackers, so that a lost or repeated packet is still found); not guests, userfaultfds or
-the migration's protocol. It opens no socket.
+trackers, so that a lost or repeated packet is still found, and with a sealed context
+their openers, so that a packet's pages are placed only once its tag verified); not
+guests, userfaultfds or the migration's protocol. It opens no socket.
 """
 
 from __future__ import annotations
@@ -19,24 +20,31 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Final
+from typing import Any, Final
 
 import structlog
 
+from zcmigrate.channel.aead import Opener
 from zcmigrate.channel.errors import ChannelClosed
 from zcmigrate.channel.zcsocket import Channel
 from zcmigrate.multifd.exiting import Exiting, MultifdError
 from zcmigrate.multifd.wire import (
     HEADER_SIZE,
+    TAG_SIZE,
     SequenceTracker,
     WireContext,
     decode_header,
     decode_offsets,
+    sealed_body_size,
 )
+from zcmigrate.native import ffi
 
 _log = structlog.get_logger("zcmigrate.multifd.placement")
 _WAIT_SLICE: Final = 0.1
 
+Handed = tuple[Channel, SequenceTracker, Opener | None]
+"""One data channel as the ReceiverPool hands it over: the channel, its sequence tracker,
+and its opener when the context is sealed (None otherwise)."""
 Place = Callable[[Sequence[int], memoryview, Sequence[int]], None]
 """place(normal offsets, their pages in order, zero offsets): put one packet's pages in."""
 
@@ -45,8 +53,10 @@ class PlacementReaders:
     """One thread per data channel, reading packets and handing their pages to `place`
     until stop() (or a failure, set on `exiting`)."""
 
-    def __init__(self, channels: Sequence[tuple[Channel, SequenceTracker]], ctx: WireContext,
-                 place: Place, exiting: Exiting) -> None:
+    def __init__(self, channels: Sequence[Handed], ctx: WireContext, place: Place,
+                 exiting: Exiting) -> None:
+        if any((opener is not None) != ctx.sealed for _, _, opener in channels):
+            raise ValueError("a sealed context needs an opener per channel, and only it")
         self._ctx = ctx
         self._place = place
         self._exiting = exiting
@@ -58,8 +68,8 @@ class PlacementReaders:
         self._threads: list[threading.Thread] = []
 
     def start(self) -> None:
-        for i, (ch, seq) in enumerate(self._channels):
-            t = threading.Thread(target=self._run, args=(i, ch, seq),
+        for i, (ch, seq, opener) in enumerate(self._channels):
+            t = threading.Thread(target=self._run, args=(i, ch, seq, opener),
                                  name=f"postcopy-recv-{i}", daemon=True)
             t.start()
             self._threads.append(t)
@@ -91,14 +101,14 @@ class PlacementReaders:
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
-        for ch, _ in self._channels:
+        for ch, _, _ in self._channels:
             ch.shutdown()
         for t in self._threads:
             t.join(5.0)
 
-    def _run(self, i: int, ch: Channel, seq: SequenceTracker) -> None:
+    def _run(self, i: int, ch: Channel, seq: SequenceTracker, opener: Opener | None) -> None:
         try:
-            self._read(i, ch, seq)
+            self._read(i, ch, seq, opener)
         except BaseException as e:  # a reader thread records every failure, and ends
             if self._stopping and isinstance(e, ChannelClosed):
                 return
@@ -109,26 +119,47 @@ class PlacementReaders:
             with self._cond:
                 self._cond.notify_all()
 
-    def _read(self, i: int, ch: Channel, seq: SequenceTracker) -> None:
+    def _read(self, i: int, ch: Channel, seq: SequenceTracker, opener: Opener | None) -> None:
         ctx = self._ctx
         ps = ctx.page_size
+        # Sealed: one packet's body and tag are read into this buffer and opened in place
+        # (counter seq - 1, as the ReceiverPool's workers: the tracker holds seq to the
+        # next one, the opener holds the counter again) before anything of it is used.
+        cap = 8 * ctx.pages_alloc + ctx.pages_alloc * ps + TAG_SIZE
+        sealed: Any = ffi.new("uint8_t[]", cap) if opener is not None else None
         while not self._stopping:
-            header = decode_header(ch.read_exact(HEADER_SIZE), ctx)
+            head = ch.read_exact(HEADER_SIZE)
+            header = decode_header(head, ctx)
             seq.accept(header)  # a lost, repeated or reordered packet never lands
+            if opener is not None:
+                body = sealed_body_size(header)
+                if body + TAG_SIZE > cap:  # decode_header refuses it; never overrun
+                    raise MultifdError(f"post-copy receive channel {i}: a sealed packet of "
+                                       f"{body} bytes, more than pages_alloc pages")
+                ffi.memmove(sealed, ch.read_exact(body + TAG_SIZE), body + TAG_SIZE)
+                opener.open_in_place(header.seq - 1, sealed, body, aad=bytes(head))
             if header.is_sync:
                 with self._cond:
                     self._synced[i] += 1
                     self._cond.notify_all()
                 continue
-            raw = ch.read_exact(header.offsets_size) if header.offsets_size else b""
+            if opener is not None:
+                plain = ffi.buffer(sealed, body)
+                raw: Any = plain[:header.offsets_size]
+            else:
+                raw = ch.read_exact(header.offsets_size) if header.offsets_size else b""
             normal, zero = decode_offsets(raw, header, ctx)
             if header.payload_size != len(normal) * ps:
                 raise MultifdError(f"post-copy receive channel {i}: a payload of "
                                    f"{header.payload_size} bytes for {len(normal)} pages")
-            payload = ch.read_exact(header.payload_size) if header.payload_size else bytearray()
-            self._place(normal, memoryview(payload), zero)
+            if opener is not None:
+                payload = memoryview(plain)[header.offsets_size:body]
+            else:
+                payload = memoryview(ch.read_exact(header.payload_size)
+                                     if header.payload_size else bytearray())
+            self._place(normal, payload, zero)
             with self._cond:
                 self._pages += len(normal) + len(zero)
 
 
-__all__ = ["Place", "PlacementReaders"]
+__all__ = ["Handed", "Place", "PlacementReaders"]

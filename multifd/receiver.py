@@ -300,13 +300,14 @@ class ReceiverPool(PoolBase):
         err = self.error
         raise err if err is not None else failure
 
-    def handoff(self) -> list[tuple[Channel, SequenceTracker]]:
-        """After sync(final=True): each data channel (by id) with its sequence tracker,
-        for a reader that goes on reading the same channels in order (post-copy's
-        background pages, multifd/placement.py). The channels stay the pool's to close."""
+    def handoff(self) -> list[tuple[Channel, SequenceTracker, Opener | None]]:
+        """After sync(final=True): each data channel (by id) with its sequence tracker and,
+        sealed, its opener, for a reader that goes on reading the same channels in order
+        (post-copy's background pages, multifd/placement.py). The channels and openers
+        stay the pool's to close."""
         if not self._final:
             raise MultifdError("multifd receive: handoff before the final sync")
-        return [(w.channel, w.sequence) for w in self._workers]
+        return [(w.channel, w.sequence, w.opener) for w in self._workers]
 
     def missing_pages(self) -> MissingPages:
         """The pages no packet has carried yet (normal or zero), counted in C from the arrival
