@@ -31,6 +31,7 @@ from zcmigrate.migrate.errors import (
     ReceiveCancelled,
     ReceiveError,
     ReceivePostcopyInterrupted,
+    SourceFailed,
 )
 from zcmigrate.migrate.imagefiles import resume_path, state_path
 from zcmigrate.migrate.incoming import (
@@ -603,7 +604,7 @@ class DestinationJob:
 
     def _on_error(self, rec: Record) -> None:
         assert isinstance(rec, Error)
-        raise ReceiveError(f"the source failed: {rec.message}")
+        raise SourceFailed(f"the source failed: {rec.message}")
 
     # ------------------------------------------------------------- failure
 
@@ -624,6 +625,13 @@ class DestinationJob:
     def _fail(self, exc: BaseException) -> ReceiveError:
         if not isinstance(exc, ReceiveError) and self._pending_cancel():
             exc = ReceiveCancelled("the source cancelled the migration")
+        first = self.exiting.error
+        if (isinstance(exc, SourceFailed) and first is not None
+                and not isinstance(first, ReceiveError)):
+            # Our own failure came first (a data channel refused a packet and closed its
+            # connections); the source's ERROR is only its echo (a broken pipe there).
+            # The operator needs the cause, so say ours, then the source's.
+            exc = ReceiveError(f"migration failed: {first} (then {exc})")
         if isinstance(exc, ReceiveError):
             err = exc
         elif isinstance(self.exiting.error, ReceiveError):

@@ -63,6 +63,10 @@ class ReceiveError(ZcmigrateError):
     exit_code = EXIT_FAILED
 
 
+class SourceFailed(ReceiveError):
+    """The source's ERROR record: it gave up, with its message."""
+
+
 class ReceiveCancelled(ReceiveError):
     exit_code = EXIT_CANCELLED
 
