@@ -683,27 +683,11 @@ class PostcopyDestination:
         size = self.ctx.image_size
         ps = self.ps
         filled = 0
-        pos = 0
-        while pos < size:
-            try:
-                hole = os.lseek(fd, pos, os.SEEK_HOLE)
-            except OSError as e:
-                if e.errno == errno.ENXIO:
-                    break
-                raise
-            if hole >= size:
-                break
-            try:
-                end = min(os.lseek(fd, hole, os.SEEK_DATA), size)
-            except OSError as e:
-                if e.errno != errno.ENXIO:
-                    raise
-                end = size
+        for hole, end in _hole_runs(fd, size):
             for off in range(hole, end, ps * _ZERO_RUN):
                 n = min(ps * _ZERO_RUN, end - off)
                 self._copy(off, memoryview(self._zero)[:n])
                 filled += n // ps
-            pos = end
         return filled
 
     def _stop_threads(self) -> None:
@@ -719,8 +703,9 @@ class PostcopyDestination:
             self._urgent = None
 
 
-def _holes(fd: int, size: int, page_size: int = mmap.PAGESIZE) -> Iterator[int]:
-    """The page offsets of `fd`'s first `size` bytes that hold no data (never written)."""
+def _hole_runs(fd: int, size: int) -> Iterator[tuple[int, int]]:
+    """The runs [start, end) of `fd`'s first `size` bytes that hold no data (never
+    written), in order, as SEEK_HOLE and SEEK_DATA report them."""
     pos = 0
     while pos < size:
         try:
@@ -737,8 +722,14 @@ def _holes(fd: int, size: int, page_size: int = mmap.PAGESIZE) -> Iterator[int]:
             if e.errno != errno.ENXIO:
                 raise
             end = size
-        yield from range(hole - hole % page_size, end, page_size)
+        yield hole, end
         pos = end
+
+
+def _holes(fd: int, size: int, page_size: int = mmap.PAGESIZE) -> Iterator[int]:
+    """The page offsets of `fd`'s first `size` bytes that hold no data (never written)."""
+    for hole, end in _hole_runs(fd, size):
+        yield from range(hole - hole % page_size, end, page_size)
 
 
 class PostcopyUnacknowledged(ReceiveError):

@@ -483,6 +483,23 @@ class SourceJob:
             raise MigrationError(f"expected {kind.TYPE.name}, got {rec.TYPE.name}")
         return rec
 
+    def _pause_and_collect(self, guest: GuestControl, fresh: array[int],
+                           offsets_buf: array[int], expected_ms: float,
+                           ) -> tuple[DeviceState, array[int], int]:
+        """Pause the guest and collect its last dirty pages: those found at the last
+        bitmap sync (`fresh`) and those it dirtied since. Returns the device state, the
+        merged bitmap and how many page offsets it put at the front of `offsets_buf`."""
+        state = self._pause(guest)
+        faults.reached("source:paused")
+        more = array("Q", bytes(8 * len(fresh)))
+        self._fetch_dirty(guest, more)
+        merged = or_words(fresh, more)
+        assert self._map is not None
+        count = dirty_offsets(merged, len(self._map) // self.page_size, self.page_size,
+                              offsets_buf)
+        self.stats.dirty_sync(count, 0.0, expected_ms)
+        return state, merged, count
+
     def _precopy(self) -> tuple[array[int], bytes, array[int] | None]:
         """Iterate while the guest runs; return the last dirty pages and the device state,
         with the guest paused (or the whole image and no guest, for a static image)."""
@@ -537,13 +554,8 @@ class SourceJob:
                     iteration, decision.action is Action.GIVE_UP):
                 # Post-copy instead of another iteration: pause, and hand the destination
                 # the list of pages still dirty; they follow while its guest runs.
-                state = self._pause(guest)
-                faults.reached("source:paused")
-                more = array("Q", bytes(8 * nwords))
-                self._fetch_dirty(guest, more)
-                merged = or_words(fresh, more)
-                count = dirty_offsets(merged, npages, ps, offsets_buf)
-                self.stats.dirty_sync(count, 0.0, expected_ms)
+                state, merged, count = self._pause_and_collect(guest, fresh, offsets_buf,
+                                                               expected_ms)
                 self.log.info("switching to post-copy", iteration=iteration,
                               dirty=count * ps, reason=decision.reason)
                 return offsets_buf[:count], state.encode(), merged
@@ -561,13 +573,8 @@ class SourceJob:
             if decision.action is Action.SWITCH_OVER:
                 # Stop the guest; what it dirtied since the last bitmap sync joins the
                 # pages found dirty then.
-                state = self._pause(guest)
-                faults.reached("source:paused")
-                more = array("Q", bytes(8 * nwords))
-                self._fetch_dirty(guest, more)
-                merged = or_words(fresh, more)
-                count = dirty_offsets(merged, npages, ps, offsets_buf)
-                self.stats.dirty_sync(count, 0.0, expected_ms)
+                state, _, count = self._pause_and_collect(guest, fresh, offsets_buf,
+                                                          expected_ms)
                 return offsets_buf[:count], state.encode(), None
             if decision.action is Action.GIVE_UP:
                 raise NotConverging(
