@@ -158,7 +158,7 @@ def mode_once(mode: str, size: int, rate: int, bandwidth: int, downtime_limit: i
             for p in (guest, recv, send):
                 if p is not None and p.returncode is None:
                     p.kill()
-                    p.wait()
+                    p.wait(10)  # SIGKILL ends it; a wait past that is a stuck kernel
     stats = json.loads(out)
     row: dict[str, Any] = {"mode": mode, "exit": send_rc, "status": stats["status"],
                            "total_time_ms": stats["total-time"],

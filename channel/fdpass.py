@@ -168,7 +168,7 @@ class FdListener:
 
     def accept(self, timeout: float) -> FdConnection:
         """The next connection within `timeout` seconds; ReadTimeout if none comes."""
-        self._sock.settimeout(timeout)
+        self._sock.settimeout(timeout)  # the accept's deadline
         try:
             conn, _ = self._sock.accept()
         except TimeoutError:

@@ -96,6 +96,8 @@ class LineServer:
     def _serve(self) -> None:
         while not self._closed.is_set():
             try:
+                # No deadline on purpose: the server waits for requests for as long as it
+                # lives; close() shuts the socket down, which ends this accept.
                 conn, _ = self._sock.accept()
             except OSError:
                 return  # closed

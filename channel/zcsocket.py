@@ -650,6 +650,10 @@ class Listener:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind(addr)
             sock.listen(backlog)
+            # Non-blocking: accept() runs only after select() said a connection waits, but
+            # another thread (admission's try_accept) may take it first; a blocking accept
+            # would then wait for the next one with no deadline.
+            sock.setblocking(False)
         except OSError as e:
             raise ChannelError(f"cannot listen on {format_hostport(host, port)}: "
                                f"{e.strerror or e}") from e
@@ -660,6 +664,7 @@ class Listener:
     def from_socket(cls, sock: socket.socket) -> Listener:
         """Wrap an already listening socket (systemd socket activation)."""
         self = cls.__new__(cls)
+        sock.setblocking(False)  # as __init__'s: accept() never waits past select()
         self._sock = sock
         self._shut = threading.Event()
         return self

@@ -154,7 +154,7 @@ class ChildOutput:
         except subprocess.TimeoutExpired:
             message = f"{self.command()} still running after {timeout:g} s\n{self.describe()}"
             self.proc.kill()
-            self.proc.wait()
+            self.proc.wait(10)  # SIGKILL ends it; only reaping is left
             raise AssertionError(message) from None
         # The pipes end with the child, unless a process it started still holds them.
         grace = max(deadline - time.monotonic(), 5.0)

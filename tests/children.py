@@ -93,6 +93,8 @@ class Child:
             self._cond.notify_all()
 
     def _reap(self) -> None:
+        # This daemon thread's job is to wait for the exit, however long the child runs;
+        # tests bound their own waits (wait_exit's timeout) and kill what outlives them.
         self.proc.wait()
         with self._cond:
             self.exited_at = time.monotonic()

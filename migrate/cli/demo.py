@@ -102,7 +102,7 @@ class Child:
             code = self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            code = self.proc.wait()
+            code = self.proc.wait(10)  # SIGKILL ends it; only reaping is left
         assert self.proc.stdout is not None
         self.proc.stdout.close()
         return code
