@@ -448,6 +448,27 @@ class ReceiverPool(PoolBase):
             payload_buf: Any = ffi.new("char[]", ctx.pages_alloc * ps)
             payload_iov = IoVec(1)
             payload_iov.entries[0].iov_base = payload_buf
+        def land(normal_c: Any, nn: int, pages: Any, pages_len: int) -> None:
+            """A packet's pages, read (and opened) into a buffer of ours, into the image:
+            pwrite through the file or a copy into the mapping, one C call per packet
+            that checks every offset and the buffer's length before the first byte moves."""
+            if to_file:
+                with self._write_lock:
+                    rc = lib.zc_write_pages(self._fd, ctx.image_size, normal_c, nn, ps,
+                                            pages, pages_len)
+            else:
+                rc = lib.zc_place_pages(self._base, ctx.image_size, normal_c, nn, ps, pages,
+                                        pages_len)
+            if rc == lib.ZC_EBOUNDS:
+                raise RemoteProtocolError("packet offsets: outside the image (zc_write_pages)"
+                                          if to_file else
+                                          "packet offsets: outside the image (zc_place_pages)")
+            if rc:
+                raise OSError(rc, f"writing pages to the image file: {os.strerror(rc)}")
+            if known_zero:
+                self._mark(written_c, normal_c, nn)
+            self._mark(arrived_c, normal_c, nn)
+
         # Bytes this worker has read; with the channel's own count it tells a close at a
         # packet boundary (nothing of the next packet read) from one inside a packet.
         read_base = ch.statistics().bytes_received
@@ -516,22 +537,7 @@ class ReceiverPool(PoolBase):
             nn = len(normal)
             if nn and opener is not None:
                 normal_c = ffi.from_buffer("uint64_t[]", normal)
-                pages_c = sealed_buf + size
-                pages_len = header.payload_size
-                if to_file:
-                    with self._write_lock:
-                        rc = lib.zc_write_pages(self._fd, ctx.image_size, normal_c, nn, ps,
-                                                pages_c, pages_len)
-                else:
-                    rc = lib.zc_place_pages(self._base, ctx.image_size, normal_c, nn, ps,
-                                            pages_c, pages_len)
-                if rc == lib.ZC_EBOUNDS:
-                    raise RemoteProtocolError("packet offsets: outside the image (sealed)")
-                if rc:
-                    raise OSError(rc, f"writing pages to the image file: {os.strerror(rc)}")
-                if known_zero:
-                    self._mark(written_c, normal_c, nn)
-                self._mark(arrived_c, normal_c, nn)
+                land(normal_c, nn, sealed_buf + size, header.payload_size)
             elif nn and to_file:
                 normal_c = ffi.from_buffer("uint64_t[]", normal)
                 payload = header.payload_size
@@ -546,16 +552,7 @@ class ReceiverPool(PoolBase):
                 # file before this worker can reach a SYNC, so the barrier keeps its meaning
                 # (ARCHITECTURE.md, invariant 2), and a later packet's copy of a page lands
                 # after this one's.
-                with self._write_lock:
-                    rc = lib.zc_write_pages(self._fd, ctx.image_size, normal_c, nn, ps,
-                                            payload_buf, len(payload_buf))
-                if rc == lib.ZC_EBOUNDS:
-                    raise RemoteProtocolError("packet offsets: outside the image (zc_write_pages)")
-                if rc:
-                    raise OSError(rc, f"writing pages to the image file: {os.strerror(rc)}")
-                if known_zero:
-                    self._mark(written_c, normal_c, nn)
-                self._mark(arrived_c, normal_c, nn)
+                land(normal_c, nn, payload_buf, len(payload_buf))
             elif nn:
                 normal_c = ffi.from_buffer("uint64_t[]", normal)
 

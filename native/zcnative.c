@@ -285,6 +285,17 @@ static int pages_in_bounds(uint64_t image_size, const uint64_t *offsets, uint32_
     return 1;
 }
 
+/* The end of the run of adjacent pages that starts at offsets[i]: one readv, pwrite or
+ * memcpy moves pages i..end-1 at once. */
+static inline uint32_t run_end(const uint64_t *offsets, uint32_t i, uint32_t n,
+                               uint32_t page_size)
+{
+    uint32_t j = i + 1;
+    while (j < n && offsets[j] == offsets[j - 1] + page_size)
+        j++;
+    return j;
+}
+
 /* Whether bit `page` lies in a bitmap of `nwords` words. */
 static inline int bit_in(uint64_t page, uint64_t nwords)
 {
@@ -430,9 +441,7 @@ int zc_recv_pages(int fd, uint64_t base, uint64_t image_size, const uint64_t *of
         return ZC_EBOUNDS;
     uint32_t i = 0;
     while (i < n) {
-        uint32_t j = i + 1;
-        while (j < n && offsets[j] == offsets[j - 1] + page_size)
-            j++;
+        uint32_t j = run_end(offsets, i, n, page_size);
         win[nw].iov_base = (char *)(uintptr_t)(base + offsets[i]);
         win[nw].iov_len = (uint64_t)(j - i) * page_size;
         if (++nw == ZC_IOV_MAX) {
@@ -488,9 +497,7 @@ int zc_write_pages(int fd, uint64_t image_size, const uint64_t *offsets, uint32_
         return ZC_EBOUNDS;
     uint32_t i = 0;
     while (i < n) {
-        uint32_t j = i + 1;
-        while (j < n && offsets[j] == offsets[j - 1] + page_size)
-            j++;
+        uint32_t j = run_end(offsets, i, n, page_size);
         int r = pwrite_all(fd, src + (uint64_t)i * page_size, (uint64_t)(j - i) * page_size,
                            offsets[i]);
         if (r)
@@ -511,9 +518,7 @@ int zc_place_pages(uint64_t base, uint64_t image_size, const uint64_t *offsets, 
         return ZC_EBOUNDS;
     uint32_t i = 0;
     while (i < n) {
-        uint32_t j = i + 1;
-        while (j < n && offsets[j] == offsets[j - 1] + page_size)
-            j++;
+        uint32_t j = run_end(offsets, i, n, page_size);
         memcpy((char *)(uintptr_t)(base + offsets[i]), src + (uint64_t)i * page_size,
                (uint64_t)(j - i) * page_size);
         i = j;
