@@ -99,7 +99,7 @@ def admit_source(
             _accept_waiting(listener, pending, keyed, peer_timeout, device_state_max)
             for c in [c for c in pending if now >= c.deadline]:
                 _refuse(pending, c, f"no HELLO within {PREAUTH_TIMEOUT:g} s")
-            ready = wait_readable_any([c.main.channel for c in pending], _POLL)
+            ready = wait_readable_any([c.main.channel for c in pending], _POLL, listener)
             for c in [c for c in pending if c.main.channel in ready]:
                 admitted = _hear(pending, c, authenticate)
                 if admitted is not None:
@@ -233,7 +233,7 @@ def admit_data_channels(
                 pending.append(_DataCandidate(ch, challenge, now + INIT_TIMEOUT, ch.peer_host))
             for c in [c for c in pending if now >= c.deadline]:
                 _refuse_data(pending, c, f"no init record within {INIT_TIMEOUT:g} s")
-            ready = wait_readable_any([c.channel for c in pending], _POLL)
+            ready = wait_readable_any([c.channel for c in pending], _POLL, listener)
             for c in [c for c in pending if c.channel in ready]:
                 cid = _hear_init(pending, c, tracker, peer, binding, first)
                 if cid is not None:
