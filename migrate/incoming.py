@@ -25,11 +25,14 @@ from zcmigrate.migrate.units import format_size
 # there the receiver checks the free space instead, and reports ENOSPC if it runs out.
 _NO_CHEAP_RESERVATION = frozenset({"tmpfs", "hugetlbfs", "ramfs"})
 # Where the receiver writes pages with pwrite through the image's descriptor rather than
-# into a mapping. On a tmpfs a write(2) fills a new page without zeroing it first and
-# without a fault per page: half the CPU of the mapping (docs/performance.md). On a disk
-# file system the CPU gain is small (0.33-0.40 against 0.45-0.55 s/GiB) and a live
-# migration's commit fsync was measured slower after pwrite (370-820 ms against
-# 80-370 ms on ext4, so the downtime limit was missed): those keep the mapping.
+# into a mapping. On a tmpfs of 4 KiB pages a write(2) fills a new page without zeroing it
+# first and without a fault per page: half the CPU of the mapping (docs/performance.md).
+# A tmpfs of huge pages is left out (writes_through_fd): a fault there covers 2 MiB, and
+# reading straight into the mapping measured 0.45-0.59 s/GiB against 0.46-1.10 through
+# pwrite (clear), 0.87 against 1.26-1.57 sealed. On a disk file system the CPU gain is
+# small (0.33-0.40 against 0.45-0.55 s/GiB) and a live migration's commit fsync was
+# measured slower after pwrite (370-820 ms against 80-370 ms on ext4, so the downtime
+# limit was missed): those keep the mapping.
 WRITE_THROUGH_FD = frozenset({"tmpfs"})
 
 
@@ -63,6 +66,15 @@ def claim_destination(image: Path, *, replace: bool) -> ImageLock:
         lock.release()
         raise
     return lock
+
+
+def writes_through_fd(fd: int) -> bool:
+    """Whether the receiver should pwrite into `fd` rather than copy into a mapping of it:
+    on a tmpfs of 4 KiB pages only (WRITE_THROUGH_FD). A tmpfs that allocates huge pages
+    (huge=always or within_size: st_blksize is then the huge page's size) faults once per
+    2 MiB, so a read straight into the mapping is one copy where pwrite is two."""
+    return (filesystem_type(fd) in WRITE_THROUGH_FD
+            and os.fstat(fd).st_blksize <= mmap.PAGESIZE)
 
 
 def filesystem_type(fd: int) -> str:
@@ -135,7 +147,7 @@ class IncomingImage:
             # A sparse file reads as zero: pages sent as zero need no write at all.
             os.ftruncate(fd, size)
             self._reserve(fd, size)
-            if filesystem_type(fd) not in WRITE_THROUGH_FD:
+            if not writes_through_fd(fd):
                 self._map = mmap.mmap(fd, size, mmap.MAP_SHARED,
                                       mmap.PROT_READ | mmap.PROT_WRITE)
         except OSError as e:

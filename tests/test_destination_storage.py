@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,14 +23,37 @@ from tests.test_destination_protocol import (
     rest_as_zero,
     stream,
 )
-from zcmigrate.migrate.incoming import WRITE_THROUGH_FD, filesystem_type
+from zcmigrate.migrate.incoming import WRITE_THROUGH_FD, filesystem_type, writes_through_fd
 from zcmigrate.migrate.protocol import DeviceStateRecord, EndOfRam, MultifdFlush, RecordType
 
 
 def test_dev_shm_is_tmpfs_which_is_written_through_the_descriptor() -> None:
     with tempfile.NamedTemporaryFile(dir="/dev/shm") as f:
+        os.ftruncate(f.fileno(), 64 << 20)
         assert filesystem_type(f.fileno()) == "tmpfs"
+        assert writes_through_fd(f.fileno())
     assert "tmpfs" in WRITE_THROUGH_FD
+
+
+def test_a_huge_page_tmpfs_keeps_the_mapping(tmp_path: Path) -> None:
+    """A tmpfs that allocates 2 MiB pages faults once per huge page: the receiver reads
+    straight into the mapping there (one copy) rather than through pwrite (two)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mnt = tmp_path / "huge"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16M,huge=within_size", "tmpfs",
+                    str(mnt)], check=True)
+    try:
+        fd = os.open(mnt / "img", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            os.ftruncate(fd, 8 << 20)  # as create() does before it decides
+            assert filesystem_type(fd) == "tmpfs"
+            assert not writes_through_fd(fd)
+        finally:
+            os.close(fd)
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
 
 
 def test_any_mounted_file_has_a_file_system_type(tmp_path: Path) -> None:
