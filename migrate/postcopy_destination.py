@@ -70,6 +70,7 @@ from zcmigrate.migrate.protocol import (
 )
 from zcmigrate.multifd.exiting import Exiting
 from zcmigrate.multifd.pages import dirty_offsets
+from zcmigrate.multifd.pending import PendingPages
 from zcmigrate.multifd.placement import Handed, PlacementReaders
 from zcmigrate.multifd.receiver import ReceiverPool
 from zcmigrate.multifd.urgent import MAX_PAGES, PAGES, UrgentChannel
@@ -175,9 +176,9 @@ class PostcopyDestination:
         self.ps = ctx.page_size
         self.npages = ctx.image_size // ctx.page_size
         self._lock = threading.Lock()
-        # One byte per page: 1 while the page is stale here (dirty at the switch and not
+        # One flag per page: set while the page is stale here (dirty at the switch and not
         # placed since). A fault on a page that is not pending is a zero page.
-        self._pending = bytearray(self.npages)
+        self._pending = PendingPages(self.npages, self.ps)
         self._left = 0
         self._requested: dict[int, int] = {}  # page -> monotonic ns of its request
         self._latency_ns: list[int] = []
@@ -270,9 +271,8 @@ class PostcopyDestination:
         # Stale pages out: each faults as missing from now on, until its last version
         # arrives. Punched before the guest runs, so it can never read one.
         punch_pages(self.incoming.fd, offsets, self.ps)
-        for off in offsets:
-            self._pending[off // self.ps] = 1
-        self._left = len(offsets)
+        with self._lock:
+            self._left = self._pending.mark(offsets)
         self.log.info("post-copy: stale pages punched out", dirty_pages=len(offsets))
         if self._starter is not None:
             self._starter.join(GUEST_START_TIMEOUT)
@@ -485,8 +485,7 @@ class PostcopyDestination:
         left = 0
         for off in _holes(self.incoming.fd, self.ctx.image_size):
             page = off // self.ps
-            if not self._pending[page]:
-                self._pending[page] = 1
+            if self._pending.set_page(page):
                 left += 1
         self._left = left
         self._t_running = time.monotonic()
@@ -511,7 +510,7 @@ class PostcopyDestination:
         self._main_ch, self.ctx, self.session, self.exiting = main, ctx, session, exiting
         try:
             with self._lock:
-                pending = bytes(self._pending)
+                pending = self._pending.snapshot()
                 left = self._left
                 asked = [page * self.ps for page in self._requested if self._pending[page]]
             self._send_missing(pending)
@@ -614,7 +613,7 @@ class PostcopyDestination:
                 continue
             if rec.kind != PAGES:
                 raise RemoteProtocolError("urgent channel: the source sent a request")
-            self._place(rec.offsets, memoryview(rec.data), ())
+            self._place(array("Q", rec.offsets), memoryview(rec.data), array("Q"))
 
     def _copy(self, offset: int, data: bytes | memoryview) -> None:
         assert self._range is not None
@@ -625,36 +624,37 @@ class PostcopyDestination:
         except UserfaultError as e:
             raise ReceiveError(f"placing a page at {offset}: {e}") from e
 
-    def _place(self, normal: Sequence[int], payload: memoryview, zero: Sequence[int]) -> None:
-        """Place pages that arrived (urgent or background): contiguous runs in one copy
-        each. Never a write: a page the guest has already is left as it is."""
+    def _place(self, normal: array[int], payload: memoryview, zero: array[int]) -> None:
+        """Place pages that arrived (urgent or background): each run of adjacent pages in
+        one UFFDIO_COPY, a packet in one C call. Never a write: a page the guest has
+        already is left as it is."""
+        assert self._range is not None
         ps = self.ps
-        i, n = 0, len(normal)
-        while i < n:
-            j = i + 1
-            while j < n and normal[j] == normal[j - 1] + ps:
-                j += 1
-            self._copy(normal[i], payload[i * ps:j * ps])
-            i = j
-        for off in zero:
-            self._copy(off, self._zero[:ps])
+        try:
+            if normal:
+                self._range.copy_pages(normal, len(normal), ps, payload)
+            for i in range(0, len(zero), _ZERO_RUN):
+                part = zero[i:i + _ZERO_RUN]
+                self._range.copy_pages(part, len(part), ps, self._zero)
+        except RangeGone as e:
+            raise ReceiveError(f"the post-copy guest is gone: {e}") from e
+        except UserfaultError as e:
+            raise ReceiveError(f"placing {len(normal) + len(zero)} pages: {e}") from e
         self._arrived(normal)
         self._arrived(zero)
 
-    def _arrived(self, offsets: Sequence[int]) -> None:
+    def _arrived(self, offsets: array[int]) -> None:
         if not offsets:
             return
         now = time.monotonic_ns()
-        ps = self.ps
         with self._lock:
-            for off in offsets:
-                page = off // ps
-                if self._pending[page]:
-                    self._pending[page] = 0
-                    self._left -= 1
-                    t = self._requested.pop(page, None)
-                    if t is not None:
-                        self._latency_ns.append(now - t)
+            self._left -= self._pending.clear(offsets)
+            # The pages a fault asked for and that are no longer pending arrived now
+            # (here or by an earlier packet): their latency. Few are ever in flight, so
+            # this looks at them, not at every page of the packet.
+            if self._requested:
+                for page in [p for p in self._requested if not self._pending[p]]:
+                    self._latency_ns.append(now - self._requested.pop(page))
             if self._left == 0 and not self._t_last_page:
                 self._t_last_page = time.monotonic()
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import threading
 import time
+from array import array
 from collections.abc import Callable, Sequence
 from typing import Any, Final
 
@@ -45,7 +46,7 @@ _WAIT_SLICE: Final = 0.1
 Handed = tuple[Channel, SequenceTracker, Opener | None]
 """One data channel as the ReceiverPool hands it over: the channel, its sequence tracker,
 and its opener when the context is sealed (None otherwise)."""
-Place = Callable[[Sequence[int], memoryview, Sequence[int]], None]
+Place = Callable[["array[int]", memoryview, "array[int]"], None]
 """place(normal offsets, their pages in order, zero offsets): put one packet's pages in."""
 
 
@@ -136,7 +137,8 @@ class PlacementReaders:
                 if body + TAG_SIZE > cap:  # decode_header refuses it; never overrun
                     raise MultifdError(f"post-copy receive channel {i}: a sealed packet of "
                                        f"{body} bytes, more than pages_alloc pages")
-                ffi.memmove(sealed, ch.read_exact(body + TAG_SIZE), body + TAG_SIZE)
+                # Read straight into the buffer it is opened in: no copy in between.
+                ch.readv_into([ffi.buffer(sealed, body + TAG_SIZE)])
                 opener.open_in_place(header.seq - 1, sealed, body, aad=bytes(head))
             if header.is_sync:
                 with self._cond:

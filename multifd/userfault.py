@@ -282,6 +282,33 @@ class UserfaultRange:
             )
         return CopyResult(copied=int(r.copied), existed=int(r.existed))
 
+    def copy_pages(self, offsets: Any, count: int, page_size: int, data: Buffer) -> CopyResult:
+        """copy() for `count` pages of `page_size` bytes gathered in `data` (page i for
+        offsets[i], a uint64 array in host order): one UFFDIO_COPY per run of adjacent
+        pages, in one C call. ValueError with nothing placed if an offset, a run (whole
+        granules in the range) or the length of `data` is wrong."""
+        r: Any = ffi.new("struct zcu_copy_result *")
+        with ffi.from_buffer("uint64_t[]", offsets) as offs, ffi.from_buffer(data) as src:
+            if len(offs) < count:
+                raise ValueError(f"{len(offs)} offsets for {count} pages")
+            n = len(src)
+            rc = int(lib.zcu_copy_pages(self.fileno(), self.base, self.length, self.granule,
+                                        offs, count, page_size, src, n, r))
+        if rc == lib.ZCU_EBOUNDS:
+            raise ValueError(
+                f"{count} pages of {page_size} bytes from {n} bytes: an offset or a "
+                f"run is not whole {self.granule}-byte pages inside the {self.length}-byte "
+                "range, or the data is short"
+            )
+        if rc in (errno.ESRCH, errno.ENOENT):
+            raise RangeGone(_gone(rc, "copy"))
+        if rc:
+            raise UserfaultError(
+                f"UFFDIO_COPY of {count} pages failed after {int(r.copied)} pages: "
+                f"{_strerror(rc)}"
+            )
+        return CopyResult(copied=int(r.copied), existed=int(r.existed))
+
     def wake(self, offset: int = 0, length: int | None = None) -> None:
         """Wake the threads that wait in [offset, offset + length) (the whole range by
         default): each retries its access and faults again if its page is still missing,

@@ -186,13 +186,11 @@ int zcu_wake(int uffd, uint64_t base, uint64_t length, uint32_t page_size, uint6
     return ioctl(uffd, UFFDIO_WAKE, &range) < 0 ? errno : 0;
 }
 
-int zcu_copy(int uffd, uint64_t base, uint64_t length, uint32_t page_size, uint64_t offset,
-             const void *src, uint64_t len, struct zcu_copy_result *res)
+/* One run of whole pages at offset (checked by the caller), its counts added to *res. */
+static int copy_run(int uffd, uint64_t base, uint32_t page_size, uint64_t offset,
+                    const void *src, uint64_t len, struct zcu_copy_result *res)
 {
-    memset(res, 0, sizeof *res);
-    if (src == NULL || !range_ok(base, length, page_size) ||
-        !span_ok(length, page_size, offset, len))
-        return ZCU_EBOUNDS;
+    uint64_t existed_before = res->existed;
     uint64_t done = 0;
     int retries = 0;
     while (done < len) {
@@ -229,7 +227,7 @@ int zcu_copy(int uffd, uint64_t base, uint64_t length, uint32_t page_size, uint6
         res->err = e;
         break;
     }
-    if (res->existed) {
+    if (res->existed > existed_before) {
         /* A copy that finds its page present wakes no one: the thread that faulted on it
          * would wait for ever. Wake the run, so it retries its access and finds the page;
          * the copied pages' waiters are gone already, so this wakes no one twice. */
@@ -240,6 +238,80 @@ int zcu_copy(int uffd, uint64_t base, uint64_t length, uint32_t page_size, uint6
             res->err = errno;
     }
     return res->err;
+}
+
+int zcu_copy(int uffd, uint64_t base, uint64_t length, uint32_t page_size, uint64_t offset,
+             const void *src, uint64_t len, struct zcu_copy_result *res)
+{
+    memset(res, 0, sizeof *res);
+    if (src == NULL || !range_ok(base, length, page_size) ||
+        !span_ok(length, page_size, offset, len))
+        return ZCU_EBOUNDS;
+    return copy_run(uffd, base, page_size, offset, src, len, res);
+}
+
+/* The end of the run of adjacent pages that starts at i. */
+static uint32_t run_end(const uint64_t *offsets, uint32_t i, uint32_t n, uint32_t page_size)
+{
+    uint32_t j = i + 1;
+    while (j < n && offsets[j] == offsets[j - 1] + page_size)
+        j++;
+    return j;
+}
+
+int zcu_copy_pages(int uffd, uint64_t base, uint64_t length, uint32_t granule,
+                   const uint64_t *offsets, uint32_t n, uint32_t page_size, const void *src,
+                   uint64_t src_len, struct zcu_copy_result *res)
+{
+    /* Page i of src (page_size bytes each) to offsets[i], one UFFDIO_COPY per run of
+     * adjacent pages: a packet's pages in one call, not one Python step per page. Every
+     * run (whole granules inside the range) and the source's length are checked before
+     * the first page is placed. */
+    memset(res, 0, sizeof *res);
+    if ((n && (src == NULL || offsets == NULL)) || page_size == 0 ||
+        !range_ok(base, length, granule) || (uint64_t)n * page_size > src_len)
+        return ZCU_EBOUNDS;
+    for (uint32_t i = 0, j; i < n; i = j) {
+        j = run_end(offsets, i, n, page_size);
+        if (offsets[i] % page_size ||
+            !span_ok(length, granule, offsets[i], (uint64_t)(j - i) * page_size))
+            return ZCU_EBOUNDS;
+    }
+    const char *from = src;
+    for (uint32_t i = 0, j; i < n; i = j) {
+        j = run_end(offsets, i, n, page_size);
+        int rc = copy_run(uffd, base, granule, offsets[i], from + (uint64_t)i * page_size,
+                          (uint64_t)(j - i) * page_size, res);
+        if (rc)
+            return rc;
+    }
+    return 0;
+}
+
+/* ---------------------------------------------------------------- pending */
+
+int zcu_pending_set(uint8_t *pending, uint64_t npages, const uint64_t *offsets, uint32_t n,
+                    uint32_t page_size, uint8_t value, uint32_t *changed)
+{
+    /* One byte per page: post-copy's "still to come". Every offset is checked before the
+     * first byte changes; *changed counts the pages whose byte was not `value` before. */
+    if (changed == NULL)
+        return ZCU_EBOUNDS;
+    *changed = 0;
+    if (page_size == 0 || (n && (pending == NULL || offsets == NULL)))
+        return ZCU_EBOUNDS;
+    for (uint32_t i = 0; i < n; i++)
+        if (offsets[i] % page_size || offsets[i] / page_size >= npages)
+            return ZCU_EBOUNDS;
+    uint8_t v = value ? 1 : 0;
+    uint32_t c = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        uint8_t *p = &pending[offsets[i] / page_size];
+        c += *p != v;
+        *p = v;
+    }
+    *changed = c;
+    return 0;
 }
 
 /* ------------------------------------------------------------------ holes */
@@ -257,9 +329,7 @@ int zcu_punch(int fd, uint64_t file_size, const uint64_t *offsets, uint32_t n,
             return ZCU_EBOUNDS;
     uint32_t i = 0;
     while (i < n) {
-        uint32_t j = i + 1;
-        while (j < n && offsets[j] == offsets[j - 1] + page_size)
-            j++;
+        uint32_t j = run_end(offsets, i, n, page_size);
         /* KEEP_SIZE: a hole in the middle, never a shorter file. On tmpfs the page leaves
          * the page cache and every mapping of it, so the next access faults MISSING. */
         int r;

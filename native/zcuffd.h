@@ -61,6 +61,18 @@ int zcu_read_faults(int uffd, uint64_t base, uint64_t length, uint32_t page_size
                     struct zcu_fault *out, uint32_t max);
 int zcu_copy(int uffd, uint64_t base, uint64_t length, uint32_t page_size, uint64_t offset,
              const void *src, uint64_t len, struct zcu_copy_result *res);
+/* zcu_copy for n pages of page_size bytes gathered in src (page i for offsets[i]): one
+ * UFFDIO_COPY per run of adjacent pages, each run whole granules; ZCU_EBOUNDS with
+ * nothing placed if an offset, a run or src_len is wrong. The counts in *res add up
+ * over the runs; the first errno stops it. */
+int zcu_copy_pages(int uffd, uint64_t base, uint64_t length, uint32_t granule,
+                   const uint64_t *offsets, uint32_t n, uint32_t page_size, const void *src,
+                   uint64_t src_len, struct zcu_copy_result *res);
+/* pending[offset / page_size] = value (0 or 1) for each of the n offsets, *changed the
+ * bytes that were not value before; ZCU_EBOUNDS with nothing changed for an offset that
+ * is unaligned or past npages. */
+int zcu_pending_set(uint8_t *pending, uint64_t npages, const uint64_t *offsets, uint32_t n,
+                    uint32_t page_size, uint8_t value, uint32_t *changed);
 int zcu_wake(int uffd, uint64_t base, uint64_t length, uint32_t page_size, uint64_t offset,
              uint64_t len);
 int zcu_punch(int fd, uint64_t file_size, const uint64_t *offsets, uint32_t n,

@@ -217,6 +217,32 @@ def test_a_run_is_copied_around_a_page_that_is_there_already(registered: Registe
     assert [os.pread(registered.fd, 1, p * PS) for p in (10, 11, 12)] == [b"\2", b"\1", b"\4"]
 
 
+def test_a_packet_s_pages_are_placed_run_by_run_in_one_call(registered: Registered) -> None:
+    """copy_pages: page i of the data goes to offsets[i], adjacent pages as one run, a
+    page that is there already kept (and counted), every faulting thread woken."""
+    os.pwrite(registered.fd, page_of(1), 21 * PS)
+    t = Toucher(registered.address(30))
+    next_faults(registered.pages)
+    offsets = array("Q", [20 * PS, 21 * PS, 22 * PS, 30 * PS, 5 * PS])
+    data = b"".join(page_of(b) for b in (2, 3, 4, 7, 9))
+    r = registered.pages.copy_pages(offsets, len(offsets), PS, data)
+    assert (r.copied, r.existed) == (4, 1)
+    got = [os.pread(registered.fd, 1, p * PS) for p in (20, 21, 22, 30, 5)]
+    assert got == [b"\2", b"\1", b"\4", b"\7", b"\x09"]
+    assert t.join() == bytes([7]) * 8
+
+
+def test_a_packet_with_one_bad_offset_places_nothing(registered: Registered) -> None:
+    pages = registered.pages
+    for offsets, data in (([PS, 64 * PS], page_of(1) * 2),  # past the range
+                          ([PS, PS + 1], page_of(1) * 2),  # unaligned
+                          ([PS, 2 * PS], page_of(1))):  # data short of two pages
+        with pytest.raises(ValueError, match="inside the"):
+            pages.copy_pages(array("Q", offsets), len(offsets), PS, data)
+    assert first_missing(registered.fd, 64 * PS) == 0
+    assert not present(registered.fd, PS)
+
+
 def test_a_woken_thread_whose_page_is_still_missing_faults_again(registered: Registered) -> None:
     """What lets a new server take over: a fault read and never served is raised again
     by a wake (the kernel never hands the same message out twice)."""
@@ -346,6 +372,13 @@ def test_the_c_side_refuses_what_python_would_not_pass() -> None:
     n = ffi.new("uint32_t *")
     offs = ffi.new("uint64_t[]", [PS, 2 * PS - 1])
     assert lib.zcu_punch(-1, 4 * PS, offs, 2, PS, n) == eb and n[0] == 0
+    assert lib.zcu_copy_pages(-1, base, length, PS, offs, 2, PS, src, 2 * PS, res) == eb
+    good = ffi.new("uint64_t[]", [0, 15 * PS])
+    assert lib.zcu_copy_pages(-1, base, length, PS, good, 2, PS, src, PS, res) == eb  # short
+    assert lib.zcu_copy_pages(-1, base, length, PS, good, 2, PS, ffi.NULL, 2 * PS, res) == eb
+    flags = ffi.new("uint8_t[]", 4)
+    assert lib.zcu_pending_set(flags, 4, offs, 2, PS, 1, n) == eb and list(flags) == [0] * 4
+    assert lib.zcu_pending_set(flags, 4, good, 2, PS, 1, n) == eb and list(flags) == [0] * 4
 
 
 def test_a_copy_after_the_registering_process_exited_says_the_range_is_gone(
