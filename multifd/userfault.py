@@ -268,19 +268,9 @@ class UserfaultRange:
             n = len(src)
             rc = int(lib.zcu_copy(self.fileno(), self.base, self.length, self.granule,
                                   offset, src, n, r))
-        if rc == lib.ZCU_EBOUNDS:
-            raise ValueError(
-                f"{n} bytes at offset {offset} are not whole {self.granule}-byte pages "
-                f"inside the {self.length}-byte range"
-            )
-        if rc in (errno.ESRCH, errno.ENOENT):
-            raise RangeGone(_gone(rc, "copy"))
-        if rc:
-            raise UserfaultError(
-                f"UFFDIO_COPY at offset {offset} failed after {int(r.copied)} pages: "
-                f"{_strerror(rc)}"
-            )
-        return CopyResult(copied=int(r.copied), existed=int(r.existed))
+        return self._copied(rc, r, f"{n} bytes at offset {offset} are not whole "
+                            f"{self.granule}-byte pages inside the {self.length}-byte range",
+                            f"at offset {offset}")
 
     def copy_pages(self, offsets: Any, count: int, page_size: int, data: Buffer) -> CopyResult:
         """copy() for `count` pages of `page_size` bytes gathered in `data` (page i for
@@ -294,19 +284,21 @@ class UserfaultRange:
             n = len(src)
             rc = int(lib.zcu_copy_pages(self.fileno(), self.base, self.length, self.granule,
                                         offs, count, page_size, src, n, r))
+        return self._copied(rc, r, f"{count} pages of {page_size} bytes from {n} bytes: an "
+                            f"offset or a run is not whole {self.granule}-byte pages inside "
+                            f"the {self.length}-byte range, or the data is short",
+                            f"of {count} pages")
+
+    @staticmethod
+    def _copied(rc: int, r: Any, out_of_bounds: str, what: str) -> CopyResult:
+        """A zcu_copy* call's outcome: its counts, or the error that says what stopped it."""
         if rc == lib.ZCU_EBOUNDS:
-            raise ValueError(
-                f"{count} pages of {page_size} bytes from {n} bytes: an offset or a "
-                f"run is not whole {self.granule}-byte pages inside the {self.length}-byte "
-                "range, or the data is short"
-            )
+            raise ValueError(out_of_bounds)
         if rc in (errno.ESRCH, errno.ENOENT):
             raise RangeGone(_gone(rc, "copy"))
         if rc:
-            raise UserfaultError(
-                f"UFFDIO_COPY of {count} pages failed after {int(r.copied)} pages: "
-                f"{_strerror(rc)}"
-            )
+            raise UserfaultError(f"UFFDIO_COPY {what} failed after {int(r.copied)} pages: "
+                                 f"{_strerror(rc)}")
         return CopyResult(copied=int(r.copied), existed=int(r.existed))
 
     def wake(self, offset: int = 0, length: int | None = None) -> None:
