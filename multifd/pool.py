@@ -7,8 +7,9 @@ It knows channels and the C data path's view of the mapping; not guests or the C
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, NoReturn
 
 import structlog
 
@@ -103,6 +104,23 @@ class PoolBase:
         err = self.error
         if err is not None:
             raise err
+
+    @staticmethod
+    def _next_wait(deadline: float | None, slice_s: float) -> float | None:
+        """How long a sync may wait on its condition now: one slice (so that it looks at
+        the workers' state again), less if the deadline is nearer; None once it passed."""
+        if deadline is None:
+            return slice_s
+        left = deadline - time.monotonic()
+        return None if left <= 0 else min(slice_s, left)
+
+    def _fail(self, failure: MultifdError, where: str) -> NoReturn:
+        """Fail the pool with `failure` and raise the error it now reports (the first one
+        set, which may be another's). Called outside the lock: Exiting's callbacks take it
+        to wake the workers."""
+        self._exiting.set(failure, where=where)
+        err = self.error
+        raise err if err is not None else failure
 
     @property
     def exiting(self) -> Exiting:

@@ -253,25 +253,19 @@ class ReceiverPool(PoolBase):
                         channel_id=w.id,
                     )
                     break
-                wait = _WAIT_SLICE
-                if deadline is not None:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        ids = [w.id for w in behind]
-                        failure = MultifdError(
-                            f"multifd receive channel {ids[0]}: no SYNC packet for sync {k} "
-                            f"within {timeout:g} s (channels still behind: {ids})",
-                            channel_id=ids[0],
-                        )
-                        break
-                    wait = min(wait, left)
+                wait = self._next_wait(deadline, _WAIT_SLICE)
+                if wait is None:
+                    ids = [w.id for w in behind]
+                    failure = MultifdError(
+                        f"multifd receive channel {ids[0]}: no SYNC packet for sync {k} "
+                        f"within {timeout:g} s (channels still behind: {ids})",
+                        channel_id=ids[0],
+                    )
+                    break
                 self._cond.wait(wait)
         if failure is None:
             return self._join_at_final(k, deadline)
-        # Outside the lock: Exiting's callbacks take it to wake the workers.
-        self._exiting.set(failure, where="multifd-recv sync")
-        err = self.error
-        raise err if err is not None else failure
+        self._fail(failure, "multifd-recv sync")
 
     def _join_at_final(self, k: int, deadline: float | None) -> int:
         """After the final release: every worker ends at its SYNC k; join their threads."""
@@ -296,9 +290,7 @@ class ReceiverPool(PoolBase):
             f"(it is {w.state})",
             channel_id=w.id,
         )
-        self._exiting.set(failure, where="multifd-recv sync")
-        err = self.error
-        raise err if err is not None else failure
+        self._fail(failure, "multifd-recv sync")
 
     def handoff(self) -> list[tuple[Channel, SequenceTracker, Opener | None]]:
         """After sync(final=True): each data channel (by id) with its sequence tracker and,

@@ -247,7 +247,6 @@ class SenderPool(PoolBase):
         seconds passed first (that fails the pool: a sync half done cannot be resumed).
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        failure: MultifdError | None = None
         with self._lock:
             self._raise_if_failed()
             if not self._started or self._stopping:
@@ -265,23 +264,16 @@ class SenderPool(PoolBase):
                 if not behind:
                     return SyncResult(copied_channels=sum(w.copied for w in self._workers),
                                       sync_num=k)
-                wait = _WAIT_SLICE
-                if deadline is not None:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        failure = MultifdError(
-                            f"multifd send channel {behind[0]}: sync {k} not done after "
-                            f"{timeout:g} s (channels still behind: {behind})",
-                            channel_id=behind[0],
-                        )
-                        break
-                    wait = min(wait, left)
+                wait = self._next_wait(deadline, _WAIT_SLICE)
+                if wait is None:
+                    failure = MultifdError(
+                        f"multifd send channel {behind[0]}: sync {k} not done after "
+                        f"{timeout:g} s (channels still behind: {behind})",
+                        channel_id=behind[0],
+                    )
+                    break
                 self._room.wait(wait)
-        assert failure is not None
-        # Outside the lock: Exiting's callbacks take it to wake the workers.
-        self._exiting.set(failure, where="multifd-send sync")
-        self._raise_if_failed()
-        raise failure  # not reached: Exiting holds an error now
+        self._fail(failure, "multifd-send sync")
 
     def statistics(self) -> PoolStats:
         with self._lock:
