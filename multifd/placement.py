@@ -129,6 +129,9 @@ class PlacementReaders:
         cap = 8 * ctx.pages_alloc + ctx.pages_alloc * ps + TAG_SIZE
         sealed: Any = ffi.new("uint8_t[]", cap) if opener is not None else None
         while not self._stopping:
+            # No deadline on these reads: the channel's peer timeout (keepalive and
+            # TCP_USER_TIMEOUT) finds a dead source, and stop() shuts the channel down,
+            # which ends a read in progress.
             head = ch.read_exact(HEADER_SIZE)
             header = decode_header(head, ctx)
             seq.accept(header)  # a lost, repeated or reordered packet never lands
