@@ -168,9 +168,9 @@ class FdListener:
 
     def accept(self, timeout: float) -> FdConnection:
         """The next connection within `timeout` seconds; ReadTimeout if none comes."""
-        self._sock.settimeout(timeout)  # the accept's deadline
+        self._sock.settimeout(timeout)
         try:
-            conn, _ = self._sock.accept()
+            conn, _ = self._sock.accept()  # bounded by the settimeout above
         except TimeoutError:
             raise ReadTimeout(f"no connection on {self.path} within {timeout:g} s") from None
         except OSError as e:

@@ -316,6 +316,8 @@ class TamperingProxy:
         index = 0
         while not self._closing.is_set():
             try:
+                # No deadline: the proxy accepts for as long as it lives; close() shuts the
+                # listener down, which ends this accept with an OSError.
                 client, _ = self._listener.accept()
             except OSError:
                 return

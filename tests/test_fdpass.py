@@ -159,7 +159,7 @@ def test_connect_waits_for_a_listener_until_its_deadline(sock_path: Path) -> Non
         conn = FdConnection.connect(sock_path, 5.0)
         conn.close()
     finally:
-        timer.join()
+        timer.join(5.0)  # it fires after 0.3 s; a bound all the same
         for lst in listeners:
             lst.close()
     t0 = time.monotonic()

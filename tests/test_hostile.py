@@ -611,7 +611,7 @@ def test_a_source_refuses_a_receiver_that_cannot_prove_the_key(
     wrong = shared_key(b"not the key the source holds")
     with socket.create_server(("127.0.0.1", 0)) as lst:
         src = stage.send(source_image, lst.getsockname()[1], key)
-        lst.settimeout(MIGRATION_BOUND)
+        lst.settimeout(MIGRATION_BOUND)  # the accept's deadline
         main, _ = lst.accept()
         with main:
             main.settimeout(MIGRATION_BOUND)
@@ -625,7 +625,7 @@ def test_a_source_refuses_a_receiver_that_cannot_prove_the_key(
         assert "did not prove that it holds our key" in src.err, src.describe()
         # The source has exited: a data connection it made would have been established
         # (connect returns after the handshake) and would wait in the backlog now.
-        lst.setblocking(False)
+        lst.setblocking(False)  # the accept below returns at once: it cannot wait
         with pytest.raises(BlockingIOError):
             lst.accept()[0].close()
 
