@@ -21,6 +21,7 @@
 #include <openssl/params.h>
 
 #include "zccrypto.h"
+#include "zcruns.h"
 
 /* SP 800-38D 5.2.1.1: at most 2^39 - 256 bits of plaintext under one nonce. */
 #define GCM_MAX_BYTES ((UINT64_C(1) << 36) - 32)
@@ -187,9 +188,7 @@ int zcc_seal_pages(struct zcc_aead *a, const uint8_t *nonce, const uint8_t *aad,
     /* The fused gather: each run of adjacent pages is read from the mapping and its
      * ciphertext written straight into the send buffer, one pass over the bytes. */
     while (!rc && i < n) {
-        uint32_t j = i + 1;
-        while (j < n && offsets[j] == offsets[j - 1] + page_size)
-            j++;
+        uint32_t j = run_end(offsets, i, n, page_size);
         uint64_t run = (uint64_t)(j - i) * page_size;
         rc = update(a, dst, (const uint8_t *)(uintptr_t)(base + offsets[i]), run);
         dst += run;

@@ -21,6 +21,7 @@
 #include <linux/errqueue.h>
 
 #include "zcnative.h"
+#include "zcruns.h"
 
 #ifndef MSG_ZEROCOPY
 #define MSG_ZEROCOPY 0x4000000
@@ -285,15 +286,13 @@ static int pages_in_bounds(uint64_t image_size, const uint64_t *offsets, uint32_
     return 1;
 }
 
-/* The end of the run of adjacent pages that starts at offsets[i]: one readv, pwrite or
- * memcpy moves pages i..end-1 at once. */
-static inline uint32_t run_end(const uint64_t *offsets, uint32_t i, uint32_t n,
-                               uint32_t page_size)
+/* A packet's n pages gathered in buf (page i at i * page_size): every offset inside the
+ * image and the buffer long enough, checked before the first byte moves. */
+static int gathered_ok(uint64_t image_size, const uint64_t *offsets, uint32_t n,
+                       uint32_t page_size, const void *buf, uint64_t buf_len)
 {
-    uint32_t j = i + 1;
-    while (j < n && offsets[j] == offsets[j - 1] + page_size)
-        j++;
-    return j;
+    return pages_in_bounds(image_size, offsets, n, page_size) &&
+           (uint64_t)n * page_size <= buf_len && (!n || buf != NULL);
 }
 
 /* Whether bit `page` lies in a bitmap of `nwords` words. */
@@ -492,8 +491,7 @@ int zc_write_pages(int fd, uint64_t image_size, const uint64_t *offsets, uint32_
      * Everything is checked before the first write: an offset outside the image would
      * grow the file, so a receiver never writes outside it whatever it reads. */
     const char *src = buf;
-    if (!pages_in_bounds(image_size, offsets, n, page_size) ||
-        (uint64_t)n * page_size > buf_len || (n && buf == NULL))
+    if (!gathered_ok(image_size, offsets, n, page_size, buf, buf_len))
         return ZC_EBOUNDS;
     uint32_t i = 0;
     while (i < n) {
@@ -513,8 +511,7 @@ int zc_place_pages(uint64_t base, uint64_t image_size, const uint64_t *offsets, 
     /* Page i of buf to base + offsets[i], one memcpy per run of adjacent pages; every
      * offset and the buffer's length are checked before the first byte moves. */
     const char *src = buf;
-    if (!pages_in_bounds(image_size, offsets, n, page_size) ||
-        (uint64_t)n * page_size > buf_len || (n && buf == NULL))
+    if (!gathered_ok(image_size, offsets, n, page_size, buf, buf_len))
         return ZC_EBOUNDS;
     uint32_t i = 0;
     while (i < n) {

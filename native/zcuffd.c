@@ -30,6 +30,7 @@
 #include <unistd.h>
 
 #include "zcuffd.h"
+#include "zcruns.h"
 
 _Static_assert(ZCU_FEATURE_MISSING_HUGETLBFS == UFFD_FEATURE_MISSING_HUGETLBFS, "feature bit");
 _Static_assert(ZCU_FEATURE_MISSING_SHMEM == UFFD_FEATURE_MISSING_SHMEM, "feature bit");
@@ -248,15 +249,6 @@ int zcu_copy(int uffd, uint64_t base, uint64_t length, uint32_t page_size, uint6
         !span_ok(length, page_size, offset, len))
         return ZCU_EBOUNDS;
     return copy_run(uffd, base, page_size, offset, src, len, res);
-}
-
-/* The end of the run of adjacent pages that starts at i. */
-static uint32_t run_end(const uint64_t *offsets, uint32_t i, uint32_t n, uint32_t page_size)
-{
-    uint32_t j = i + 1;
-    while (j < n && offsets[j] == offsets[j - 1] + page_size)
-        j++;
-    return j;
 }
 
 int zcu_copy_pages(int uffd, uint64_t base, uint64_t length, uint32_t granule,
