@@ -482,11 +482,9 @@ class PostcopyDestination:
         self._guest, self._range = guest, guest.pages
         self._device_state = record.device_state
         self._went = True
-        left = 0
-        for off in _holes(self.incoming.fd, self.ctx.image_size):
-            page = off // self.ps
-            if self._pending.set_page(page):
-                left += 1
+        # Every hole is a page still to come: marked in one call, not a step a page.
+        left = self._pending.mark(array("Q", _holes(self.incoming.fd, self.ctx.image_size,
+                                                     self.ps)))
         self._left = left
         self._t_running = time.monotonic()
         guest.take_over()
@@ -615,31 +613,32 @@ class PostcopyDestination:
                 raise RemoteProtocolError("urgent channel: the source sent a request")
             self._place(array("Q", rec.offsets), memoryview(rec.data), array("Q"))
 
-    def _copy(self, offset: int, data: bytes | memoryview) -> None:
+    @contextlib.contextmanager
+    def _placing(self, what: str) -> Iterator[UserfaultRange]:
+        """The guest's range, for copies whose failures say `what` was being placed."""
         assert self._range is not None
         try:
-            self._range.copy(offset, data)
+            yield self._range
         except RangeGone as e:
             raise ReceiveError(f"the post-copy guest is gone: {e}") from e
         except UserfaultError as e:
-            raise ReceiveError(f"placing a page at {offset}: {e}") from e
+            raise ReceiveError(f"placing {what}: {e}") from e
+
+    def _copy(self, offset: int, data: bytes | memoryview) -> None:
+        with self._placing(f"a page at {offset}") as rng:
+            rng.copy(offset, data)
 
     def _place(self, normal: array[int], payload: memoryview, zero: array[int]) -> None:
         """Place pages that arrived (urgent or background): each run of adjacent pages in
         one UFFDIO_COPY, a packet in one C call. Never a write: a page the guest has
         already is left as it is."""
-        assert self._range is not None
         ps = self.ps
-        try:
+        with self._placing(f"{len(normal) + len(zero)} pages") as rng:
             if normal:
-                self._range.copy_pages(normal, len(normal), ps, payload)
+                rng.copy_pages(normal, len(normal), ps, payload)
             for i in range(0, len(zero), _ZERO_RUN):
                 part = zero[i:i + _ZERO_RUN]
-                self._range.copy_pages(part, len(part), ps, self._zero)
-        except RangeGone as e:
-            raise ReceiveError(f"the post-copy guest is gone: {e}") from e
-        except UserfaultError as e:
-            raise ReceiveError(f"placing {len(normal) + len(zero)} pages: {e}") from e
+                rng.copy_pages(part, len(part), ps, self._zero)
         self._arrived(normal)
         self._arrived(zero)
 
