@@ -158,6 +158,20 @@ def assert_waits_for_pages(image: Path) -> None:
     os.kill(after.pid, 0)  # alive: paused on its page, not dead
 
 
+def kill_receiver_during_postcopy(src: Path, dst: Path) -> tuple[int, str]:
+    """A post-copy of src into dst whose receiver is killed (-9) once the guest runs on
+    the destination: the dead receiver's port, and the source's stderr after it exited
+    8."""
+    recv = Receiver.start(dst, env={"ZCMIGRATE_FAULT": "destination:postcopy-running"})
+    proc = send(src, recv.port, "--max-bandwidth", "8M", "--postcopy", "--peer-timeout", "5")
+    wait_stopped(recv.proc, 60)
+    recv.proc.kill()
+    recv.proc.wait(10)  # SIGKILL ends it; a wait past that is a stuck kernel
+    code, _, err = finish(proc, 60)
+    assert code == 8, err
+    return recv.port, err
+
+
 def test_receiver_killed_during_postcopy(shm: Path) -> None:
     """kill -9 of the receiver while pages are missing: the source says post-copy was
     interrupted (exit 8) and keeps its guest held paused with every page; the guest on
@@ -165,14 +179,7 @@ def test_receiver_killed_during_postcopy(shm: Path) -> None:
     src, dst = shm / "src.img", shm / "dst.img"
     guest = Guest.start(src, SIZE, DIRTY)
     try:
-        recv = Receiver.start(dst, env={"ZCMIGRATE_FAULT": "destination:postcopy-running"})
-        proc = send(src, recv.port, "--max-bandwidth", "8M", "--postcopy",
-                    "--peer-timeout", "5")
-        wait_stopped(recv.proc, 60)
-        recv.proc.kill()
-        recv.proc.wait()
-        code, _, err = finish(proc, 60)
-        assert code == 8, err
+        _, err = kill_receiver_during_postcopy(src, dst)
         assert "post-copy interrupted" in err and "do not retire or resume" in err
         assert "--resume" in err
         assert guest.proc.poll() is None, "the source guest exited with pages still needed"

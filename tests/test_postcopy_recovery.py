@@ -33,6 +33,7 @@ from tests.migration_procs import (
 from tests.test_postcopy import (  # noqa: F401 - the fixture
     DIRTY,
     SIZE,
+    kill_receiver_during_postcopy,
     shm,
     stop_and_check_destination,
 )
@@ -180,17 +181,10 @@ def test_a_new_receiver_takes_over_after_kill_9_and_send_resume_finishes(
     src, dst = shm / "src.img", shm / "dst.img"
     guest = Guest.start(src, SIZE, DIRTY)
     try:
-        recv = Receiver.start(dst, env={"ZCMIGRATE_FAULT": "destination:postcopy-running"})
-        proc = send(src, recv.port, "--max-bandwidth", "8M", "--postcopy",
-                    "--peer-timeout", "5")
-        wait_stopped(recv.proc, 60)
-        recv.proc.kill()
-        recv.proc.wait()
-        code, _, err = finish(proc, 60)
-        assert code == 8, err
+        port, _ = kill_receiver_during_postcopy(src, dst)
         assert resume_path(dst).exists() and resume_path(src).exists()
         # The destination's record is not the source's: no `send --resume` from it.
-        code, _, err = finish(send(dst, recv.port, "--resume"), 60)
+        code, _, err = finish(send(dst, port, "--resume"), 60)
         assert code == 2 and "not its source" in err, err
         second = Receiver.start(dst, "--resume")
         wait_for_event(second.proc, "post-copy guest taken over", 30)
