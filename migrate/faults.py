@@ -21,6 +21,7 @@ POINTS = frozenset({
     "destination:precopy",  # after the first MULTIFD_FLUSH's sync
     "destination:committing",  # the device state received, nothing renamed yet
     "destination:committed",  # the commit durable, the acknowledgement not yet sent
+    "source:postcopy-device-sending",  # post-copy: the guest held, its device state not sent
     "source:postcopy-device-sent",  # post-copy: the device state sent, the guest may run there
     "source:postcopy-pushed",  # post-copy: every background page queued, not yet synced
     "destination:postcopy-running",  # post-copy: the guest runs here, pages still missing

@@ -22,6 +22,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Final
 
 from zcmigrate.migrate.errors import MigrationError
 from zcmigrate.migrate.imagefiles import resume_path
@@ -29,6 +30,17 @@ from zcmigrate.migrate.imagefiles import resume_path
 _KIND = "zcmigrate-postcopy-resume"
 _VERSION = 1
 _MAX_BYTES = 4 << 20  # a device state is at most 1 MiB by default: hex doubles it
+
+# What tells, on the destination, whether a post-copy's guest ever got its go there: the
+# destination writes DEST_IMAGE.postcopy-resume before the go and replaces it by
+# DEST_IMAGE.state at its commit, so with neither the guest never ran there.
+POSTCOPY_CHECK: Final = (
+    "on the destination, a receiver still waiting for `send --resume`, or "
+    "DEST_IMAGE.postcopy-resume, means the guest runs there (finish it with `send "
+    "--resume`); if `zcmigrate receive DEST_IMAGE --resume --listen HOST:PORT` says "
+    "\"nothing to take over\" and `zcmigrate guest --check DEST_IMAGE` says \"no device "
+    "state\", the destination never started it"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,5 +120,5 @@ def _sync_dir(d: Path) -> None:
         os.close(fd)
 
 
-__all__ = ["ResumeRecord", "read_resume_record", "remove_resume_record",
+__all__ = ["POSTCOPY_CHECK", "ResumeRecord", "read_resume_record", "remove_resume_record",
            "write_resume_record"]

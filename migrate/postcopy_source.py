@@ -32,6 +32,7 @@ from zcmigrate.migrate import faults
 from zcmigrate.migrate.errors import CommitUncertain, MigrationError, PostcopyInterrupted
 from zcmigrate.migrate.guest import GuestError, mark_handed_over
 from zcmigrate.migrate.postcopy_resume import (
+    POSTCOPY_CHECK,
     ResumeRecord,
     remove_resume_record,
     write_resume_record,
@@ -95,6 +96,9 @@ class PostcopySource:
         self._served_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+        # The destination said its guest runs (POSTCOPY_RUNNING, or a resume it accepted):
+        # until then a break may have come before it ever had the device state.
+        self._runs_there = False
         self.stats = PostcopyStats()
 
     def run(self, dirty: array[int], words: array[int], device_state: bytes) -> None:
@@ -129,10 +133,12 @@ class PostcopySource:
                     raise MigrationError(f"the guest's pause cannot be held: {e}") from e
                 job._device_sent = True
             self._start_serving()
+            faults.reached("source:postcopy-device-sending")
             main.send(DeviceStateRecord(device_state))
             faults.reached("source:postcopy-device-sent")
             job._expect(PostcopyRunning, params.peer_timeout,
                         "word that the guest runs on the destination", abortable=False)
+            self._runs_there = True
             t_running = time.monotonic()
             if job._watchdog is not None:
                 job._watchdog.cancel()
@@ -159,6 +165,9 @@ class PostcopySource:
         assert job._main is not None and job._map is not None
         job.stats.postcopy = self.stats
         params = job.params
+        # A destination that takes a resume holds the migration's record: its guest got
+        # the go there.
+        self._runs_there = True
         try:
             missing = self._recv_missing_list(len(job._map) // job.page_size)
             self._open_urgent()
@@ -246,14 +255,22 @@ class PostcopySource:
 
     def _interrupted(self, cause: BaseException) -> PostcopyInterrupted:
         img = self.job.image
+        if self._runs_there:
+            where = ("The guest runs on the destination and waits there for pages only this "
+                     "host holds: it is not lost, but it cannot finish without them.")
+        else:
+            # The device state left but no word came back: the destination may never have
+            # had it (then it started nothing and gave up), or runs the guest now.
+            where = ("The device state left but no word came back that the guest runs on "
+                     "the destination: it may run there, waiting for pages only this host "
+                     f"holds, or the destination may never have started it ({POSTCOPY_CHECK};"
+                     f" only then `zcmigrate resume {img} --postcopy-never-started`).")
         return PostcopyInterrupted(
-            f"post-copy interrupted: {self._error or cause}. The guest runs on the "
-            "destination and waits there for pages only this host holds: it is not lost, "
-            f"but it cannot finish without them. The guest here stays paused (held) and "
-            f"{img} keeps every page: do not retire or resume it. Finish the migration with "
-            f"`zcmigrate send {img} --resume --to HOST:PORT` once the destination's receiver "
-            "waits for it again; it can only be finished, never undone "
-            "(docs/operations.md, \"Post-copy recovery\")")
+            f"post-copy interrupted: {self._error or cause}. {where} The guest here stays "
+            f"paused (held) and {img} keeps every page: do not retire or resume it while its "
+            f"guest may run there. Finish the migration with `zcmigrate send {img} --resume "
+            "--to HOST:PORT` once the destination's receiver waits for it again; it can only "
+            "be finished, never undone (docs/operations.md, \"Post-copy recovery\")")
 
     # ------------------------------------------------------------------ the switch
 

@@ -27,7 +27,7 @@ from zcmigrate.migrate.guest import (
 )
 from zcmigrate.migrate.imagefiles import control_path, lock_path, resume_path
 from zcmigrate.migrate.imagelock import ImageLock, holder_pid, process_name
-from zcmigrate.migrate.postcopy_resume import remove_resume_record
+from zcmigrate.migrate.postcopy_resume import POSTCOPY_CHECK, remove_resume_record
 
 SETTLE_TIMEOUT_S: Final = 5.0
 CHECK_DESTINATION: Final = (
@@ -49,25 +49,37 @@ class Settled:
     message: str
 
 
-def resume_paused_guest(image: str | os.PathLike[str], timeout: float = SETTLE_TIMEOUT_S
-                        ) -> Settled:
-    """`zcmigrate resume IMAGE`: take IMAGE.lock, then settle_resume the guest on it."""
+def resume_paused_guest(image: str | os.PathLike[str], timeout: float = SETTLE_TIMEOUT_S,
+                        *, postcopy_never_started: bool = False) -> Settled:
+    """`zcmigrate resume IMAGE`: take IMAGE.lock, then settle_resume the guest on it.
+
+    An interrupted post-copy (IMAGE.postcopy-resume) is refused: its guest may run on the
+    destination. `postcopy_never_started` is the operator's word that it does not (the
+    device state left but the destination never received it, so never started the
+    guest: POSTCOPY_CHECK); the guest resumes here and the record goes."""
     path = Path(image)
     with _own_image(path, "resume"):
-        if resume_path(path).exists():
-            # Post-copy: the guest ran on the destination from the switch on, so it may
-            # have changed since this copy paused; this copy must never run again.
+        record = resume_path(path)
+        if record.exists() and not postcopy_never_started:
+            # Post-copy: the guest may have run on the destination from the switch on, so
+            # it may have changed since this copy paused; then this copy must never run.
             raise GuestError(
                 f"refusing to resume the guest on {path}: a post-copy of it was interrupted "
-                f"({resume_path(path).name}): its guest runs on the destination and waits "
-                f"for pages from here. Finish it: `zcmigrate send {path} --resume --to "
-                "HOST:PORT` (docs/operations.md, \"Post-copy recovery\")")
+                f"({record.name}) after its device state left, so its guest may run on the "
+                f"destination, waiting for pages from here. If it does, finish it: "
+                f"`zcmigrate send {path} --resume --to HOST:PORT`. To tell: "
+                f"{POSTCOPY_CHECK}; only then `zcmigrate resume {path} "
+                "--postcopy-never-started` (docs/operations.md, \"Post-copy recovery\")")
         try:
             ctl = GuestControl.open(path)
         except GuestError as e:
             raise GuestError(_no_guest(path, "resume", e)) from None
         with ctl:
-            return settle_resume(ctl, timeout)
+            settled = settle_resume(ctl, timeout)
+        if record.exists():
+            # Only once the guest runs here again: a failed resume leaves the refusal.
+            remove_resume_record(path)
+        return settled
 
 
 def retire_paused_guest(image: str | os.PathLike[str], timeout: float = SETTLE_TIMEOUT_S

@@ -200,3 +200,46 @@ def test_a_new_receiver_takes_over_after_kill_9_and_send_resume_finishes(
     finally:
         stop(guest.proc, signal.SIGKILL)
     stop_and_check_destination(dst)
+
+
+def test_a_device_state_that_never_arrived_is_resumed_here_on_the_operator_s_word(
+        shm: Path) -> None:  # noqa: F811
+    """The window between "the guest is held, its device state leaving" and the
+    destination having it: the source dies there, so the destination never starts the
+    guest and gives up with nothing committed. The held guest is not lost: a plain
+    `resume` is refused (the guest might run there), the destination's two checks say it
+    never did, and `resume --postcopy-never-started` runs it here again, record gone."""
+    src, dst = shm / "src.img", shm / "dst.img"
+    guest = Guest.start(src, SIZE, DIRTY)
+    try:
+        recv = Receiver.start(dst, "--peer-timeout", "5")
+        proc = send(src, recv.port, "--max-bandwidth", "8M", "--postcopy",
+                    env={"ZCMIGRATE_FAULT": "source:postcopy-device-sending"})
+        wait_stopped(proc, 60)
+        proc.kill()
+        proc.wait(10)  # SIGKILL ends it; a wait past that is a stuck kernel
+        rcode, _, rerr = recv.result(60)
+        assert rcode == 1 and "nothing committed" in rerr, rerr
+        assert resume_path(src).exists() and not resume_path(dst).exists()
+        with GuestControl.open(src) as g:
+            assert g.lease.mode == LeaseMode.HOLD
+
+        def zcmigrate(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run([sys.executable, "-m", "zcmigrate", *args],
+                                  capture_output=True, text=True, timeout=60, check=False)
+
+        r = zcmigrate("resume", str(src))
+        assert r.returncode == 1 and "--postcopy-never-started" in r.stderr, r.stderr
+        assert not guest.running(1.0), "a refused resume let the guest run"
+        # The destination's word: no guest to take over, nothing committed.
+        r = zcmigrate("receive", str(dst), "--resume", "--listen", "127.0.0.1:0")
+        assert r.returncode == 1 and "nothing to take over" in r.stderr, r.stderr
+        r = zcmigrate("guest", "--check", str(dst))
+        assert r.returncode == 1 and "no device state" in r.stderr, r.stderr
+        r = zcmigrate("resume", str(src), "--postcopy-never-started")
+        assert r.returncode == 0, r.stderr
+        assert "resumed the guest" in r.stdout, r.stdout
+        assert guest.running(), "the guest did not run again here"
+        assert not resume_path(src).exists()
+    finally:
+        stop(guest.proc, signal.SIGKILL)

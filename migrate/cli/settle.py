@@ -25,10 +25,11 @@ _IMAGE = click.argument("image", type=click.Path(dir_okay=False, path_type=Path)
                         envvar="ZCMIGRATE_IMAGE")
 
 
-def _report(do: str, image: Path) -> None:
-    fn = resume_paused_guest if do == "resume" else retire_paused_guest
+def _report(do: str, image: Path, *, postcopy_never_started: bool = False) -> None:
     try:
-        settled: Settled = fn(image)
+        settled: Settled = (
+            resume_paused_guest(image, postcopy_never_started=postcopy_never_started)
+            if do == "resume" else retire_paused_guest(image))
     except ZcmigrateError as e:
         raise click.ClickException(str(e)) from e
     click.echo(settled.message)
@@ -36,7 +37,13 @@ def _report(do: str, image: Path) -> None:
 
 @click.command("resume", epilog=_EXIT_CODES)
 @_IMAGE
-def resume_command(image: Path) -> None:
+@click.option("--postcopy-never-started", is_flag=True,
+              envvar="ZCMIGRATE_POSTCOPY_NEVER_STARTED", show_envvar=True,
+              help="An interrupted post-copy (IMAGE.postcopy-resume) whose destination never "
+                   "started the guest: resume it here anyway and drop the record. Check "
+                   "first (docs/operations.md, \"Post-copy recovery\"): a guest that runs "
+                   "there would then run twice.")
+def resume_command(image: Path, postcopy_never_started: bool) -> None:
     """Resume the guest on IMAGE, held paused here after its device state left: the
     destination did NOT commit (QEMU's `cont`).
 
@@ -44,8 +51,12 @@ def resume_command(image: Path) -> None:
     device state" (nothing committed), and no guest may run there. If it did commit
     (an oracle verdict), use `zcmigrate retire IMAGE` instead. Refused while a migration owns IMAGE
     (then `zcmigrate cancel IMAGE`).
+
+    After an interrupted post-copy, refused unless --postcopy-never-started: on the
+    destination, `zcmigrate receive DEST_IMAGE --resume` says "nothing to take over" and
+    `zcmigrate guest --check DEST_IMAGE` finds no device state.
     """
-    _report("resume", image)
+    _report("resume", image, postcopy_never_started=postcopy_never_started)
 
 
 @click.command("retire", epilog=_EXIT_CODES)
