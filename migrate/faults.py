@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 
 import structlog
 
@@ -40,4 +41,9 @@ def reached(point: str) -> None:
     if point in _armed:
         structlog.get_logger("zcmigrate.faults").warning("fault point reached; stopping",
                                                          point=point, pid=os.getpid())
-        os.kill(os.getpid(), signal.SIGSTOP)
+        # Directed at this thread, not the process: a process-directed SIGSTOP is taken
+        # by whichever thread the kernel picks (the main one, often asleep in a wait), and
+        # until that one stops the group this thread runs on past the point (seen: a
+        # device state sent after "source:postcopy-device-sending"). This thread takes
+        # it on its way out of the call, before the next line of the job.
+        signal.pthread_kill(threading.get_ident(), signal.SIGSTOP)

@@ -69,8 +69,8 @@ from zcmigrate.migrate.protocol import (
     PostcopyRunning,
 )
 from zcmigrate.multifd.exiting import Exiting
+from zcmigrate.multifd.pageflags import PageFlags
 from zcmigrate.multifd.pages import dirty_offsets
-from zcmigrate.multifd.pending import PendingPages
 from zcmigrate.multifd.placement import Handed, PlacementReaders
 from zcmigrate.multifd.receiver import ReceiverPool
 from zcmigrate.multifd.urgent import MAX_PAGES, PAGES, UrgentChannel
@@ -178,7 +178,7 @@ class PostcopyDestination:
         self._lock = threading.Lock()
         # One flag per page: set while the page is stale here (dirty at the switch and not
         # placed since). A fault on a page that is not pending is a zero page.
-        self._pending = PendingPages(self.npages, self.ps)
+        self._pending = PageFlags(self.npages, self.ps)
         self._left = 0
         self._requested: dict[int, int] = {}  # page -> monotonic ns of its request
         self._latency_ns: list[int] = []

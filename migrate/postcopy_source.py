@@ -51,6 +51,7 @@ from zcmigrate.migrate.protocol import (
     PostcopyRunning,
 )
 from zcmigrate.migrate.ratelimit import RateLimiter
+from zcmigrate.multifd.pageflags import PageFlags
 from zcmigrate.multifd.pages import dirty_offsets
 from zcmigrate.multifd.urgent import REQUEST, UrgentChannel
 from zcmigrate.multifd.wire import (
@@ -92,7 +93,10 @@ class PostcopySource:
         self.job = job
         self._urgent: UrgentChannel | None = None
         self._stop = threading.Event()
-        self._served: set[int] = set()  # page offsets sent on the urgent channel
+        assert job._map is not None, "post-copy starts on a mapped image"
+        # The pages sent on the urgent channel: the background push skips them.
+        self._served = PageFlags(len(job._map) // job.page_size, job.page_size)
+        self._served_any = False
         self._served_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
@@ -338,7 +342,8 @@ class PostcopySource:
                 data = b"".join(m[off:off + ps] for off in rec.offsets)
                 urgent.send_pages(rec.offsets, data)
                 with self._served_lock:
-                    self._served.update(rec.offsets)
+                    self._served.mark(array("Q", rec.offsets))
+                    self._served_any = True
                 self.stats.urgent_pages += len(rec.offsets)
         except BaseException as e:  # the serving thread records its failure, and ends
             if not self._stop.is_set():
@@ -368,8 +373,8 @@ class PostcopySource:
                 raise err if isinstance(err, ZcmigrateError) else MigrationError(str(err))
             chunk = dirty[i:i + _CHUNK_PAGES]
             with self._served_lock:
-                if self._served:
-                    chunk = array("Q", (o for o in chunk if o not in self._served))
+                if self._served_any:
+                    chunk = self._served.unset_only(chunk)
             if chunk:
                 job._pool.send_pages(chunk)
                 queued += len(chunk) * ps

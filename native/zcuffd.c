@@ -280,29 +280,58 @@ int zcu_copy_pages(int uffd, uint64_t base, uint64_t length, uint32_t granule,
     return 0;
 }
 
-/* ---------------------------------------------------------------- pending */
+/* ------------------------------------------------------------- page flags */
 
-int zcu_pending_set(uint8_t *pending, uint64_t npages, const uint64_t *offsets, uint32_t n,
-                    uint32_t page_size, uint8_t value, uint32_t *changed)
+/* Every offset page-aligned and below npages pages. */
+static int flag_offsets_ok(uint64_t npages, const uint64_t *offsets, uint32_t n,
+                           uint32_t page_size)
 {
-    /* One byte per page: post-copy's "still to come". Every offset is checked before the
-     * first byte changes; *changed counts the pages whose byte was not `value` before. */
+    for (uint32_t i = 0; i < n; i++)
+        if (offsets[i] % page_size || offsets[i] / page_size >= npages)
+            return 0;
+    return 1;
+}
+
+int zcu_flags_set(uint8_t *flags, uint64_t npages, const uint64_t *offsets, uint32_t n,
+                  uint32_t page_size, uint8_t value, uint32_t *changed)
+{
+    /* One byte per page (post-copy's "still to come" at the destination, "sent on the
+     * urgent channel" at the source). Every offset is checked before the first byte
+     * changes; *changed counts the pages whose byte was not `value` before. */
     if (changed == NULL)
         return ZCU_EBOUNDS;
     *changed = 0;
-    if (page_size == 0 || (n && (pending == NULL || offsets == NULL)))
+    if (page_size == 0 || (n && (flags == NULL || offsets == NULL)) ||
+        !flag_offsets_ok(npages, offsets, n, page_size))
         return ZCU_EBOUNDS;
-    for (uint32_t i = 0; i < n; i++)
-        if (offsets[i] % page_size || offsets[i] / page_size >= npages)
-            return ZCU_EBOUNDS;
     uint8_t v = value ? 1 : 0;
     uint32_t c = 0;
     for (uint32_t i = 0; i < n; i++) {
-        uint8_t *p = &pending[offsets[i] / page_size];
+        uint8_t *p = &flags[offsets[i] / page_size];
         c += *p != v;
         *p = v;
     }
     *changed = c;
+    return 0;
+}
+
+int zcu_flags_unset_only(const uint8_t *flags, uint64_t npages, const uint64_t *offsets,
+                         uint32_t n, uint32_t page_size, uint64_t *out, uint32_t out_cap,
+                         uint32_t *nout)
+{
+    /* The offsets whose page's byte is 0, in order, into out: what is still to send. */
+    if (nout == NULL)
+        return ZCU_EBOUNDS;
+    *nout = 0;
+    if (page_size == 0 || out_cap < n ||
+        (n && (flags == NULL || offsets == NULL || out == NULL)) ||
+        !flag_offsets_ok(npages, offsets, n, page_size))
+        return ZCU_EBOUNDS;
+    uint32_t k = 0;
+    for (uint32_t i = 0; i < n; i++)
+        if (!flags[offsets[i] / page_size])
+            out[k++] = offsets[i];
+    *nout = k;
     return 0;
 }
 

@@ -68,11 +68,16 @@ int zcu_copy(int uffd, uint64_t base, uint64_t length, uint32_t page_size, uint6
 int zcu_copy_pages(int uffd, uint64_t base, uint64_t length, uint32_t granule,
                    const uint64_t *offsets, uint32_t n, uint32_t page_size, const void *src,
                    uint64_t src_len, struct zcu_copy_result *res);
-/* pending[offset / page_size] = value (0 or 1) for each of the n offsets, *changed the
+/* flags[offset / page_size] = value (0 or 1) for each of the n offsets, *changed the
  * bytes that were not value before; ZCU_EBOUNDS with nothing changed for an offset that
  * is unaligned or past npages. */
-int zcu_pending_set(uint8_t *pending, uint64_t npages, const uint64_t *offsets, uint32_t n,
-                    uint32_t page_size, uint8_t value, uint32_t *changed);
+int zcu_flags_set(uint8_t *flags, uint64_t npages, const uint64_t *offsets, uint32_t n,
+                  uint32_t page_size, uint8_t value, uint32_t *changed);
+/* The n offsets whose flag is 0, in order, into out (out_cap >= n), their count in
+ * *nout; ZCU_EBOUNDS with nothing written for a bad offset or a short out. */
+int zcu_flags_unset_only(const uint8_t *flags, uint64_t npages, const uint64_t *offsets,
+                         uint32_t n, uint32_t page_size, uint64_t *out, uint32_t out_cap,
+                         uint32_t *nout);
 int zcu_wake(int uffd, uint64_t base, uint64_t length, uint32_t page_size, uint64_t offset,
              uint64_t len);
 int zcu_punch(int fd, uint64_t file_size, const uint64_t *offsets, uint32_t n,

@@ -377,8 +377,8 @@ def test_the_c_side_refuses_what_python_would_not_pass() -> None:
     assert lib.zcu_copy_pages(-1, base, length, PS, good, 2, PS, src, PS, res) == eb  # short
     assert lib.zcu_copy_pages(-1, base, length, PS, good, 2, PS, ffi.NULL, 2 * PS, res) == eb
     flags = ffi.new("uint8_t[]", 4)
-    assert lib.zcu_pending_set(flags, 4, offs, 2, PS, 1, n) == eb and list(flags) == [0] * 4
-    assert lib.zcu_pending_set(flags, 4, good, 2, PS, 1, n) == eb and list(flags) == [0] * 4
+    assert lib.zcu_flags_set(flags, 4, offs, 2, PS, 1, n) == eb and list(flags) == [0] * 4
+    assert lib.zcu_flags_set(flags, 4, good, 2, PS, 1, n) == eb and list(flags) == [0] * 4
 
 
 def test_a_copy_after_the_registering_process_exited_says_the_range_is_gone(
