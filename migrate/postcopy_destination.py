@@ -508,7 +508,7 @@ class PostcopyDestination:
         self._main_ch, self.ctx, self.session, self.exiting = main, ctx, session, exiting
         try:
             with self._lock:
-                pending = self._pending.snapshot()
+                pending = self._pending.bitmap()
                 left = self._left
                 asked = [page * self.ps for page in self._requested if self._pending[page]]
             self._send_missing(pending)
@@ -532,12 +532,10 @@ class PostcopyDestination:
         self.status(f"post-copy resumed: {left} pages to come")
         return self._until_commit(self._ndirty)
 
-    def _send_missing(self, pending: bytes) -> None:
-        """The pages still pending as POSTCOPY_MISSING records (POSTCOPY_DIRTY's layout)."""
+    def _send_missing(self, words: array[int]) -> None:
+        """The pages still pending (a bitmap in host order) as POSTCOPY_MISSING records
+        (POSTCOPY_DIRTY's layout)."""
         npages = self.npages
-        words = array("Q", bytes(8 * ((npages + 63) // 64)))
-        for page in (i for i, p in enumerate(pending) if p):
-            words[page >> 6] |= 1 << (page & 63)
         if sys.byteorder != "little":
             words.byteswap()
         raw = words.tobytes()

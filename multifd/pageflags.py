@@ -58,6 +58,14 @@ class PageFlags:
         del out[kept:]
         return out
 
+    def bitmap(self) -> array[int]:
+        """The flags as 64-bit words in host order, bit i of the whole for page i."""
+        words = array("Q", bytes(8 * ((self.npages + 63) // 64)))
+        with ffi.from_buffer("uint64_t[]", words, require_writable=True) as w:
+            if lib.zcu_flags_bitmap(self._flags_c, self.npages, w, len(w)):
+                raise ValueError(f"a bitmap of {len(w)} words for {self.npages} pages")
+        return words
+
     def snapshot(self) -> bytes:
         """Every flag as one byte per page (b"\\x01" set)."""
         return bytes(self._flags)

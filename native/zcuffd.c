@@ -335,6 +335,18 @@ int zcu_flags_unset_only(const uint8_t *flags, uint64_t npages, const uint64_t *
     return 0;
 }
 
+int zcu_flags_bitmap(const uint8_t *flags, uint64_t npages, uint64_t *words, uint64_t nwords)
+{
+    /* Bit i of words (word i / 64, bit i % 64, host order) set for each flag i set. */
+    if ((npages && (flags == NULL || words == NULL)) || nwords < (npages + 63) / 64)
+        return ZCU_EBOUNDS;
+    memset(words, 0, nwords * sizeof *words);
+    for (uint64_t i = 0; i < npages; i++)
+        if (flags[i])
+            words[i >> 6] |= UINT64_C(1) << (i & 63);
+    return 0;
+}
+
 /* ------------------------------------------------------------------ holes */
 
 int zcu_punch(int fd, uint64_t file_size, const uint64_t *offsets, uint32_t n,

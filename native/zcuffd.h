@@ -78,6 +78,9 @@ int zcu_flags_set(uint8_t *flags, uint64_t npages, const uint64_t *offsets, uint
 int zcu_flags_unset_only(const uint8_t *flags, uint64_t npages, const uint64_t *offsets,
                          uint32_t n, uint32_t page_size, uint64_t *out, uint32_t out_cap,
                          uint32_t *nout);
+/* The flags as a bitmap of nwords (>= ceil(npages / 64)) words in host order, bit i for
+ * page i (POSTCOPY_DIRTY's layout once little-endian); ZCU_EBOUNDS if words is short. */
+int zcu_flags_bitmap(const uint8_t *flags, uint64_t npages, uint64_t *words, uint64_t nwords);
 int zcu_wake(int uffd, uint64_t base, uint64_t length, uint32_t page_size, uint64_t offset,
              uint64_t len);
 int zcu_punch(int fd, uint64_t file_size, const uint64_t *offsets, uint32_t n,

@@ -69,3 +69,10 @@ def test_unset_only_keeps_the_offsets_whose_page_is_clear_in_order() -> None:
 def test_unset_only_refuses_an_offset_past_the_image() -> None:
     with pytest.raises(ValueError, match="past page 4"):
         PageFlags(4, PS).unset_only(offs(1, 4))
+
+
+def test_the_bitmap_has_a_bit_for_each_page_set() -> None:
+    p = PageFlags(130, PS)
+    p.mark(offs(0, 63, 64, 129))
+    assert list(p.bitmap()) == [1 | 1 << 63, 1, 1 << 1]
+    assert list(PageFlags(0, PS).bitmap()) == []
