@@ -6,7 +6,12 @@ it knows no sockets, threads or click.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from zcmigrate import ZcmigrateError
+
+if TYPE_CHECKING:
+    from zcmigrate.migrate.postcopy_destination import PostcopyOutcome
 
 # Exit codes, shared by every command; `send` and `receive` document theirs in --help.
 EXIT_OK = 0
@@ -76,6 +81,16 @@ class ReceivePostcopyInterrupted(ReceiveError):
     sent (it is paused, not failed); nothing is invented for it."""
 
     exit_code = EXIT_POSTCOPY_INTERRUPTED
+
+
+class PostcopyUnacknowledged(ReceiveError):
+    """Post-copy committed, but COMMIT_ACK could not be delivered; `outcome` is the
+    post-copy's numbers (a PostcopyOutcome). Here, not in postcopy_destination.py, so that
+    a receiver catches it without loading post-copy before one is asked for."""
+
+    def __init__(self, outcome: PostcopyOutcome, why: str) -> None:
+        super().__init__(why)
+        self.outcome = outcome
 
 
 class ImageBusy(ZcmigrateError):

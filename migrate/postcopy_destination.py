@@ -40,7 +40,11 @@ from zcmigrate.channel.fdpass import FdListener
 from zcmigrate.channel.zcsocket import Channel, Listener
 from zcmigrate.migrate import faults
 from zcmigrate.migrate.admission import admit_data_channels
-from zcmigrate.migrate.errors import ReceiveError, ReceivePostcopyInterrupted
+from zcmigrate.migrate.errors import (
+    PostcopyUnacknowledged,
+    ReceiveError,
+    ReceivePostcopyInterrupted,
+)
 from zcmigrate.migrate.guest import (
     DeviceState,
     GuestError,
@@ -729,13 +733,5 @@ def _holes(fd: int, size: int, page_size: int = mmap.PAGESIZE) -> Iterator[int]:
         yield from range(hole - hole % page_size, end, page_size)
 
 
-class PostcopyUnacknowledged(ReceiveError):
-    """Committed, but COMMIT_ACK could not be delivered."""
-
-    def __init__(self, outcome: PostcopyOutcome, why: str) -> None:
-        super().__init__(why)
-        self.outcome = outcome
-
-
-__all__ = ["PostcopyDestination", "PostcopyOutcome", "PostcopyUnacknowledged",
-           "latency_summary", "urgent_channel_id"]
+__all__ = ["PostcopyDestination", "PostcopyOutcome", "latency_summary",
+           "urgent_channel_id"]
