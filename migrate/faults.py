@@ -25,6 +25,7 @@ POINTS = frozenset({
     "source:postcopy-device-sending",  # post-copy: the guest held, its device state not sent
     "source:postcopy-device-sent",  # post-copy: the device state sent, the guest may run there
     "source:postcopy-pushed",  # post-copy: every background page queued, not yet synced
+    "destination:postcopy-ready",  # post-copy: ready said, the device state not yet read
     "destination:postcopy-running",  # post-copy: the guest runs here, pages still missing
     "source:postcopy-resumed",  # send --resume: the destination is served again, no push yet
 })

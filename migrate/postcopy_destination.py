@@ -284,6 +284,7 @@ class PostcopyDestination:
             raise self._start_error
         self._admit_urgent()
         self.main.send(PostcopyReady())
+        faults.reached("destination:postcopy-ready")
         rec = self.main.recv(self.peer_timeout, abort=self.check_alive)
         assert isinstance(rec, DeviceStateRecord)  # the table admits nothing else here
         state = DeviceState.decode(rec.data)

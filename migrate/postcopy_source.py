@@ -265,8 +265,8 @@ class PostcopySource:
         else:
             # The device state left but no word came back: the destination may never have
             # had it (then it started nothing and gave up), or runs the guest now.
-            where = ("The device state left but no word came back that the guest runs on "
-                     "the destination: it may run there, waiting for pages only this host "
+            where = ("The device state was on its way but no word came back that the guest "
+                     "runs on the destination: it may run there, waiting for pages only this host "
                      f"holds, or the destination may never have started it ({POSTCOPY_CHECK};"
                      f" only then `zcmigrate resume {img} --postcopy-never-started`).")
         return PostcopyInterrupted(

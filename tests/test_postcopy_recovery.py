@@ -243,3 +243,32 @@ def test_a_device_state_that_never_arrived_is_resumed_here_on_the_operator_s_wor
         assert not resume_path(src).exists()
     finally:
         stop(guest.proc, signal.SIGKILL)
+
+
+def test_a_receiver_killed_before_the_device_state_says_so_at_the_source(
+        shm: Path) -> None:  # noqa: F811
+    """The same window seen from a source that lives: the receiver dies after saying it
+    is ready and before it read the device state. `send` exits 8 and says that no word
+    came back that the guest runs there, naming the destination's checks and the way
+    back; the destination has no record, and the guest resumes here on that word."""
+    src, dst = shm / "src.img", shm / "dst.img"
+    guest = Guest.start(src, SIZE, DIRTY)
+    try:
+        recv = Receiver.start(dst, env={"ZCMIGRATE_FAULT": "destination:postcopy-ready"})
+        proc = send(src, recv.port, "--max-bandwidth", "8M", "--postcopy",
+                    "--peer-timeout", "5")
+        wait_stopped(recv.proc, 60)
+        recv.proc.kill()
+        recv.proc.wait(10)  # SIGKILL ends it; a wait past that is a stuck kernel
+        code, _, err = finish(proc, 60)
+        assert code == 8, err
+        assert "no word came back that the guest runs" in err, err
+        assert "nothing to take over" in err and "--postcopy-never-started" in err, err
+        assert not resume_path(dst).exists()
+        r = subprocess.run([sys.executable, "-m", "zcmigrate", "resume", str(src),
+                            "--postcopy-never-started"], capture_output=True, text=True,
+                           timeout=60, check=False)
+        assert r.returncode == 0, r.stderr
+        assert guest.running(), "the guest did not run again here"
+    finally:
+        stop(guest.proc, signal.SIGKILL)
