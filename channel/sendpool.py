@@ -21,6 +21,11 @@ from zcmigrate.native import ffi
 
 # How long acquire() waits for completions before it looks at the shutdown flag again.
 _WAIT_SLICE = 0.1
+# A transparent huge page on x86-64 and arm64 (4 KiB base pages): what a send buffer's
+# start is aligned to, so that whole 2 MiB stretches of it can be huge pages.
+_HUGE = 2 << 20
+# madvise(2) values Python 3.11's mmap module does not name (Linux 5.14).
+_MADV_POPULATE_WRITE = 23
 
 
 class ZeroCopyWriter(Protocol):
@@ -44,31 +49,59 @@ class BufferState(enum.Enum):
 
 
 class SendBuffer:
-    """One page-aligned anonymous mapping. Write into `view` (or `cdata`, `address` for
-    C), then hand it to SendPool.send(); never touch it after that."""
+    """`size` bytes of private anonymous memory, starting on a 2 MiB boundary. Write into
+    `view` (or `cdata`, `address` for C), then hand it to SendPool.send(); never touch it
+    after that.
 
-    __slots__ = ("_mm", "address", "calls", "cdata", "index", "size", "state", "view")
+    Each whole 2 MiB of it is asked to be a transparent huge page (MADV_HUGEPAGE; the kernel
+    may say no: THP "never", or no huge page free). A sealed packet's 2 MiB of ciphertext
+    then lies in one huge page plus a small tail: a zero-copy send pins one folio where it
+    pinned 512 pages, and the cipher's writes walk one TLB entry. Measured: the sealed
+    source's CPU dropped (docs/performance.md, "Send buffers on huge pages"). The tail and
+    the alignment slack are ordinary pages; the slack is never touched, so it costs
+    address space, not memory.
+    """
+
+    __slots__ = ("_all", "_mm", "address", "calls", "cdata", "index", "size", "state", "view")
 
     def __init__(self, index: int, size: int) -> None:
-        # Private anonymous memory, faulted in now: the first send pays no page faults.
-        self._mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_POPULATE)
+        huge = size // _HUGE * _HUGE
+        # Room to start on a 2 MiB boundary wherever the kernel puts the mapping.
+        self._mm = mmap.mmap(-1, size + (_HUGE if huge else 0), flags=mmap.MAP_PRIVATE)
+        self._all: Any = ffi.from_buffer("uint8_t[]", self._mm, require_writable=True)
+        start = -int(ffi.cast("uintptr_t", self._all)) % _HUGE if huge else 0
+        if huge:
+            with contextlib.suppress(OSError):  # no THP in this kernel: small pages
+                self._mm.madvise(mmap.MADV_HUGEPAGE, start, huge)
+        _populate(self._mm, start, size)
         self.index = index
         self.size = size
-        self.view = memoryview(self._mm)
-        self.cdata: Any = ffi.from_buffer("uint8_t[]", self._mm, require_writable=True)
+        self.view = memoryview(self._mm)[start:start + size]
+        # A slice of _all (which the buffer holds): a uint8_t[size] view, no copy.
+        self.cdata: Any = self._all[start:start + size]
         self.address = int(ffi.cast("uintptr_t", self.cdata))
         self.state = BufferState.FREE
         self.calls = (0, 0)  # the zero-copy calls [first, end) of its last send
 
     def unmap(self) -> None:
         self.view.release()
-        ffi.release(self.cdata)
+        ffi.release(self._all)
         # A view of it may still live (in a traceback's frame): then it goes when that dies.
         with contextlib.suppress(BufferError):
             self._mm.close()
 
     def __repr__(self) -> str:
         return f"<SendBuffer {self.index} {self.state.value} calls {self.calls}>"
+
+
+def _populate(mm: mmap.mmap, start: int, size: int) -> None:
+    """Fault in [start, start + size) of `mm` now, as writable memory: the first send pays
+    no page faults. After MADV_HUGEPAGE, so the huge pages are what gets faulted in."""
+    try:
+        mm.madvise(_MADV_POPULATE_WRITE, start, size)
+    except OSError:  # before Linux 5.14: touch every page instead
+        for off in range(start, start + size, mmap.PAGESIZE):
+            mm[off] = 0
 
 
 @dataclass(frozen=True, slots=True)

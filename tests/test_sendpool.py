@@ -15,6 +15,7 @@ import time
 from array import array
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -78,6 +79,52 @@ def test_buffers_are_page_aligned_whole_pages_and_distinct() -> None:
             pool.release(b)
     finally:
         pool.close()
+
+
+HUGE = 2 << 20
+
+
+def _thp_mode() -> str:
+    """The kernel's transparent huge page mode ("always", "madvise", "never"), or ""."""
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return ""
+    return text.split("[", 1)[1].split("]", 1)[0] if "[" in text else ""
+
+
+def _mapping_of(address: int) -> dict[str, int]:
+    """The kB fields of the /proc/self/smaps entry holding `address`."""
+    entry: dict[str, int] | None = None
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if not fields[0].endswith(":"):  # "lo-hi perms offset dev inode path": a new entry
+            if entry is not None:
+                break
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            if lo <= address < hi:
+                entry = {}
+        elif entry is not None and fields[-1] == "kB":
+            entry[fields[0].rstrip(":")] = int(fields[1])
+    return entry or {}
+
+
+def test_a_packet_sized_buffer_starts_on_a_huge_page_and_is_backed_by_one() -> None:
+    # A sealed packet's 2 MiB of ciphertext in one huge page: one folio pinned per
+    # zero-copy send instead of 512 pages (docs/performance.md).
+    mode = _thp_mode()
+    if mode not in ("always", "madvise"):
+        pytest.skip(f"transparent huge pages are {mode or 'absent'} in this kernel")
+    size = HUGE + 2 * PAGE
+    buf = SendBuffer(0, size)
+    try:
+        assert buf.address % HUGE == 0
+        assert len(buf.view) == size and len(buf.cdata) == size
+        buf.view[:] = b"\x5a" * size  # every byte of it is ours to write
+        assert ffi.buffer(buf.cdata, size)[size - 1] == b"\x5a"
+        assert _mapping_of(buf.address).get("AnonHugePages", 0) >= HUGE // 1024
+    finally:
+        buf.unmap()
 
 
 def test_a_sent_buffer_comes_back_only_once_every_call_carrying_it_completed() -> None:
