@@ -82,6 +82,31 @@ def warm_up(size: int, work: Path = WORK) -> float:
     return time.monotonic() - t0
 
 
+REPORTED_KIB = Path("/sys/module/page_reporting/parameters/reported_kib")
+
+
+def host_counters() -> tuple[int, int | None]:
+    """(steal ticks of all CPUs, KiB this VM has reported free to its host so far, or None
+    without page reporting). A run during which either moved paid for the hypervisor: the
+    vCPU was taken away (steal), or the memory it allocated had been handed back to the host
+    and had to be faulted in there first (docs/performance.md, "Runs the host disturbed")."""
+    steal = int(Path("/proc/stat").read_text().split("\n", 1)[0].split()[8])
+    try:
+        reported: int | None = int(REPORTED_KIB.read_text())
+    except (OSError, ValueError):
+        reported = None
+    return steal, reported
+
+
+def host_disturbance(before: tuple[int, int | None]) -> dict[str, Any]:
+    steal, reported = host_counters()
+    out: dict[str, Any] = {"steal_ticks": steal - before[0]}
+    if reported is not None and before[1] is not None:
+        out["reported_mib"] = (reported - before[1]) // 1024
+    out["undisturbed"] = out["steal_ticks"] == 0
+    return out
+
+
 def same_content(a: Path, b: Path) -> bool:
     if a.stat().st_size != b.stat().st_size:
         return False
@@ -124,6 +149,7 @@ def migrate_once(image: Path, size: int, channels: int, zero_copy: bool,
     for p in (dst, work / "dst.img.state", work / "dst.img.incoming"):
         p.unlink(missing_ok=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    host_before = host_counters()
     with open(log, "ab") as errf:
         recv = subprocess.Popen(
             cli("receive", str(dst), "--listen", "127.0.0.1:0", "--json", "--accept-timeout",
@@ -153,6 +179,7 @@ def migrate_once(image: Path, size: int, channels: int, zero_copy: bool,
                 if p.returncode is None:
                     p.kill()
                     reap(p)
+    host = host_disturbance(host_before)
     if send_rc or recv_rc:
         raise RuntimeError(f"send exited {send_rc}, receive {recv_rc}; see {log}")
     stats = json.loads(send_out)
@@ -175,6 +202,7 @@ def migrate_once(image: Path, size: int, channels: int, zero_copy: bool,
         "src_cpu_s_per_gib": round((send_user + send_sys) / gib, 3),
         "dst_cpu_s_per_gib": round((recv_user + recv_sys) / gib, 3),
         "verified": ok,
+        **host,
     }
 
 
