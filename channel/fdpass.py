@@ -170,7 +170,8 @@ class FdListener:
         """The next connection within `timeout` seconds; ReadTimeout if none comes."""
         self._sock.settimeout(timeout)
         try:
-            conn, _ = self._sock.accept()  # bounded by the settimeout above
+            # Bounded: with settimeout(timeout) above, accept raises TimeoutError at the deadline.
+            conn, _ = self._sock.accept()
         except TimeoutError:
             raise ReadTimeout(f"no connection on {self.path} within {timeout:g} s") from None
         except OSError as e:

@@ -480,47 +480,50 @@ static int pwrite_all(int fd, const char *p, uint64_t len, uint64_t off)
     return 0;
 }
 
-int zc_write_pages(int fd, uint64_t image_size, const uint64_t *offsets, uint32_t n,
-                   uint32_t page_size, const void *buf, uint64_t buf_len)
+/* A packet's pages gathered in buf (page i at i * page_size) to their offsets, one call per
+ * run of adjacent pages: pwrite into fd when to_fd, else memcpy into the mapping at base.
+ * Every offset and the buffer's length are checked before the first byte moves. */
+static int land_gathered(int to_fd, int fd, uint64_t base, uint64_t image_size,
+                         const uint64_t *offsets, uint32_t n, uint32_t page_size,
+                         const void *buf, uint64_t buf_len)
 {
-    /* The packet's pages lie in buf in the packet's order: page i at i * page_size. One
-     * pwrite per run of adjacent pages; a static image's packet is one run. Through the fd,
-     * not a mapping: write(2) fills a new page-cache page without zeroing it first and
-     * without a fault per page, about half the CPU of a copy into a fresh MAP_SHARED
-     * mapping on a 4 KiB-page tmpfs (docs/performance.md, bench/pagecache_floor.c).
-     * Everything is checked before the first write: an offset outside the image would
-     * grow the file, so a receiver never writes outside it whatever it reads. */
     const char *src = buf;
     if (!gathered_ok(image_size, offsets, n, page_size, buf, buf_len))
         return ZC_EBOUNDS;
     uint32_t i = 0;
     while (i < n) {
         uint32_t j = run_end(offsets, i, n, page_size);
-        int r = pwrite_all(fd, src + (uint64_t)i * page_size, (uint64_t)(j - i) * page_size,
-                           offsets[i]);
-        if (r)
-            return r;
+        const char *from = src + (uint64_t)i * page_size;
+        uint64_t len = (uint64_t)(j - i) * page_size;
+        if (to_fd) {
+            int r = pwrite_all(fd, from, len, offsets[i]);
+            if (r)
+                return r;
+        } else {
+            memcpy((char *)(uintptr_t)(base + offsets[i]), from, len);
+        }
         i = j;
     }
     return 0;
 }
 
+int zc_write_pages(int fd, uint64_t image_size, const uint64_t *offsets, uint32_t n,
+                   uint32_t page_size, const void *buf, uint64_t buf_len)
+{
+    /* One pwrite per run; a static image's packet is one run. Through the fd, not a
+     * mapping: write(2) fills a new page-cache page without zeroing it first and without a
+     * fault per page, about half the CPU of a copy into a fresh MAP_SHARED mapping on a
+     * 4 KiB-page tmpfs (docs/performance.md, bench/pagecache_floor.c). Everything is
+     * checked before the first write: an offset outside the image would grow the file, so
+     * a receiver never writes outside it whatever it reads. */
+    return land_gathered(1, fd, 0, image_size, offsets, n, page_size, buf, buf_len);
+}
+
 int zc_place_pages(uint64_t base, uint64_t image_size, const uint64_t *offsets, uint32_t n,
                    uint32_t page_size, const void *buf, uint64_t buf_len)
 {
-    /* Page i of buf to base + offsets[i], one memcpy per run of adjacent pages; every
-     * offset and the buffer's length are checked before the first byte moves. */
-    const char *src = buf;
-    if (!gathered_ok(image_size, offsets, n, page_size, buf, buf_len))
-        return ZC_EBOUNDS;
-    uint32_t i = 0;
-    while (i < n) {
-        uint32_t j = run_end(offsets, i, n, page_size);
-        memcpy((char *)(uintptr_t)(base + offsets[i]), src + (uint64_t)i * page_size,
-               (uint64_t)(j - i) * page_size);
-        i = j;
-    }
-    return 0;
+    /* Page i of buf to base + offsets[i], one memcpy per run of adjacent pages. */
+    return land_gathered(0, -1, base, image_size, offsets, n, page_size, buf, buf_len);
 }
 
 int zc_write_zero_pages(int fd, uint64_t image_size, const uint64_t *offsets, uint32_t n,

@@ -133,8 +133,9 @@ class Toucher:
         ctypes.memmove(self.out, self._address, 8)
         self.ns = time.monotonic_ns() - t0
 
-    def join(self) -> bytes:
-        self.thread.join(WAIT_S)
+    def join(self, timeout: float) -> bytes:
+        """The 8 bytes read; fails the test if the read has not ended within `timeout`."""
+        self.thread.join(timeout)
         assert not self.thread.is_alive(), "the touching thread still waits for its page"
         return self.out.raw
 
@@ -181,7 +182,7 @@ def test_a_fault_names_its_page_and_thread_and_a_copy_wakes_the_thread(
     assert t.waits()
     r = registered.pages.copy(fault.offset, page_of(7))
     assert (r.copied, r.existed) == (1, 0)
-    assert t.join() == bytes([7]) * 8
+    assert t.join(WAIT_S) == bytes([7]) * 8
     assert os.pread(registered.fd, PS, 5 * PS) == page_of(7)  # in the page cache
 
 
@@ -207,7 +208,7 @@ def test_a_page_that_arrived_by_pwrite_meanwhile_is_kept_and_its_waiter_woken(
     assert t.waits(), "a pwrite must not wake a thread waiting in a userfault"
     r = registered.pages.copy(fault.offset, page_of(0x99))
     assert (r.copied, r.existed) == (0, 1)
-    assert t.join() == bytes([0x42]) * 8
+    assert t.join(WAIT_S) == bytes([0x42]) * 8
 
 
 def test_a_run_is_copied_around_a_page_that_is_there_already(registered: Registered) -> None:
@@ -229,7 +230,7 @@ def test_a_packet_s_pages_are_placed_run_by_run_in_one_call(registered: Register
     assert (r.copied, r.existed) == (4, 1)
     got = [os.pread(registered.fd, 1, p * PS) for p in (20, 21, 22, 30, 5)]
     assert got == [b"\2", b"\1", b"\4", b"\7", b"\x09"]
-    assert t.join() == bytes([7]) * 8
+    assert t.join(WAIT_S) == bytes([7]) * 8
 
 
 def test_a_packet_with_one_bad_offset_places_nothing(registered: Registered) -> None:
@@ -252,7 +253,7 @@ def test_a_woken_thread_whose_page_is_still_missing_faults_again(registered: Reg
     (again,) = next_faults(registered.pages)
     assert again.offset == 3 * PS and again.tid == t.thread.native_id
     registered.pages.copy(again.offset, page_of(5))
-    assert t.join() == bytes([5]) * 8
+    assert t.join(WAIT_S) == bytes([5]) * 8
 
 
 def test_closing_the_last_descriptor_lets_a_missing_page_read_as_zeros(
@@ -263,7 +264,7 @@ def test_closing_the_last_descriptor_lets_a_missing_page_read_as_zeros(
     t = Toucher(registered.address(4))
     next_faults(registered.pages)
     registered.pages.close()
-    assert t.join() == bytes(8)
+    assert t.join(WAIT_S) == bytes(8)
 
 
 def test_while_another_descriptor_stays_open_a_missing_page_waits(
@@ -282,7 +283,7 @@ def test_while_another_descriptor_stays_open_a_missing_page_waits(
         other.wake()
         (fault,) = next_faults(other)
         other.copy(fault.offset, page_of(8))
-        assert t.join() == bytes([8]) * 8
+        assert t.join(WAIT_S) == bytes([8]) * 8
 
 
 def test_a_punched_page_faults_as_missing_again(registered: Registered) -> None:
@@ -293,7 +294,7 @@ def test_a_punched_page_faults_as_missing_again(registered: Registered) -> None:
     (fault,) = next_faults(registered.pages)
     assert fault.offset == 2 * PS
     registered.pages.copy(fault.offset, page_of(3))
-    assert t.join() == bytes([3]) * 8
+    assert t.join(WAIT_S) == bytes([3]) * 8
 
 
 def test_threads_may_place_pages_into_one_range_at_once(registered: Registered) -> None:
@@ -497,7 +498,7 @@ def test_fault_service_latency_as_the_faulting_thread_sees_it(
         for rnd in range(4):  # 4 rounds of 64 faults: punch the pages out between them
             for page in range(n):
                 t = Toucher(registered.address(page))
-                assert t.join() == bytes([0x5A]) * 8
+                assert t.join(WAIT_S) == bytes([0x5A]) * 8
                 stalls.append(t.ns)
             if rnd < 3:
                 punch_pages(registered.fd, [p * PS for p in range(n)], PS)
