@@ -1,7 +1,8 @@
 """Throughput of AES-256-GCM per core on zcmigrate's packet path: gather-and-seal and open.
 
-Seals 2 MiB packets of 4 KiB pages gathered from an image (Sealer.seal_gather, the C path
-a sender will use) and opens such packets (zcc_open into a separate buffer), with 1 and 2
+Seals 2 MiB packets of 4 KiB pages gathered from an image (Sealer.seal_gather: the C path
+that seals a packet's page data in Sealer.seal_packet) and opens such packets (zcc_open
+into a separate buffer), with 1 and 2
 threads, each with its own key and buffers; prints one JSON document. A benchmark, not a
 test: it knows the AEAD and a mapping, not channels or migrations.
 

@@ -37,6 +37,7 @@ _INFO_LABEL = b"zcmigrate session key v1\x00"
 _BINDING_LABEL = b"zcmigrate channel binding v1\x00"
 _KIND_MAIN = 0
 _KIND_DATA = 1
+_KIND_DATA_PAGES = 2  # a data packet's page data: a second message under its counter
 
 Buffer = Any  # bytes-like, or a cffi array/buffer (ffi.buffer(ptr, n) for a bare pointer)
 
@@ -67,6 +68,16 @@ class StreamId:
         two streams could share a nonce even if they shared a key (SP 800-38D 8.2.1)."""
         kind = _KIND_MAIN if self.channel is None else _KIND_DATA
         return bytes((int(self.direction), kind)) + (self.channel or 0).to_bytes(2, "big")
+
+    @property
+    def pages_prefix(self) -> bytes | None:
+        """The fixed field of the nonces that seal a data packet's page data, a message of
+        its own under the packet's counter (docs/protocol.md, "Sealed packets"): the kind
+        byte differs from `prefix`'s, so no page-data nonce is ever an offsets nonce.
+        None on the main channel, whose records are one message each."""
+        if self.channel is None:
+            return None
+        return bytes((int(self.direction), _KIND_DATA_PAGES)) + self.channel.to_bytes(2, "big")
 
     def __str__(self) -> str:
         where = "main channel" if self.channel is None else f"data channel {self.channel}"
@@ -156,35 +167,48 @@ class SessionKeys:
                 raise AeadError(f"{stream}: this session already gave out its sealer; a "
                                 "second would seal under the same nonces")
             self._sealed.add(stream)
-        return Sealer(self.key(stream), stream.prefix, name=str(stream))
+        return Sealer(self.key(stream), stream.prefix, pages_prefix=stream.pages_prefix,
+                      name=str(stream))
 
     def opener(self, direction: Direction, channel: int | None) -> Opener:
         """The opener of a stream (the end that receives in `direction`)."""
         stream = StreamId(direction, channel)
-        return Opener(self.key(stream), stream.prefix, name=str(stream))
+        return Opener(self.key(stream), stream.prefix, pages_prefix=stream.pages_prefix,
+                      name=str(stream))
 
 
 class _Aead:
     """An AES-256-GCM context in C (key schedule computed once) and the nonce layout."""
 
-    __slots__ = ("_ctx", "_lock", "_prefix", "name")
+    __slots__ = ("_ctx", "_lock", "_pages_prefix", "_prefix", "name")
 
-    def __init__(self, key: bytes, prefix: bytes, name: str) -> None:
+    def __init__(self, key: bytes, prefix: bytes, name: str,
+                 pages_prefix: bytes | None = None) -> None:
         if len(key) != KEY_LEN:
             raise ValueError(f"AES-256-GCM key of {len(key)} bytes, expected {KEY_LEN}")
-        if len(prefix) != PREFIX_LEN:
-            raise ValueError(f"nonce prefix of {len(prefix)} bytes, expected {PREFIX_LEN}")
+        for p in (prefix, pages_prefix):
+            if p is not None and len(p) != PREFIX_LEN:
+                raise ValueError(f"nonce prefix of {len(p)} bytes, expected {PREFIX_LEN}")
+        if pages_prefix == prefix:
+            raise ValueError("the page-data nonce prefix must differ from the stream's")
         ctx = lib.zcc_aead_new(key, len(key))
         if ctx == ffi.NULL:
             raise AeadError("OpenSSL could not set up an AES-256-GCM context")
         self._ctx: Any = ffi.gc(ctx, lib.zcc_aead_free)
         self._prefix = bytes(prefix)
+        self._pages_prefix = None if pages_prefix is None else bytes(pages_prefix)
         # Counter and call under one lock: two threads must never draw one counter.
         self._lock = threading.Lock()
         self.name = name or prefix.hex()
 
     def _nonce(self, counter: int) -> bytes:
         return self._prefix + counter.to_bytes(8, "big")
+
+    def _pages_nonce(self, counter: int) -> bytes:
+        if self._pages_prefix is None:
+            raise AeadError(f"{self.name}: no page-data nonces on this stream (a data "
+                            "channel's sealer or opener has them)")
+        return self._pages_prefix + counter.to_bytes(8, "big")
 
     def _live_ctx(self) -> Any:
         if self._ctx is None:
@@ -213,8 +237,8 @@ class Sealer(_Aead):
     __slots__ = ("_next",)
 
     def __init__(self, key: bytes, prefix: bytes, *, first_counter: int = 0,
-                 name: str = "") -> None:
-        super().__init__(key, prefix, name)
+                 name: str = "", pages_prefix: bytes | None = None) -> None:
+        super().__init__(key, prefix, name, pages_prefix)
         if not 0 <= first_counter <= COUNTER_LIMIT:
             raise ValueError(f"first counter {first_counter}, expected 0..2**64")
         self._next = first_counter
@@ -254,7 +278,7 @@ class Sealer(_Aead):
 
     def seal_gather(self, base: int, size: int, offsets: Any, count: int, block_size: int,
                     out: Buffer, tag: Buffer, *, aad: Buffer = b"", lead: Buffer = b"") -> int:
-        """Seal `lead` (bytes of the caller's: a packet's offsets) and then `count` blocks of
+        """Seal `lead` (bytes of the caller's, if any) and then `count` blocks of
         `block_size` bytes read at `offsets` (a uint64_t array or pointer) in the mapping
         [base, base+size), as one message, straight into `out` (the lead's ciphertext
         first, then the blocks'), one pass in C, and the tag into `tag` (16 bytes, or a
@@ -281,6 +305,41 @@ class Sealer(_Aead):
                 self._settle(rc)
             return counter
 
+    def seal_packet(self, base: int, size: int, offsets: Any, count: int, block_size: int,
+                    out: Any, capacity: int, *, aad: Buffer, lead: Buffer) -> int:
+        """A data packet as two messages under one counter (docs/protocol.md, "Sealed
+        packets"), written to `out` (a cffi pointer to `capacity` bytes):
+
+            lead ciphertext | its tag | ciphertext of the count blocks | their tag
+
+        The lead (the packet's offsets) under the stream's nonce, the blocks (read at
+        `offsets`, a uint64_t cffi array, in the mapping [base, base+size)) under the
+        page-data nonce, both with `aad`, so the receiver can verify where the pages go
+        before any of them is written. Return the counter used. Offsets outside the
+        mapping or too small an `out` raise AeadError with nothing read or written."""
+        lead_b = bytes(lead)
+        n_lead = len(lead_b)
+        n_blocks = count * block_size
+        if n_lead + n_blocks + 2 * TAG_LEN > capacity:
+            raise AeadError(f"{self.name}: seal refused: a packet of {n_lead + n_blocks} "
+                            f"bytes and two tags does not fit {capacity} bytes")
+        aad_b = bytes(aad)
+        pages_out = out + n_lead + TAG_LEN
+        with self._lock:
+            counter = self._take_counter()
+            pages_nonce = self._pages_nonce(counter)
+            ctx = self._live_ctx()
+            # The blocks first: their bounds check is the one that can refuse, and a
+            # refusal before either cipher call leaves the counter unused.
+            rc = int(lib.zcc_seal_pages(ctx, pages_nonce, aad_b, len(aad_b), ffi.NULL, 0,
+                                        base, size, offsets, count, block_size, pages_out,
+                                        n_blocks, pages_out + n_blocks))
+            if rc == 0:
+                rc = int(lib.zcc_seal(ctx, self._nonce(counter), aad_b, len(aad_b), lead_b,
+                                      out, n_lead, out + n_lead))
+            self._settle(rc)
+        return counter
+
     def _take_counter(self) -> int:
         if self._next >= COUNTER_LIMIT:
             raise NonceExhausted(
@@ -303,15 +362,18 @@ class Opener(_Aead):
     packet is refused before decryption. Any failure is final for the stream (TLS does
     the same, RFC 8446 5.2): the opener refuses everything after it."""
 
-    __slots__ = ("_expected", "_failure")
+    __slots__ = ("_expected", "_failure", "_lead_open")
 
     def __init__(self, key: bytes, prefix: bytes, *, first_counter: int = 0,
-                 name: str = "") -> None:
-        super().__init__(key, prefix, name)
+                 name: str = "", pages_prefix: bytes | None = None) -> None:
+        super().__init__(key, prefix, name, pages_prefix)
         if not 0 <= first_counter <= COUNTER_LIMIT:
             raise ValueError(f"first counter {first_counter}, expected 0..2**64")
         self._expected = first_counter
         self._failure = ""
+        # A data packet is opened in two steps (open_lead, then open_pages): between
+        # them its counter is taken but not yet used up.
+        self._lead_open = False
 
     @property
     def expected_counter(self) -> int:
@@ -364,25 +426,78 @@ class Opener(_Aead):
             aad_c, _ = pins.readable(aad)
             self._open(counter, buf, buf, n, buf + n, aad_c)
 
+    def open_lead(self, counter: int, buf: Any, n: int, *, aad: Buffer) -> None:
+        """The first step of a data packet sealed by Sealer.seal_packet: verify and decrypt
+        its lead (the `n` bytes at `buf`, a cffi pointer, tag right after them) in place.
+        The counter must be the next one; it stays taken until open_pages uses it up."""
+        with _Pins() as pins:
+            aad_c, _ = pins.readable(aad)
+            with self._lock:
+                self._check(counter)
+                self._run(counter, lib.zcc_open(self._live_ctx(), self._nonce(counter), aad_c,
+                                                len(aad_c), buf, buf, n, buf + n), "offsets")
+                self._lead_open = True
+
+    def open_pages(self, counter: int, buf: Any, n: int, *, aad: Buffer,
+                   into: tuple[int, int, Any, int, int] | None = None) -> None:
+        """The second step: verify and decrypt the packet's page data (the `n` bytes at
+        `buf`, tag right after them), in place, or, with `into` = (base, size, offsets,
+        count, page_size), straight into the mapping [base, base+size) at `offsets` (a
+        uint64_t cffi array; n must be count * page_size). The offsets are the lead's,
+        verified by open_lead; before the tag is checked those pages hold unverified
+        plaintext, and if it fails they (or, in place, the n bytes) hold zeros."""
+        with _Pins() as pins:
+            aad_c, _ = pins.readable(aad)
+            with self._lock:
+                if not self._lead_open:
+                    raise AeadError(f"{self.name}: page data before its packet's offsets "
+                                    "were opened")
+                self._lead_open = False
+                self._check(counter, taken=True)
+                nonce = self._pages_nonce(counter)
+                if into is None:
+                    rc = lib.zcc_open(self._live_ctx(), nonce, aad_c, len(aad_c), buf, buf, n,
+                                      buf + n)
+                else:
+                    base, size, offsets, count, page_size = into
+                    rc = lib.zcc_open_pages(self._live_ctx(), nonce, aad_c, len(aad_c), buf, n,
+                                            base, size, offsets, count, page_size, buf + n)
+                self._run(counter, rc, "page data")
+                self._expected += 1
+
     def _open(self, counter: int, data_c: Any, out_c: Any, n: int, tag_c: Any,
               aad_c: Any) -> None:
         with self._lock:
-            if self._failure:
-                raise AeadError(f"{self.name}: refused after an earlier failure "
-                                f"({self._failure})")
-            if counter != self._expected:
-                raise self._failed(OutOfOrder(self._order_message(counter)))
-            if self._expected >= COUNTER_LIMIT:
-                raise self._failed(NonceExhausted(f"{self.name}: all 2**64 counters were used"))
-            rc = int(lib.zcc_open(self._live_ctx(), self._nonce(counter), aad_c, len(aad_c),
-                                  data_c, out_c, n, tag_c))
-            if rc == lib.ZCC_EAUTH:
-                raise self._failed(AuthenticationFailed(
-                    f"{self.name}: packet {counter} did not verify (tampered with, or sealed "
-                    "under another key or for another stream); its buffer was zeroed"))
-            if rc:
-                raise AeadError(f"{self.name}: open failed: {_describe(rc)}")
+            self._check(counter)
+            self._run(counter, lib.zcc_open(self._live_ctx(), self._nonce(counter), aad_c,
+                                            len(aad_c), data_c, out_c, n, tag_c), "")
             self._expected += 1
+
+    def _check(self, counter: int, *, taken: bool = False) -> None:
+        """Refuse before any decryption: after a failure, an unexpected counter, the last
+        counter used, or (unless `taken`, open_pages) a packet whose offsets were opened
+        and whose pages never were."""
+        if self._failure:
+            raise AeadError(f"{self.name}: refused after an earlier failure "
+                            f"({self._failure})")
+        if self._lead_open and not taken:
+            raise self._failed(AeadError(f"{self.name}: packet {self._expected}'s page data "
+                                         "was never opened"))
+        if counter != self._expected:
+            raise self._failed(OutOfOrder(self._order_message(counter)))
+        if self._expected >= COUNTER_LIMIT:
+            raise self._failed(NonceExhausted(f"{self.name}: all 2**64 counters were used"))
+
+    def _run(self, counter: int, rc: int, part: str) -> None:
+        what = f"packet {counter}" + (f" ({part})" if part else "")
+        if rc == lib.ZCC_EAUTH:
+            raise self._failed(AuthenticationFailed(
+                f"{self.name}: {what} did not verify (tampered with, or sealed under "
+                "another key or for another stream); what it decrypted to was zeroed"))
+        if rc == lib.ZCC_EBOUNDS:
+            raise self._failed(AeadError(f"{self.name}: {what}: {_describe(rc)}"))
+        if rc:
+            raise AeadError(f"{self.name}: open failed: {_describe(rc)}")
 
     def _order_message(self, got: int) -> str:
         exp = self._expected

@@ -19,7 +19,7 @@ from typing import Any, ClassVar, TypeVar
 from zcmigrate.multifd.wire import LocalProtocolError, RemoteProtocolError, WireContext
 
 MAIN_MAGIC = 0x5A434D47  # "ZCMG": a data channel (0x11223344) is never mistaken for it
-MAIN_VERSION = 3
+MAIN_VERSION = 4  # 4: a sealed data packet is two messages (offsets, then pages), two tags
 RECORD_HEADER = struct.Struct(">IHHI")
 RECORD_HEADER_SIZE = RECORD_HEADER.size
 NONCE_SIZE = 32

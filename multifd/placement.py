@@ -36,7 +36,8 @@ from zcmigrate.multifd.wire import (
     WireContext,
     decode_header,
     decode_offsets,
-    sealed_body_size,
+    sealed_capacity,
+    sealed_size,
 )
 from zcmigrate.native import ffi
 
@@ -123,10 +124,11 @@ class PlacementReaders:
     def _read(self, i: int, ch: Channel, seq: SequenceTracker, opener: Opener | None) -> None:
         ctx = self._ctx
         ps = ctx.page_size
-        # Sealed: one packet's body and tag are read into this buffer and opened in place
-        # (counter seq - 1, as the ReceiverPool's workers: the tracker holds seq to the
-        # next one, the opener holds the counter again) before anything of it is used.
-        cap = 8 * ctx.pages_alloc + ctx.pages_alloc * ps + TAG_SIZE
+        # Sealed: one packet's messages and tags are read into this buffer and opened in
+        # place (counter seq - 1, as the ReceiverPool's workers: the tracker holds seq to
+        # the next one, the opener holds the counter again) before anything of it is used:
+        # the guest runs on this image, so not a byte that failed its tag may reach it.
+        cap = sealed_capacity(ctx)
         sealed: Any = ffi.new("uint8_t[]", cap) if opener is not None else None
         while not self._stopping:
             # No deadline on these reads: the channel's peer timeout (keepalive and
@@ -136,21 +138,27 @@ class PlacementReaders:
             header = decode_header(head, ctx)
             seq.accept(header)  # a lost, repeated or reordered packet never lands
             if opener is not None:
-                body = sealed_body_size(header)
-                if body + TAG_SIZE > cap:  # decode_header refuses it; never overrun
+                total = sealed_size(header)
+                if total > cap:  # decode_header refuses it; never overrun
                     raise MultifdError(f"post-copy receive channel {i}: a sealed packet of "
-                                       f"{body} bytes, more than pages_alloc pages")
+                                       f"{total} bytes, more than pages_alloc pages")
                 # Read straight into the buffer it is opened in: no copy in between.
-                ch.readv_into([ffi.buffer(sealed, body + TAG_SIZE)])
-                opener.open_in_place(header.seq - 1, sealed, body, aad=bytes(head))
+                ch.readv_into([ffi.buffer(sealed, total)])
+                aad = bytes(head)
+                if header.is_sync:
+                    opener.open_in_place(header.seq - 1, sealed, 0, aad=aad)
+                else:
+                    size = header.offsets_size
+                    opener.open_lead(header.seq - 1, sealed, size, aad=aad)
+                    opener.open_pages(header.seq - 1, sealed + size + TAG_SIZE,
+                                      header.payload_size, aad=aad)
             if header.is_sync:
                 with self._cond:
                     self._synced[i] += 1
                     self._cond.notify_all()
                 continue
             if opener is not None:
-                plain = ffi.buffer(sealed, body)
-                raw: Any = plain[:header.offsets_size]
+                raw: Any = ffi.buffer(sealed, header.offsets_size)[:]
             else:
                 raw = ch.read_exact(header.offsets_size) if header.offsets_size else b""
             normal, zero = decode_offsets(raw, header, ctx)
@@ -158,7 +166,8 @@ class PlacementReaders:
                 raise MultifdError(f"post-copy receive channel {i}: a payload of "
                                    f"{header.payload_size} bytes for {len(normal)} pages")
             if opener is not None:
-                payload = memoryview(plain)[header.offsets_size:body]
+                start = header.offsets_size + TAG_SIZE
+                payload = memoryview(ffi.buffer(sealed, start + header.payload_size))[start:]
             else:
                 payload = memoryview(ch.read_exact(header.payload_size)
                                      if header.payload_size else bytearray())

@@ -34,6 +34,8 @@ from zcmigrate.multifd.wire import (
     WireContext,
     decode_header,
     decode_offsets,
+    sealed_capacity,
+    sealed_size,
 )
 from zcmigrate.native import ffi, lib
 
@@ -422,10 +424,12 @@ class ReceiverPool(PoolBase):
         to_file = self._fd >= 0
         opener = w.opener
         if opener is not None:
-            # A sealed packet's body and tag land here, are opened in place, and only then
-            # are its offsets decoded and its pages written (from here, to the file or the
-            # mapping): not a byte that failed its tag reaches the image.
-            sealed_cap = 8 * ctx.pages_alloc + ctx.pages_alloc * ps + TAG_SIZE
+            # A sealed packet's two messages and their tags land here. Its offsets are
+            # opened in place and decoded first, so every page goes only where the source
+            # said; then its page data is opened, in place and written to the file, or
+            # straight into the mapping (one pass fewer over the bytes: docs/security.md
+            # says why an unverified page may lie in an image not yet committed).
+            sealed_cap = sealed_capacity(ctx)
             sealed_buf: Any = ffi.new("uint8_t[]", sealed_cap)
             sealed_iov = IoVec(1)
             sealed_iov.entries[0].iov_base = sealed_buf
@@ -503,18 +507,19 @@ class ReceiverPool(PoolBase):
                 continue
             size = header.offsets_size
             if opener is not None:
-                body = size + header.payload_size
-                if body + TAG_SIZE > sealed_cap:  # decode_header refuses it; never overrun
-                    raise RemoteProtocolError(f"sealed packet of {body} bytes, more than "
-                                              f"pages_alloc pages and their offsets")
-                sealed_iov.entries[0].iov_len = body + TAG_SIZE
-                sealed_iov.set_filled(1, body + TAG_SIZE)
+                sealed = sealed_size(header)
+                if sealed > sealed_cap:  # decode_header refuses it; never overrun
+                    raise RemoteProtocolError(f"sealed packet of {sealed} bytes, more than "
+                                              f"pages_alloc pages, their offsets and tags")
+                sealed_iov.entries[0].iov_len = sealed
+                sealed_iov.set_filled(1, sealed)
                 ch.readv_into(sealed_iov)
-                consumed += body + TAG_SIZE
+                consumed += sealed
                 # Counter seq - 1: the sequence check above already holds it to the next
                 # one, and the opener holds it again, so a replay or reordering fails twice.
-                opener.open_in_place(header.seq - 1, sealed_buf, body, aad=header_buf)
+                opener.open_lead(header.seq - 1, sealed_buf, size, aad=header_buf)
                 normal, zero = decode_offsets(ffi.buffer(sealed_buf, size), header, ctx)
+                sealed_pages = sealed_buf + size + TAG_SIZE
             else:
                 if size:
                     entry = offsets_iov.entries[0]
@@ -527,9 +532,23 @@ class ReceiverPool(PoolBase):
             if hook is not None:
                 hook("recv_header", w.id)
             nn = len(normal)
-            if nn and opener is not None:
-                normal_c = ffi.from_buffer("uint64_t[]", normal)
-                land(normal_c, nn, sealed_buf + size, header.payload_size)
+            if opener is not None:
+                payload = header.payload_size
+                if payload != nn * ps:  # decode_header refuses it; C would too
+                    raise RemoteProtocolError(f"sealed packet: {payload} bytes of page data "
+                                              f"for {nn} pages")
+                if nn and not to_file:
+                    normal_c = ffi.from_buffer("uint64_t[]", normal)
+                    opener.open_pages(header.seq - 1, sealed_pages, payload, aad=header_buf,
+                                      into=(self._base, ctx.image_size, normal_c, nn, ps))
+                    if known_zero:
+                        self._mark(written_c, normal_c, nn)
+                    self._mark(arrived_c, normal_c, nn)
+                else:
+                    opener.open_pages(header.seq - 1, sealed_pages, payload, aad=header_buf)
+                    if nn:
+                        normal_c = ffi.from_buffer("uint64_t[]", normal)
+                        land(normal_c, nn, sealed_pages, payload)
             elif nn and to_file:
                 normal_c = ffi.from_buffer("uint64_t[]", normal)
                 payload = header.payload_size

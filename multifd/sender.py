@@ -32,6 +32,7 @@ from zcmigrate.multifd.wire import (
     encode_init,
     encode_packet,
     encode_sync,
+    sealed_capacity,
 )
 from zcmigrate.native import ffi, lib
 
@@ -167,8 +168,8 @@ class SenderPool(PoolBase):
             for i, ch in enumerate(channels):
                 sealer = pool = None
                 if keys is not None:
-                    # A packet's ciphertext: its offsets, its pages and the tag.
-                    size = 8 * ctx.pages_alloc + ctx.pages_alloc * ctx.page_size + TAG_SIZE
+                    # A packet's ciphertext: its offsets and pages, and their two tags.
+                    size = sealed_capacity(ctx)
                     sealer = keys.sealer(Direction.SOURCE_TO_DESTINATION, i)
                     pool = SendPool(ch, send_buffers, size, zero_copy=zero_copy,
                                     poison=send_buffer_poison)
@@ -421,14 +422,15 @@ class SenderPool(PoolBase):
 
     def _send_sealed(self, w: _Worker, packet: bytes, normal_c: Any, nn: int) -> None:
         """Seal the packet's offsets and its nn pages (read at normal_c in the mapping) in
-        one pass in C into a send buffer, and send its clear header, then the buffer."""
+        C into a send buffer (the pages in one pass from the mapping), and send its clear
+        header, then the buffer."""
         assert w.sealer is not None and w.send_buffers is not None
         ctx = self._ctx
         # Bytes (320, and 8 per page), not views: nothing the channel pins for a send is an
         # exported memoryview that a failed send's traceback could keep in a cycle (see
         # SendPool.send for the crash that caused).
         header, lead = packet[:HEADER_SIZE], packet[HEADER_SIZE:]
-        body = len(lead) + nn * ctx.page_size
+        sealed = len(lead) + nn * ctx.page_size + 2 * TAG_SIZE
         self._check_counter(w)
         if self._hook is not None:
             self._hook("send_packet", w.id)
@@ -437,12 +439,12 @@ class SenderPool(PoolBase):
         # notification"), here on our own buffers.
         buf = w.send_buffers.acquire(self._flush_timeout)
         try:
-            w.sealer.seal_gather(self._base, ctx.image_size, normal_c, nn, ctx.page_size,
-                                 buf.cdata, buf.cdata + body, aad=header, lead=lead)
+            w.sealer.seal_packet(self._base, ctx.image_size, normal_c, nn, ctx.page_size,
+                                 buf.cdata, buf.size, aad=header, lead=lead)
         except BaseException:
             w.send_buffers.release(buf)
             raise
-        w.send_buffers.send(buf, body + TAG_SIZE, header=header)
+        w.send_buffers.send(buf, sealed, header=header)
 
     def _check_counter(self, w: _Worker) -> None:
         """The nonce's counter is the packet's seq - 1 (docs/protocol.md): the one the

@@ -45,7 +45,8 @@ __all__ = [
     "encode_init",
     "encode_packet",
     "encode_sync",
-    "sealed_body_size",
+    "sealed_capacity",
+    "sealed_size",
 ]
 
 MULTIFD_MAGIC = 0x11223344
@@ -55,7 +56,8 @@ HEADER_SIZE = 320
 FLAG_SYNC = 1
 BLOCK_NAME_SIZE = 256
 
-# A sealed packet's AES-GCM tag, right after its sealed body (channel/aead.py's TAG_LEN).
+# An AES-GCM tag (channel/aead.py's TAG_LEN): a sealed data packet has two, one after its
+# sealed offsets and one after its sealed page data; a sealed SYNC has one.
 TAG_SIZE = 16
 
 MAX_CHANNELS = 255  # the channel id travels as one byte
@@ -116,7 +118,7 @@ class WireContext:
     pages_alloc: int  # most pages (normal + zero) in one packet, 1..1024
     block: str = "zcmigrate.ram"  # ASCII, 1..255 bytes, so the 256-byte field keeps a NUL
     # Every packet sealed (HELLO's "encryption"): the header stays clear and is the AAD,
-    # everything after it is ciphertext, and a TAG_SIZE-byte tag ends the packet.
+    # everything after it is ciphertext and tags (sealed_size).
     sealed: bool = False
 
     def __post_init__(self) -> None:
@@ -199,10 +201,20 @@ class PacketHeader:
         return self.next_packet_size
 
 
-def sealed_body_size(header: PacketHeader) -> int:
-    """What a sealed packet encrypts after its header: the offsets and the page data (0 for
-    a SYNC, whose tag authenticates its header alone). TAG_SIZE bytes of tag follow them."""
-    return header.offsets_size + header.payload_size
+def sealed_size(header: PacketHeader) -> int:
+    """The bytes a sealed packet has after its header, tags included. A data packet: its
+    offsets' ciphertext and tag, then its page data's ciphertext and tag (two messages
+    under one counter, so the offsets verify before a page is written: docs/protocol.md);
+    a SYNC: one tag, over its header alone."""
+    if header.is_sync:
+        return TAG_SIZE
+    return header.offsets_size + TAG_SIZE + header.payload_size + TAG_SIZE
+
+
+def sealed_capacity(ctx: WireContext) -> int:
+    """The most any sealed packet of this context has after its header: a buffer of this
+    size holds every one of them (sealed_size of a full packet)."""
+    return 8 * ctx.pages_alloc + ctx.pages_alloc * ctx.page_size + 2 * TAG_SIZE
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,8 +3,9 @@
  *
  * No home-made crypto: every byte of cipher, tag and key derivation comes from OpenSSL's
  * EVP interfaces. What is ours is the loop around them: sealing pages gathered from a
- * mapping straight into one contiguous send buffer (one pass, no staging copy), and the
- * bounds checks that keep that loop inside the image and the output. It decides no
+ * mapping straight into one contiguous send buffer (one pass, no staging copy), opening
+ * such ciphertext straight back into a mapping's pages (the inverse), and the bounds
+ * checks that keep those loops inside the image and the output. It decides no
  * policy: nonces and keys come from the caller (channel/aead.py owns them), and every
  * function returns 0 or a ZCC_E* code. cffi releases the GIL around every call.
  */
@@ -236,6 +237,64 @@ int zcc_open(struct zcc_aead *a, const uint8_t *nonce, const uint8_t *aad, size_
          * output is all zeros (in place, the ciphertext is gone too). */
         if (len)
             OPENSSL_cleanse(out, len);
+        ERR_clear_error();
+    }
+    return rc;
+}
+
+int zcc_open_pages(struct zcc_aead *a, const uint8_t *nonce, const uint8_t *aad,
+                   size_t aad_len, const uint8_t *in, uint64_t in_len, uint64_t base,
+                   uint64_t image_size, const uint64_t *offsets, uint32_t n,
+                   uint32_t page_size, const uint8_t *tag)
+{
+    if (!common_ok(a, nonce, aad, aad_len) || tag == NULL || page_size == 0 ||
+        (n && (offsets == NULL || in == NULL)))
+        return ZCC_EINVAL;
+    /* Exactly the packet's pages: one more or fewer byte of ciphertext than the offsets
+     * name and the tag could never verify, so say so before anything is written. */
+    if (in_len != (uint64_t)n * page_size || in_len > GCM_MAX_BYTES)
+        return ZCC_EBOUNDS;
+    /* Every offset before any byte is written: whatever the peer sent, the plaintext
+     * lands inside the image and nowhere else. */
+    for (uint32_t i = 0; i < n; i++) {
+        uint64_t off = offsets[i];
+        if (off % page_size || off > image_size || image_size - off < page_size)
+            return ZCC_EBOUNDS;
+    }
+    const void *image = (const void *)(uintptr_t)base;
+    if (overlaps(in, in_len, image, image_size) || overlaps(tag, ZCC_TAG_LEN, image, image_size))
+        return ZCC_EINVAL;
+    uint8_t want[ZCC_TAG_LEN];
+    memcpy(want, tag, sizeof want);
+    if (!take(a))
+        return ZCC_EBUSY;
+    int rc = begin(a, nonce, aad, aad_len, 0);
+    if (!rc && !EVP_CIPHER_CTX_ctrl(a->ctx, EVP_CTRL_AEAD_SET_TAG, ZCC_TAG_LEN, want))
+        rc = ZCC_ECRYPTO;
+    /* The fused scatter: each run of adjacent pages is decrypted from the packet's buffer
+     * straight to its place in the mapping, one pass over the bytes and no copy after.
+     * Until Final those pages hold plaintext that is not yet verified: the caller writes
+     * only an image no guest runs from and that is committed only once every packet
+     * verified (docs/security.md), and a failure below zeroes every one of them. */
+    const uint8_t *src = in;
+    uint32_t i = 0;
+    while (!rc && i < n) {
+        uint32_t j = run_end(offsets, i, n, page_size);
+        uint64_t run = (uint64_t)(j - i) * page_size;
+        rc = update(a, (uint8_t *)(uintptr_t)(base + offsets[i]), src, run);
+        src += run;
+        i = j;
+    }
+    if (!rc) {
+        uint8_t none[32];
+        int outl = 0;
+        if (EVP_DecryptFinal_ex(a->ctx, none, &outl) <= 0)
+            rc = ZCC_EAUTH;
+    }
+    give(a);
+    if (rc) {
+        for (i = 0; i < n; i++)
+            OPENSSL_cleanse((void *)(uintptr_t)(base + offsets[i]), page_size);
         ERR_clear_error();
     }
     return rc;

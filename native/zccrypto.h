@@ -38,6 +38,14 @@ int zcc_seal_pages(struct zcc_aead *a, const uint8_t *nonce, const uint8_t *aad,
                    uint32_t page_size, uint8_t *out, uint64_t out_capacity, uint8_t *tag);
 int zcc_open(struct zcc_aead *a, const uint8_t *nonce, const uint8_t *aad, size_t aad_len,
              const uint8_t *in, uint8_t *out, uint64_t len, const uint8_t *tag);
+/* The reverse of zcc_seal_pages without a lead: in_len = n * page_size bytes of ciphertext
+ * at `in`, decrypted straight into the mapping [base, base + image_size) at `offsets`,
+ * then the tag checked. On ZCC_EAUTH (or ZCC_ECRYPTO) every one of those n pages of the
+ * mapping has been zeroed; on any other error nothing was written. */
+int zcc_open_pages(struct zcc_aead *a, const uint8_t *nonce, const uint8_t *aad,
+                   size_t aad_len, const uint8_t *in, uint64_t in_len, uint64_t base,
+                   uint64_t image_size, const uint64_t *offsets, uint32_t n,
+                   uint32_t page_size, const uint8_t *tag);
 
 int zcc_hkdf_sha256(const uint8_t *salt, size_t salt_len, const uint8_t *ikm, size_t ikm_len,
                     const uint8_t *info, size_t info_len, uint8_t *out, size_t out_len);

@@ -8,6 +8,7 @@ import os
 import threading
 import uuid
 from array import array
+from typing import Any
 
 import pytest
 
@@ -325,9 +326,9 @@ def test_the_c_path_takes_a_cffi_array_and_a_tag_pointer_just_past_the_ciphertex
 
 
 def test_a_lead_and_gathered_blocks_are_one_sealed_unit_opened_in_place() -> None:
-    """A packet's offsets (the lead) and its pages seal as one message into one buffer,
-    the tag after them; the receiver opens the whole in place, and nothing else opens it:
-    not another counter, not a byte changed in the lead, the pages or the AAD."""
+    """seal_gather's lead and its blocks seal as one message into one buffer, the tag
+    after them; it opens in place as a whole, and nothing else opens it: not another
+    counter, not a byte changed in the lead, the blocks or the AAD."""
     image = mmap.mmap(-1, 16 * PAGE)
     image[:] = os.urandom(len(image))
     img_c = ffi.from_buffer("uint8_t[]", image)
@@ -361,6 +362,138 @@ def test_a_lead_and_gathered_blocks_are_one_sealed_unit_opened_in_place() -> Non
     finally:
         ffi.release(img_c)
         image.close()
+
+
+class PacketImage:
+    """A mapping of random pages to seal packets from, and a packet's buffer."""
+
+    def __init__(self, pages: int = 16) -> None:
+        self.mm = mmap.mmap(-1, pages * PAGE)
+        self.mm[:] = os.urandom(len(self.mm))
+        self.c = ffi.from_buffer("uint8_t[]", self.mm)
+        self.base = int(ffi.cast("uintptr_t", self.c))
+
+    def seal(self, s: Sealer, pages: list[int], lead: bytes, aad: bytes = b"hdr") -> Any:
+        offs = ffi.new("uint64_t[]", [p * PAGE for p in pages])
+        n = len(lead) + len(pages) * PAGE + 2 * TAG_LEN
+        buf = ffi.new("uint8_t[]", n)
+        s.seal_packet(self.base, len(self.mm), offs, len(pages), PAGE, buf, n, aad=aad,
+                      lead=lead)
+        return buf
+
+    def pages(self, pages: list[int]) -> bytes:
+        return b"".join(self.mm[p * PAGE:(p + 1) * PAGE] for p in pages)
+
+    def close(self) -> None:
+        ffi.release(self.c)
+        self.mm.close()
+
+
+def test_a_packet_seals_as_offsets_then_pages_each_with_its_tag_under_one_counter() -> None:
+    """seal_packet's layout: lead ciphertext | tag | page ciphertext | tag. The opener
+    takes the lead, then the pages, in place or straight into a mapping, and the pair
+    uses up one counter: the next packet opens under the next."""
+    img, dst = PacketImage(), PacketImage()
+    lead = b"offsets of three pages: 24 bytes"[:24]
+    s, o = pair(channel=3)
+    try:
+        first = img.seal(s, [3, 4, 9], lead)
+        second = img.seal(s, [0], lead[:8])
+        assert s.next_counter == 2
+        o.open_lead(0, first, 24, aad=b"hdr")
+        assert ffi.buffer(first, 24)[:] == lead
+        o.open_pages(0, first + 24 + TAG_LEN, 3 * PAGE, aad=b"hdr")
+        assert ffi.buffer(first + 24 + TAG_LEN, 3 * PAGE)[:] == img.pages([3, 4, 9])
+        o.open_lead(1, second, 8, aad=b"hdr")
+        before = bytes(dst.mm)
+        o.open_pages(1, second + 8 + TAG_LEN, PAGE, aad=b"hdr",
+                     into=(dst.base, len(dst.mm), ffi.new("uint64_t[]", [5 * PAGE]), 1, PAGE))
+        assert dst.mm[5 * PAGE:6 * PAGE] == img.pages([0])
+        assert dst.mm[:5 * PAGE] == before[:5 * PAGE]
+        assert dst.mm[6 * PAGE:] == before[6 * PAGE:]
+        assert o.expected_counter == 2
+    finally:
+        img.close()
+        dst.close()
+
+
+@pytest.mark.parametrize("where", ["lead", "lead tag", "page", "page tag", "swapped"])
+def test_a_changed_part_of_a_packet_fails_at_the_step_that_opens_it(where: str) -> None:
+    """The lead's tag is checked before anything is decided from the offsets, the pages'
+    tag after their decryption (which leaves zeros on failure). The two messages have
+    their own nonces: the page data does not open as a lead, nor the lead as page data."""
+    img = PacketImage()
+    lead = bytes(range(16))
+    s, o = pair()
+    try:
+        buf = img.seal(s, [1, 2], lead)
+        pages_at = 16 + TAG_LEN
+        if where == "swapped":  # the lead's ciphertext and tag where the pages' should be
+            with pytest.raises(AuthenticationFailed, match="offsets"):
+                o.open_lead(0, buf + pages_at, 16, aad=b"hdr")
+            return
+        flip = {"lead": 3, "lead tag": 16 + 2, "page": pages_at + PAGE + 7,
+                "page tag": pages_at + 2 * PAGE + 1}[where]
+        buf[flip] ^= 0x20
+        if where.startswith("lead"):
+            with pytest.raises(AuthenticationFailed, match=r"packet 0 \(offsets\)"):
+                o.open_lead(0, buf, 16, aad=b"hdr")
+        else:
+            o.open_lead(0, buf, 16, aad=b"hdr")
+            with pytest.raises(AuthenticationFailed, match=r"packet 0 \(page data\)"):
+                o.open_pages(0, buf + pages_at, 2 * PAGE, aad=b"hdr")
+            assert ffi.buffer(buf + pages_at, 2 * PAGE)[:] == bytes(2 * PAGE)
+        with pytest.raises(AeadError, match="earlier failure"):
+            o.open_in_place(1, buf, 0, aad=b"hdr")
+    finally:
+        img.close()
+
+
+def test_the_two_steps_of_a_packet_are_taken_in_order_and_never_mixed() -> None:
+    img = PacketImage()
+    try:
+        s, o = pair()
+        buf = img.seal(s, [1], bytes(8))
+        with pytest.raises(AeadError, match="before its packet's offsets"):
+            o.open_pages(0, buf + 8 + TAG_LEN, PAGE, aad=b"hdr")
+        s, o = pair()
+        buf = img.seal(s, [1], bytes(8))
+        sync = ffi.new("uint8_t[]", TAG_LEN)
+        o.open_lead(0, buf, 8, aad=b"hdr")
+        # A SYNC (or another lead) where this packet's page data belongs.
+        with pytest.raises(AeadError, match="page data was never opened"):
+            o.open_in_place(1, sync, 0, aad=b"sync")
+        assert o.failed
+    finally:
+        img.close()
+
+
+def test_a_packet_that_cannot_be_sealed_uses_no_counter() -> None:
+    img = PacketImage(4)
+    s, _ = pair()
+    try:
+        out = ffi.new("uint8_t[]", 2 * PAGE + 8 + 2 * TAG_LEN)
+        with pytest.raises(AeadError, match="outside the mapping"):
+            s.seal_packet(img.base, len(img.mm), ffi.new("uint64_t[]", [0, 4 * PAGE]), 2,
+                          PAGE, out, len(out), aad=b"", lead=bytes(8))
+        with pytest.raises(AeadError, match="does not fit"):
+            s.seal_packet(img.base, len(img.mm), ffi.new("uint64_t[]", [0, PAGE]), 2, PAGE,
+                          out, len(out) - 1, aad=b"", lead=bytes(8))
+        assert s.next_counter == 0
+        assert ffi.buffer(out)[:] == bytes(len(out))
+        main, _ = pair(channel=None)
+        with pytest.raises(AeadError, match="no page-data nonces"):
+            main.seal_packet(img.base, len(img.mm), ffi.new("uint64_t[]", [0]), 1, PAGE,
+                             out, len(out), aad=b"", lead=bytes(8))
+    finally:
+        img.close()
+
+
+def test_page_data_nonces_differ_from_every_other_nonce_of_the_session() -> None:
+    prefixes = [StreamId(d, c).prefix for d in Direction for c in (None, 0, 1, 255)]
+    pages = [StreamId(d, c).pages_prefix for d in Direction for c in (0, 1, 255)]
+    assert len(set(prefixes + pages)) == len(prefixes) + len(pages)
+    assert StreamId(S2D, None).pages_prefix is None
 
 
 def test_open_in_place_takes_a_cffi_buffer_with_room_for_the_tag() -> None:

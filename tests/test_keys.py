@@ -144,19 +144,20 @@ def _image_with_zero_pages(path: Path, size: int = 16 << 20) -> bytes:
     return bytes(data)
 
 
-def _wire_bytes(stats: dict[str, Any]) -> tuple[int, int]:
-    """(data-channel bytes, packets incl. SYNCs) the source's final statistics count."""
+def _wire_bytes(stats: dict[str, Any]) -> tuple[int, int, int]:
+    """(data-channel bytes, data packets, SYNCs) the source's final statistics count."""
     chans = stats["multifd"]["channels"]
-    return (sum(c["bytes"] for c in chans),
-            sum(c["packets"] + c["syncs"] for c in chans))
+    return (sum(c["bytes"] for c in chans), sum(c["packets"] for c in chans),
+            sum(c["syncs"] for c in chans))
 
 
 @pytest.mark.parametrize("zero_copy", ["on", "off"])
 def test_a_sealed_migration_arrives_identical_and_each_packet_carries_a_tag(
         tmp_path: Path, zero_copy: str) -> None:
     """The same image with a key, encrypted and then with --no-encryption: identical both
-    times, and the sealed run's data channels carried exactly 16 bytes (a GCM tag) more per
-    packet, SYNCs included: every packet was sealed, none went clear."""
+    times, and the sealed run's data channels carried exactly two 16-byte GCM tags more
+    per data packet (its offsets', its pages') and one per SYNC: every packet was sealed,
+    none went clear."""
     key = tmp_path / "k"
     keygen(key)
     src = tmp_path / "src.img"
@@ -172,9 +173,9 @@ def test_a_sealed_migration_arrives_identical_and_each_packet_carries_a_tag(
         assert recv.result()[0] == 0
         assert dst.read_bytes() == data, f"{mode}: the destination differs"
         wire[mode] = _wire_bytes(stats)
-    (sealed, packets), (clear, clear_packets) = wire["sealed"], wire["clear"]
-    assert packets == clear_packets
-    assert sealed - clear == TAG_LEN * packets
+    (sealed, packets, syncs), (clear, *clear_counts) = wire["sealed"], wire["clear"]
+    assert [packets, syncs] == clear_counts
+    assert sealed - clear == TAG_LEN * (2 * packets + syncs)
 
 
 FLIPS = [

@@ -36,6 +36,7 @@ from zcmigrate.multifd.wire import (
     encode_packet,
     encode_sync,
 )
+from zcmigrate.native import ffi
 
 PAGE = 4096
 MiB = 1 << 20
@@ -108,10 +109,11 @@ def test_a_sealed_image_arrives_identical_over_two_rounds(
         for a, b in zip(sent.channels, got.channels, strict=True):
             assert (a.packets, a.normal_pages, a.zero_pages, a.bytes) == (
                 b.packets, b.normal_pages, b.zero_pages, b.bytes)
-            # Every packet sealed: the clear layout plus a 16-byte tag each, SYNCs too.
+            # Every packet sealed: the clear layout plus two 16-byte tags per data packet
+            # (its offsets', its pages') and one per SYNC.
             clear = (HEADER_SIZE * (a.packets + a.syncs) + 8 * (a.normal_pages + a.zero_pages)
                      + PAGE * a.normal_pages)
-            assert a.bytes == 64 + clear + TAG_SIZE * (a.packets + a.syncs)
+            assert a.bytes == 64 + clear + TAG_SIZE * (2 * a.packets + a.syncs)
         assert sent.zero_pages > 0
         if zero_copy:
             assert sent.zero_copy_queued > 0
@@ -161,7 +163,9 @@ class Feed:
     def __init__(self, keys: SessionKeys, size: int = 1 * MiB) -> None:
         self.ctx = sealed_ctx(size, channels=1, pages_alloc=16)
         self.keys = keys
-        self.image = os.urandom(size)
+        self.image = mmap.mmap(-1, size)
+        self.image[:] = os.urandom(size)
+        self.base = int(ffi.cast("uintptr_t", ffi.from_buffer(self.image)))
         self.dst = mmap.mmap(-1, size)
         self.tx, rx = tcp_pair(zero_copy=False)
         self.tx.write_all(encode_init(self.ctx, 0))
@@ -173,8 +177,10 @@ class Feed:
         offsets = [(first_page + i) * PAGE for i in range(n)]
         head = encode_packet(self.ctx, packet_num=seq, seq=seq, normal=offsets)
         header, lead = head[:HEADER_SIZE], head[HEADER_SIZE:]
-        pages = b"".join(self.image[o:o + PAGE] for o in offsets)
-        return header + sealer.seal(lead + pages, aad=header)
+        out = ffi.new("uint8_t[]", len(lead) + n * PAGE + 2 * TAG_SIZE)
+        sealer.seal_packet(self.base, len(self.image), ffi.new("uint64_t[]", offsets), n,
+                           PAGE, out, len(out), aad=header, lead=lead)
+        return header + bytes(ffi.buffer(out))
 
     def sync(self, sealer: Sealer, seq: int, packets: int, pages: int) -> bytes:
         s = encode_sync(self.ctx, seq, seq, packets=packets, pages=pages)
@@ -196,6 +202,7 @@ class Feed:
         self.pool.close()
         self.tx.close()
         self.dst.close()
+        self.image.close()
 
 
 @pytest.fixture
@@ -208,7 +215,8 @@ def feed() -> Iterator[Feed]:
 def sealer_of(feed: Feed, first_counter: int = 0) -> Sealer:
     """The source's sealer of channel 0, built apart so a test may start it anywhere."""
     stream = StreamId(Direction.SOURCE_TO_DESTINATION, 0)
-    return Sealer(feed.keys.key(stream), stream.prefix, first_counter=first_counter)
+    return Sealer(feed.keys.key(stream), stream.prefix, first_counter=first_counter,
+                  pages_prefix=stream.pages_prefix)
 
 
 def test_hand_sealed_packets_are_accepted(feed: Feed) -> None:
@@ -219,12 +227,14 @@ def test_hand_sealed_packets_are_accepted(feed: Feed) -> None:
     assert feed.dst[:8 * PAGE] == feed.image[:8 * PAGE]
 
 
-# Where to change one byte of the first data packet (4 pages, so 32 bytes of offsets).
+# Where to change one byte of the first data packet (4 pages, so 32 bytes of offsets, then
+# their tag, then the pages and theirs).
 TAMPER = [
     pytest.param(24 + 7, id="header-packet_num"),  # no header check reads it
     pytest.param(HEADER_SIZE + 7, id="offsets"),
-    pytest.param(HEADER_SIZE + 32 + 3 * PAGE + 100, id="page"),
-    pytest.param(-1, id="tag"),
+    pytest.param(HEADER_SIZE + 32 + 5, id="offsets-tag"),
+    pytest.param(HEADER_SIZE + 32 + TAG_SIZE + 3 * PAGE + 100, id="page"),
+    pytest.param(-1, id="pages-tag"),
 ]
 
 
@@ -236,7 +246,29 @@ def test_a_changed_byte_anywhere_fails_the_channel_and_nothing_reaches_the_image
     pkt[at] ^= 0x01
     err = feed.outcome(bytes(pkt) + feed.sync(s, 2, packets=1, pages=4))
     assert err is not None and "did not verify" in str(err), err
-    assert feed.dst[:] == bytes(len(feed.dst)), "a page of a refused packet was written"
+    assert feed.dst[:] == bytes(len(feed.dst)), "a byte of a refused packet is in the image"
+
+
+def test_pages_whose_data_fails_its_tag_are_left_zeroed_not_as_they_decrypted() -> None:
+    """Into a mapping a sealed packet's pages are decrypted in place and checked after
+    (docs/security.md): when the check fails, what they decrypted to (the attacker's
+    doing) must not stay, and neither may what they held before: they hold zeros. Only the
+    packet's own pages change; its neighbours keep their data."""
+    f = Feed(session())
+    try:
+        s = sealer_of(f)
+        first = f.packet(s, 1, 0, n=8)  # pages 0-7 arrive intact in round 1
+        assert f.outcome(first + f.sync(s, 2, packets=1, pages=8)) is None
+        assert f.dst[:8 * PAGE] == f.image[:8 * PAGE]
+        f.image[:4 * PAGE] = os.urandom(4 * PAGE)  # pages 0-3 change before round 2
+        pkt = bytearray(f.packet(s, 3, 0))
+        pkt[HEADER_SIZE + 32 + TAG_SIZE + PAGE + 9] ^= 0x40  # a byte of page 1's data
+        err = f.outcome(bytes(pkt) + f.sync(s, 4, packets=1, pages=4))
+        assert err is not None and "did not verify" in str(err), err
+        assert f.dst[:4 * PAGE] == bytes(4 * PAGE), "a refused page was not zeroed"
+        assert f.dst[4 * PAGE:8 * PAGE] == f.image[4 * PAGE:8 * PAGE]
+    finally:
+        f.close()
 
 
 def test_a_tampered_sync_is_refused(feed: Feed) -> None:
@@ -286,7 +318,7 @@ def test_a_packet_sealed_under_another_counter_than_its_seq_is_refused(feed: Fee
 
 def test_a_packet_sealed_for_another_channel_is_refused(feed: Feed) -> None:
     other = StreamId(Direction.SOURCE_TO_DESTINATION, 1)
-    s = Sealer(feed.keys.key(other), other.prefix)
+    s = Sealer(feed.keys.key(other), other.prefix, pages_prefix=other.pages_prefix)
     err = feed.outcome(feed.packet(s, 1, 0))
     assert err is not None and "did not verify" in str(err), err
 

@@ -1,7 +1,8 @@
 """native/zccrypto.c: AES-256-GCM and HKDF-SHA256 through OpenSSL, called directly.
 
 Known answers from the GCM specification (McGrew and Viega, test cases 13-16, also NIST
-SP 800-38D's) and RFC 5869 appendix A; tampering; the bounds of the fused gather-and-seal.
+SP 800-38D's) and RFC 5869 appendix A; tampering; the bounds of the fused gather-and-seal
+and of its inverse, the open that scatters pages into a mapping.
 """
 
 from __future__ import annotations
@@ -364,6 +365,99 @@ def test_a_zero_page_size_or_an_output_inside_the_image_is_refused() -> None:
                                   PAGE, img.c + 2 * PAGE, PAGE, tag) == lib.ZCC_EINVAL
     finally:
         img.close()
+
+
+# ------------------------------------------------ open pages straight into a mapping
+
+
+def open_pages(ctx: Any, img: Image, offsets: list[int], sealed: bytes, tag: bytes, *,
+               aad: bytes = b"", in_len: int | None = None) -> int:
+    offs = array("Q", offsets)
+    return int(lib.zcc_open_pages(ctx, IV16, aad, len(aad), sealed,
+                                  len(sealed) if in_len is None else in_len, img.base,
+                                  img.size, ffi.from_buffer("uint64_t[]", offs), len(offs),
+                                  PAGE, tag))
+
+
+def test_pages_open_straight_into_their_places_in_the_mapping() -> None:
+    """zcc_open_pages is the inverse of zcc_seal_pages: each page lands at its offset (runs,
+    single pages, out of order), the pages between them and past the image keep theirs."""
+    src, dst = Image(), Image()
+    ctx = aead(K16)
+    offsets = [3 * PAGE, 4 * PAGE, 0, 9 * PAGE, 11 * PAGE]
+    try:
+        rc, sealed, tag, _ = seal_pages(ctx, src, offsets, len(offsets) * PAGE, aad=A16)
+        assert rc == 0
+        before = bytes(dst.mm)
+        assert open_pages(ctx, dst, offsets, sealed, tag, aad=A16) == 0
+        for i in range(16):
+            want = src.page(i * PAGE) if i * PAGE in offsets else before[i * PAGE:(i + 1) * PAGE]
+            assert dst.page(i * PAGE) == want, f"page {i}"
+    finally:
+        src.close()
+        dst.close()
+
+
+@pytest.mark.parametrize("what", ["ciphertext", "tag", "aad"])
+def test_pages_that_fail_their_tag_are_zeroed_in_the_mapping_and_only_they(what: str) -> None:
+    src, dst = Image(), Image()
+    ctx = aead(K16)
+    offsets = [PAGE, 2 * PAGE, 7 * PAGE]
+    try:
+        rc, sealed, tag, _ = seal_pages(ctx, src, offsets, 3 * PAGE, aad=A16)
+        assert rc == 0
+        aad = A16
+        if what == "ciphertext":
+            sealed = _flip(sealed, 8 * (PAGE + 5))
+        elif what == "tag":
+            tag = _flip(tag, 3)
+        else:
+            aad = _flip(A16, 0)
+        before = bytes(dst.mm)
+        assert open_pages(ctx, dst, offsets, sealed, tag, aad=aad) == lib.ZCC_EAUTH
+        for i in range(16):
+            want = bytes(PAGE) if i * PAGE in offsets else before[i * PAGE:(i + 1) * PAGE]
+            assert dst.page(i * PAGE) == want, f"page {i}"
+    finally:
+        src.close()
+        dst.close()
+
+
+@pytest.mark.parametrize("bad", [12 * PAGE, 11 * PAGE + 1, 2**63, 2**64 - PAGE])
+def test_opening_pages_outside_the_image_is_refused_with_nothing_written(bad: int) -> None:
+    dst = Image()
+    try:
+        before = bytes(dst.mm)
+        rc = open_pages(aead(K16), dst, [0, bad], bytes(2 * PAGE), bytes(16))
+        assert rc == lib.ZCC_EBOUNDS and bytes(dst.mm) == before
+    finally:
+        dst.close()
+
+
+@pytest.mark.parametrize("in_len", [2 * PAGE - 1, 2 * PAGE + 1, 0])
+def test_ciphertext_not_exactly_the_pages_is_refused_with_nothing_written(in_len: int) -> None:
+    dst = Image()
+    try:
+        before = bytes(dst.mm)
+        rc = open_pages(aead(K16), dst, [0, PAGE], bytes(3 * PAGE), bytes(16), in_len=in_len)
+        assert rc == lib.ZCC_EBOUNDS and bytes(dst.mm) == before
+    finally:
+        dst.close()
+
+
+def test_ciphertext_or_tag_inside_the_image_is_refused() -> None:
+    dst = Image()
+    ctx = aead(K16)
+    offs = ffi.new("uint64_t[]", [0])
+    try:
+        before = bytes(dst.mm)
+        assert lib.zcc_open_pages(ctx, IV16, b"", 0, dst.c + 4 * PAGE, PAGE, dst.base,
+                                  dst.size, offs, 1, PAGE, bytes(16)) == lib.ZCC_EINVAL
+        assert lib.zcc_open_pages(ctx, IV16, b"", 0, bytes(PAGE), PAGE, dst.base, dst.size,
+                                  offs, 1, PAGE, dst.c + 5 * PAGE) == lib.ZCC_EINVAL
+        assert bytes(dst.mm) == before
+    finally:
+        dst.close()
 
 
 # --------------------------------------------------------------------------- HKDF
