@@ -1,4 +1,4 @@
-"""Keys and nonces of an encrypted migration: HKDF session keys, AES-256-GCM sealers, openers.
+"""Keys and nonces of an encrypted migration: HKDF session keys, AES-128-GCM sealers, openers.
 
 The one module that owns key material and nonce counters (the cipher itself is OpenSSL's,
 called from native/zccrypto.c). It knows bytes and keys, not pages, packets or records.
@@ -23,7 +23,8 @@ from zcmigrate.channel.errors import (
 )
 from zcmigrate.native import ffi, lib
 
-KEY_LEN: int = lib.ZCC_KEY_LEN  # AES-256, and the shared key's length too
+KEY_LEN: int = lib.ZCC_KEY_LEN  # the shared key's length (and HKDF's default output)
+AEAD_KEY_LEN: int = lib.ZCC_AEAD_KEY_LEN  # a session key: AES-128
 NONCE_LEN: int = lib.ZCC_NONCE_LEN
 TAG_LEN: int = lib.ZCC_TAG_LEN
 PREFIX_LEN = 4  # the fixed field of the nonce; the other 8 bytes are the counter
@@ -142,9 +143,9 @@ class SessionKeys:
         self._lock = threading.Lock()
 
     def key(self, stream: StreamId) -> bytes:
-        """The 32-byte AES-256-GCM key of one stream."""
+        """The 16-byte AES-128-GCM key of one stream."""
         info = _INFO_LABEL + self.migration_uuid + stream.prefix
-        return hkdf_sha256(self._shared, salt=self._salt, info=info, length=KEY_LEN)
+        return hkdf_sha256(self._shared, salt=self._salt, info=info, length=AEAD_KEY_LEN)
 
     def binding_mac(self, channel: int, challenge: bytes) -> bytes:
         """The MAC a data channel's init record carries: HMAC-SHA256, under a key of this
@@ -178,14 +179,14 @@ class SessionKeys:
 
 
 class _Aead:
-    """An AES-256-GCM context in C (key schedule computed once) and the nonce layout."""
+    """An AES-128-GCM context in C (key schedule computed once) and the nonce layout."""
 
     __slots__ = ("_ctx", "_lock", "_pages_prefix", "_prefix", "name")
 
     def __init__(self, key: bytes, prefix: bytes, name: str,
                  pages_prefix: bytes | None = None) -> None:
-        if len(key) != KEY_LEN:
-            raise ValueError(f"AES-256-GCM key of {len(key)} bytes, expected {KEY_LEN}")
+        if len(key) != AEAD_KEY_LEN:
+            raise ValueError(f"AES-128-GCM key of {len(key)} bytes, expected {AEAD_KEY_LEN}")
         for p in (prefix, pages_prefix):
             if p is not None and len(p) != PREFIX_LEN:
                 raise ValueError(f"nonce prefix of {len(p)} bytes, expected {PREFIX_LEN}")
@@ -193,7 +194,7 @@ class _Aead:
             raise ValueError("the page-data nonce prefix must differ from the stream's")
         ctx = lib.zcc_aead_new(key, len(key))
         if ctx == ffi.NULL:
-            raise AeadError("OpenSSL could not set up an AES-256-GCM context")
+            raise AeadError("OpenSSL could not set up an AES-128-GCM context")
         self._ctx: Any = ffi.gc(ctx, lib.zcc_aead_free)
         self._prefix = bytes(prefix)
         self._pages_prefix = None if pages_prefix is None else bytes(pages_prefix)

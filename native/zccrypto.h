@@ -1,11 +1,12 @@
-/* The interface of zccrypto.c: AES-256-GCM and HKDF-SHA256 through OpenSSL's libcrypto.
+/* The interface of zccrypto.c: AES-128-GCM and HKDF-SHA256 through OpenSSL's libcrypto.
  * _build.py feeds this file (less its # lines) to cffi's cdef beside zcnative.h, so it
  * must stay plain declarations that cffi can parse: constants are enums, not #defines. */
 #include <stddef.h>
 #include <stdint.h>
 
 enum {
-    ZCC_KEY_LEN = 32,     /* AES-256 */
+    ZCC_KEY_LEN = 32,     /* the shared key, and the HKDF keys of the handshake's MACs */
+    ZCC_AEAD_KEY_LEN = 16, /* AES-128: a session key, derived per stream with HKDF */
     ZCC_NONCE_LEN = 12,   /* GCM's 96-bit IV (SP 800-38D 8.2.1: the deterministic form) */
     ZCC_TAG_LEN = 16,     /* full-length tags only */
     ZCC_HKDF_MAX = 8160   /* RFC 5869 2.3: L <= 255 * HashLen */
@@ -20,7 +21,7 @@ enum {
     ZCC_ECRYPTO = -24  /* libcrypto failed (out of memory...): see each function */
 };
 
-/* One AES-256-GCM key, its schedule computed once. A context serves one thread at a
+/* One AES-128-GCM key, its schedule computed once. A context serves one thread at a
  * time: a second concurrent call gets ZCC_EBUSY rather than corrupting the first. */
 struct zcc_aead;
 

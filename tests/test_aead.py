@@ -59,7 +59,7 @@ def test_every_direction_and_channel_gets_its_own_key() -> None:
     keys = session()
     streams = [StreamId(d, c) for d in Direction for c in (None, 0, 1, 2, 255)]
     derived = [keys.key(s) for s in streams]
-    assert all(len(k) == 32 for k in derived)
+    assert all(len(k) == 16 for k in derived)  # AES-128
     assert len(set(derived)) == len(streams)
     assert len({s.prefix for s in streams}) == len(streams)
 
@@ -70,9 +70,11 @@ def test_the_derivation_is_hkdf_over_the_documented_layout() -> None:
     src, dst = os.urandom(32), os.urandom(32)
     keys = session(source_nonce=src, destination_nonce=dst)
     info = b"zcmigrate session key v1\x00" + UUID.bytes + bytes([1, 1]) + (7).to_bytes(2, "big")
-    assert keys.key(StreamId(D2S, 7)) == hkdf_sha256(SHARED, salt=src + dst, info=info)
+    assert keys.key(StreamId(D2S, 7)) == hkdf_sha256(SHARED, salt=src + dst, info=info,
+                                                     length=16)
     main = b"zcmigrate session key v1\x00" + UUID.bytes + bytes([0, 0, 0, 0])
-    assert keys.key(StreamId(S2D, None)) == hkdf_sha256(SHARED, salt=src + dst, info=main)
+    assert keys.key(StreamId(S2D, None)) == hkdf_sha256(SHARED, salt=src + dst, info=main,
+                                                        length=16)
 
 
 def test_the_same_inputs_give_the_same_keys_and_any_change_gives_others() -> None:
@@ -129,7 +131,7 @@ def test_the_nonce_is_the_stream_prefix_then_the_big_endian_counter() -> None:
     stream = StreamId(S2D, 3)
     s = Sealer(keys.key(stream), stream.prefix, first_counter=0x0102030405060708)
     sealed = s.seal(b"payload")
-    ctx = ffi.gc(lib.zcc_aead_new(keys.key(stream), 32), lib.zcc_aead_free)
+    ctx = ffi.gc(lib.zcc_aead_new(keys.key(stream), 16), lib.zcc_aead_free)
     nonce = bytes([0, 1, 0, 3]) + bytes(range(1, 9))
     buf = bytearray(sealed[:-TAG_LEN])
     c = ffi.from_buffer("uint8_t[]", buf)

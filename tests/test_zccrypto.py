@@ -1,6 +1,6 @@
-"""native/zccrypto.c: AES-256-GCM and HKDF-SHA256 through OpenSSL, called directly.
+"""native/zccrypto.c: AES-128-GCM and HKDF-SHA256 through OpenSSL, called directly.
 
-Known answers from the GCM specification (McGrew and Viega, test cases 13-16, also NIST
+Known answers from the GCM specification (McGrew and Viega, test cases 1-4, also NIST
 SP 800-38D's) and RFC 5869 appendix A; tampering; the bounds of the fused gather-and-seal
 and of its inverse, the open that scatters pages into a mapping.
 """
@@ -21,7 +21,8 @@ import pytest
 from zcmigrate.native import ffi, lib
 
 PAGE = 4096
-K16 = bytes.fromhex("feffe9928665731c6d6a8f9467308308" * 2)
+# The GCM specification's (McGrew and Viega) AES-128 test cases 1-4, 96-bit IVs.
+K16 = bytes.fromhex("feffe9928665731c6d6a8f9467308308")
 IV16 = bytes.fromhex("cafebabefacedbaddecaf888")
 P16 = bytes.fromhex(
     "d9313225f88406e5a55909c5aff5269a86a7a9531534f7da2e4c303d8a318a72"
@@ -29,22 +30,22 @@ P16 = bytes.fromhex(
 )
 A16 = bytes.fromhex("feedfacedeadbeeffeedfacedeadbeefabaddad2")
 C16 = bytes.fromhex(
-    "522dc1f099567d07f47f37a32a84427d643a8cdcbfe5c0c97598a2bd2555d1aa"
-    "8cb08e48590dbb3da7b08b1056828838c5f61e6393ba7a0abcc9f662"
+    "42831ec2217774244b7221b784d0d49ce3aa212f2c02a4e035c17e2329aca12e"
+    "21d514b25466931c7d8f6a5aac84aa051ba30b396a0aac973d58e091"
 )
-T16 = bytes.fromhex("76fc6ece0f4e1768cddf8853bb2d551b")
+T16 = bytes.fromhex("5bc94fbc3221a5db94fae95ae7121a47")
 
-# (key, iv, plaintext, aad, ciphertext, tag): the GCM spec's AES-256 cases with a 96-bit IV.
+# (key, iv, plaintext, aad, ciphertext, tag)
 GCM_VECTORS = {
-    "case 13: empty": (bytes(32), bytes(12), b"", b"", b"",
-                       bytes.fromhex("530f8afbc74536b9a963b4f1c4cb738b")),
-    "case 14: one zero block": (bytes(32), bytes(12), bytes(16), b"",
-                                bytes.fromhex("cea7403d4d606b6e074ec5d3baf39d18"),
-                                bytes.fromhex("d0d1c8a799996bf0265b98b5d48ab919")),
-    "case 15: four blocks": (
+    "case 1: empty": (bytes(16), bytes(12), b"", b"", b"",
+                      bytes.fromhex("58e2fccefa7e3061367f1d57a4e7455a")),
+    "case 2: one zero block": (bytes(16), bytes(12), bytes(16), b"",
+                               bytes.fromhex("0388dace60b6a392f328c2b971b2fe78"),
+                               bytes.fromhex("ab6e47d42cec13bdf53a67b21257bddf")),
+    "case 3: four blocks": (
         K16, IV16, P16 + bytes.fromhex("1aafd255"), b"",
-        C16 + bytes.fromhex("898015ad"), bytes.fromhex("b094dac5d93471bdec1a502270e3cc6c")),
-    "case 16: partial block and AAD": (K16, IV16, P16, A16, C16, T16),
+        C16 + bytes.fromhex("473f5985"), bytes.fromhex("4d5c2af327cd64a62cf35abd2ba6fab4")),
+    "case 4: partial block and AAD": (K16, IV16, P16, A16, C16, T16),
 }
 
 
@@ -82,10 +83,10 @@ def test_gcm_spec_vectors_seal_and_open(name: str) -> None:
 
 
 def test_one_context_seals_many_messages_with_the_key_set_once() -> None:
-    """Only the IV changes between messages: cases 15 and 16 share a key and a context,
+    """Only the IV changes between messages: cases 3 and 4 share a key and a context,
     in both orders, with opens in between."""
     ctx = aead(K16)
-    _, _, p15, _, c15, t15 = GCM_VECTORS["case 15: four blocks"]
+    _, _, p15, _, c15, t15 = GCM_VECTORS["case 3: four blocks"]
     for _ in range(2):
         assert seal(ctx, IV16, A16, P16) == (0, C16, T16)
         assert open_(ctx, IV16, b"", c15, t15) == (0, p15)
@@ -164,8 +165,9 @@ def test_a_failed_open_into_a_separate_buffer_zeroes_that_buffer_only() -> None:
 
 
 def test_a_key_of_the_wrong_length_gives_no_context() -> None:
-    assert lib.zcc_aead_new(bytes(16), 16) == ffi.NULL
-    assert lib.zcc_aead_new(bytes(33), 33) == ffi.NULL
+    """AES-128 session keys only: not a shared key's 32 bytes (AES-256), nor 15 or 17."""
+    for n in (15, 17, 32):
+        assert lib.zcc_aead_new(bytes(n), n) == ffi.NULL
 
 
 def test_shifted_overlap_of_input_and_output_is_refused() -> None:
@@ -308,8 +310,8 @@ def test_the_lead_counts_against_the_output_and_may_not_overlap_it() -> None:
 def test_no_pages_seal_to_the_tag_of_an_empty_message() -> None:
     img = Image()
     try:
-        rc, _, tag, _ = seal_pages(aead(bytes(32)), img, [], 0, nonce=bytes(12))
-        assert (rc, tag) == (0, GCM_VECTORS["case 13: empty"][5])
+        rc, _, tag, _ = seal_pages(aead(bytes(16)), img, [], 0, nonce=bytes(12))
+        assert (rc, tag) == (0, GCM_VECTORS["case 1: empty"][5])
     finally:
         img.close()
 
