@@ -115,8 +115,9 @@ class SenderPool(PoolBase):
 
     keys: with a sealed context (ctx.sealed), the session whose source-to-destination key
     of each channel seals its packets; required then, refused otherwise. send_buffers: the
-    send buffers per channel the ciphertext leaves from (each reused only after the
-    completion of every zero-copy call that carried it). send_buffer_poison, for tests: a
+    send buffers per channel the ciphertext leaves from with zero copy (each reused only
+    after the completion of every zero-copy call that carried it; without zero copy one
+    is enough and one is made). send_buffer_poison, for tests: a
     pattern written over every send buffer as it comes back to its pool, so that a buffer
     reused too early shows in what the destination receives.
     """
@@ -171,7 +172,12 @@ class SenderPool(PoolBase):
                     # A packet's ciphertext: its offsets and pages, and their two tags.
                     size = sealed_capacity(ctx)
                     sealer = keys.sealer(Direction.SOURCE_TO_DESTINATION, i)
-                    pool = SendPool(ch, send_buffers, size, zero_copy=zero_copy,
+                    # Without zero copy the kernel has copied a buffer when writev returns,
+                    # so it is free again at once: one per channel is all that gets used,
+                    # the same one each packet (warm in cache), and no others are faulted
+                    # in at set-up.
+                    count = send_buffers if zero_copy else 1
+                    pool = SendPool(ch, count, size, zero_copy=zero_copy,
                                     poison=send_buffer_poison)
                 self._workers.append(_Worker(i, ch, self._lock, ctx.pages_alloc, sealer, pool))
         except BaseException:
