@@ -127,6 +127,40 @@ static int finish_seal(struct zcc_aead *a, uint8_t *tag)
     return 0;
 }
 
+/* Every offset names a whole, aligned page inside the image: checked for all of them
+ * before any byte is read or written, since the offsets come from a caller (or, through
+ * it, a peer) that may be wrong. 0 or ZCC_EBOUNDS. */
+static int pages_in_image(const uint64_t *offsets, uint32_t n, uint32_t page_size,
+                          uint64_t image_size)
+{
+    for (uint32_t i = 0; i < n; i++) {
+        uint64_t off = offsets[i];
+        if (off % page_size || off > image_size || image_size - off < page_size)
+            return ZCC_EBOUNDS;
+    }
+    return 0;
+}
+
+/* The cipher over a packet's pages, one update per run of adjacent pages: from the
+ * mapping into `linear` (seal: gather) or from `linear` into the mapping (open: scatter).
+ * Either way one pass over the bytes, no staging copy. */
+static int cipher_runs(struct zcc_aead *a, uint64_t base, const uint64_t *offsets, uint32_t n,
+                       uint32_t page_size, uint8_t *linear, int into_mapping)
+{
+    uint32_t i = 0;
+    while (i < n) {
+        uint32_t j = run_end(offsets, i, n, page_size);
+        uint64_t run = (uint64_t)(j - i) * page_size;
+        uint8_t *page = (uint8_t *)(uintptr_t)(base + offsets[i]);
+        int rc = into_mapping ? update(a, page, linear, run) : update(a, linear, page, run);
+        if (rc)
+            return rc;
+        linear += run;
+        i = j;
+    }
+    return 0;
+}
+
 /* ------------------------------------------------------------------------- seal */
 
 int zcc_seal(struct zcc_aead *a, const uint8_t *nonce, const uint8_t *aad, size_t aad_len,
@@ -166,14 +200,9 @@ int zcc_seal_pages(struct zcc_aead *a, const uint8_t *nonce, const uint8_t *aad,
     uint64_t total = lead_len + pages;
     if (total > out_capacity)
         return ZCC_EBOUNDS;
-    /* Every offset before any byte is read or written: the offsets come from a caller
-     * that may be wrong, and a seal must never read outside the image (nor leak what
-     * lies beside it to the peer). */
-    for (uint32_t i = 0; i < n; i++) {
-        uint64_t off = offsets[i];
-        if (off % page_size || off > image_size || image_size - off < page_size)
-            return ZCC_EBOUNDS;
-    }
+    /* A seal must never read outside the image (nor leak what lies beside it). */
+    if (pages_in_image(offsets, n, page_size, image_size))
+        return ZCC_EBOUNDS;
     const void *image = (const void *)(uintptr_t)base;
     if (overlaps(out, total, image, image_size) || overlaps(tag, ZCC_TAG_LEN, out, total))
         return ZCC_EINVAL;
@@ -187,17 +216,9 @@ int zcc_seal_pages(struct zcc_aead *a, const uint8_t *nonce, const uint8_t *aad,
      * under one tag (a packet's offsets and its pages). */
     if (!rc && lead_len)
         rc = update(a, out, lead, lead_len);
-    uint8_t *dst = out + lead_len;
-    uint32_t i = 0;
-    /* The fused gather: each run of adjacent pages is read from the mapping and its
-     * ciphertext written straight into the send buffer, one pass over the bytes. */
-    while (!rc && i < n) {
-        uint32_t j = run_end(offsets, i, n, page_size);
-        uint64_t run = (uint64_t)(j - i) * page_size;
-        rc = update(a, dst, (const uint8_t *)(uintptr_t)(base + offsets[i]), run);
-        dst += run;
-        i = j;
-    }
+    /* The fused gather: each run's ciphertext straight into the send buffer. */
+    if (!rc)
+        rc = cipher_runs(a, base, offsets, n, page_size, out + lead_len, 0);
     if (!rc)
         rc = finish_seal(a, tag);
     give(a);
@@ -257,13 +278,9 @@ int zcc_open_pages(struct zcc_aead *a, const uint8_t *nonce, const uint8_t *aad,
      * name and the tag could never verify, so say so before anything is written. */
     if (in_len != (uint64_t)n * page_size || in_len > GCM_MAX_BYTES)
         return ZCC_EBOUNDS;
-    /* Every offset before any byte is written: whatever the peer sent, the plaintext
-     * lands inside the image and nowhere else. */
-    for (uint32_t i = 0; i < n; i++) {
-        uint64_t off = offsets[i];
-        if (off % page_size || off > image_size || image_size - off < page_size)
-            return ZCC_EBOUNDS;
-    }
+    /* Whatever the peer sent, the plaintext lands inside the image and nowhere else. */
+    if (pages_in_image(offsets, n, page_size, image_size))
+        return ZCC_EBOUNDS;
     const void *image = (const void *)(uintptr_t)base;
     if (overlaps(in, in_len, image, image_size) || overlaps(tag, ZCC_TAG_LEN, image, image_size))
         return ZCC_EINVAL;
@@ -274,20 +291,12 @@ int zcc_open_pages(struct zcc_aead *a, const uint8_t *nonce, const uint8_t *aad,
     int rc = begin(a, nonce, aad, aad_len, 0);
     if (!rc && !EVP_CIPHER_CTX_ctrl(a->ctx, EVP_CTRL_AEAD_SET_TAG, ZCC_TAG_LEN, want))
         rc = ZCC_ECRYPTO;
-    /* The fused scatter: each run of adjacent pages is decrypted from the packet's buffer
-     * straight to its place in the mapping, one pass over the bytes and no copy after.
-     * Until Final those pages hold plaintext that is not yet verified: the caller writes
-     * only an image no guest runs from and that is committed only once every packet
-     * verified (docs/security.md), and a failure below zeroes every one of them. */
-    const uint8_t *src = in;
-    uint32_t i = 0;
-    while (!rc && i < n) {
-        uint32_t j = run_end(offsets, i, n, page_size);
-        uint64_t run = (uint64_t)(j - i) * page_size;
-        rc = update(a, (uint8_t *)(uintptr_t)(base + offsets[i]), src, run);
-        src += run;
-        i = j;
-    }
+    /* The fused scatter: each run decrypted straight to its place in the mapping, no
+     * copy after. Until Final those pages hold plaintext that is not yet verified: the
+     * caller writes only an image no guest runs from and that is committed only once
+     * every packet verified (docs/security.md), and a failure below zeroes them all. */
+    if (!rc)
+        rc = cipher_runs(a, base, offsets, n, page_size, (uint8_t *)(uintptr_t)in, 1);
     if (!rc) {
         uint8_t none[32];
         int outl = 0;
@@ -296,7 +305,7 @@ int zcc_open_pages(struct zcc_aead *a, const uint8_t *nonce, const uint8_t *aad,
     }
     give(a);
     if (rc) {
-        for (i = 0; i < n; i++)
+        for (uint32_t i = 0; i < n; i++)
             OPENSSL_cleanse((void *)(uintptr_t)(base + offsets[i]), page_size);
         ERR_clear_error();
     }
