@@ -229,6 +229,26 @@ int zcc_seal_pages(struct zcc_aead *a, const uint8_t *nonce, const uint8_t *aad,
 
 /* ------------------------------------------------------------------------- open */
 
+/* An open's start: the IV, the AAD and the expected tag (copied by the caller first: it
+ * may sit right after the ciphertext in the caller's buffer). */
+static int begin_open(struct zcc_aead *a, const uint8_t *nonce, const uint8_t *aad,
+                      size_t aad_len, uint8_t *want)
+{
+    int rc = begin(a, nonce, aad, aad_len, 0);
+    if (!rc && !EVP_CIPHER_CTX_ctrl(a->ctx, EVP_CTRL_AEAD_SET_TAG, ZCC_TAG_LEN, want))
+        rc = ZCC_ECRYPTO;
+    return rc;
+}
+
+/* GCM decrypts before it can verify, so the output holds unverified plaintext until
+ * here; Final compares the tags (in constant time): 0 or ZCC_EAUTH. */
+static int finish_open(struct zcc_aead *a)
+{
+    uint8_t none[32];
+    int outl = 0;
+    return EVP_DecryptFinal_ex(a->ctx, none, &outl) <= 0 ? ZCC_EAUTH : 0;
+}
+
 int zcc_open(struct zcc_aead *a, const uint8_t *nonce, const uint8_t *aad, size_t aad_len,
              const uint8_t *in, uint8_t *out, uint64_t len, const uint8_t *tag)
 {
@@ -242,19 +262,11 @@ int zcc_open(struct zcc_aead *a, const uint8_t *nonce, const uint8_t *aad, size_
     memcpy(want, tag, sizeof want);
     if (!take(a))
         return ZCC_EBUSY;
-    int rc = begin(a, nonce, aad, aad_len, 0);
-    if (!rc && !EVP_CIPHER_CTX_ctrl(a->ctx, EVP_CTRL_AEAD_SET_TAG, ZCC_TAG_LEN, want))
-        rc = ZCC_ECRYPTO;
+    int rc = begin_open(a, nonce, aad, aad_len, want);
     if (!rc)
         rc = update(a, out, in, len);
-    if (!rc) {
-        uint8_t none[32];
-        int outl = 0;
-        /* GCM decrypts before it can verify, so `out` now holds unverified plaintext;
-         * Final compares the tags (in constant time) and fails on a mismatch. */
-        if (EVP_DecryptFinal_ex(a->ctx, none, &outl) <= 0)
-            rc = ZCC_EAUTH;
-    }
+    if (!rc)
+        rc = finish_open(a);
     give(a);
     if (rc) {
         /* Nothing a caller could take for verified data survives a failure: the
@@ -288,21 +300,15 @@ int zcc_open_pages(struct zcc_aead *a, const uint8_t *nonce, const uint8_t *aad,
     memcpy(want, tag, sizeof want);
     if (!take(a))
         return ZCC_EBUSY;
-    int rc = begin(a, nonce, aad, aad_len, 0);
-    if (!rc && !EVP_CIPHER_CTX_ctrl(a->ctx, EVP_CTRL_AEAD_SET_TAG, ZCC_TAG_LEN, want))
-        rc = ZCC_ECRYPTO;
+    int rc = begin_open(a, nonce, aad, aad_len, want);
     /* The fused scatter: each run decrypted straight to its place in the mapping, no
      * copy after. Until Final those pages hold plaintext that is not yet verified: the
      * caller writes only an image no guest runs from and that is committed only once
      * every packet verified (docs/security.md), and a failure below zeroes them all. */
     if (!rc)
         rc = cipher_runs(a, base, offsets, n, page_size, (uint8_t *)(uintptr_t)in, 1);
-    if (!rc) {
-        uint8_t none[32];
-        int outl = 0;
-        if (EVP_DecryptFinal_ex(a->ctx, none, &outl) <= 0)
-            rc = ZCC_EAUTH;
-    }
+    if (!rc)
+        rc = finish_open(a);
     give(a);
     if (rc) {
         for (uint32_t i = 0; i < n; i++)
