@@ -3,8 +3,9 @@ the same random image migrated with a key and encryption (every data packet seal
 docs/protocol.md "Sealed packets") and with no key at all, interleaved in one run, with zero
 copy on and off, where the images live (--locations, as bench/run.py: a huge-page tmpfs by
 default). Prints one JSON document: per configuration the median throughput and CPU, and per
-location and zero-copy setting the ratio encrypted / clear (of the medians, and per round).
-The target (issue 11): encryption keeps at least 60% of the clear throughput.
+location and zero-copy setting the ratio encrypted / clear (of the medians, and per round),
+on wall time from the send process's start (the target's measure) and on the migration's own
+total-time. The target (issue 11): encryption keeps at least 60% of the clear throughput.
 
     python bench/crypto.py --size 1G --runs 3 --channels 2 --zero-copy on,off \
         --locations hugetmpfs
@@ -117,6 +118,8 @@ def run_all(args: argparse.Namespace, argv: list[str] | None,
             "location": name, "zero_copy": zc, "encryption": enc, "runs": len(mine),
             "bytes_per_s_median": round(base.med([r["bytes_per_s"] for r in mine])),
             "bytes_per_s_all": [r["bytes_per_s"] for r in mine],
+            "total_time_ms_median": round(base.med([r["total_time_ms"] for r in mine
+                                                    if r["total_time_ms"]] or [0])),
             "src_cpu_s_per_gib_median": round(base.med([r["src_cpu_s_per_gib"]
                                                         for r in mine]), 3),
             "dst_cpu_s_per_gib_median": round(base.med([r["dst_cpu_s_per_gib"]
@@ -135,8 +138,14 @@ def run_all(args: argparse.Namespace, argv: list[str] | None,
                 per_round.append(round(got[True] / got[False], 3))
             ratio = row[True]["bytes_per_s_median"] / row[False]["bytes_per_s_median"]
             quiet = undisturbed_ratio(runs, loc.name, zc)
+            # The same over the migration's own total-time (connect to commit), without
+            # the send process's start, which both sides pay alike: a fixed cost in both
+            # denominators pulls the wall ratio towards 1, so this one is the lower.
+            tt_enc = row[True]["total_time_ms_median"]
+            ratio_tt = row[False]["total_time_ms_median"] / tt_enc if tt_enc else 0.0
             ratios.append({"location": loc.name, "zero_copy": zc,
                            "ratio_encrypted_to_clear": round(ratio, 3),
+                           "ratio_on_total_time": round(ratio_tt, 3),
                            "ratio_per_round": per_round,
                            "meets_target": ratio >= TARGET,
                            "ratio_undisturbed_runs": quiet})
@@ -154,7 +163,9 @@ def run_all(args: argparse.Namespace, argv: list[str] | None,
         "locations": {loc.name: {"dir": str(loc.root), "mount": base.mount_options(loc.work)}
                       for loc in locations},
         "runs_per_configuration": args.runs,
-        "throughput": "image bytes / wall time from the send child's start to its exit",
+        "throughput": "image bytes / wall time from the send child's start to its exit; "
+                      "ratio_on_total_time compares the migrations' own total-time instead "
+                      "(connect to commit, without the interpreter's start)",
         "cpu": "wait4 rusage of each child, whole process (interpreter start included)",
         "target": f"encrypted >= {TARGET:.0%} of clear",
         "loadavg_1m_median": round(base.med([r["loadavg_1m"] for r in runs]), 2),
@@ -174,7 +185,8 @@ def run_all(args: argparse.Namespace, argv: list[str] | None,
     print()
     for r in ratios:
         print(f"{r['location']} zc {'on' if r['zero_copy'] else 'off'}: encrypted / clear = "
-              f"{r['ratio_encrypted_to_clear']:.2f} (per round {r['ratio_per_round']}); "
+              f"{r['ratio_encrypted_to_clear']:.2f} (per round {r['ratio_per_round']}), "
+              f"on total-time {r['ratio_on_total_time']:.2f}; "
               f"over runs without steal time: {r['ratio_undisturbed_runs']}",
               file=sys.stderr)
     for loc in locations:
