@@ -193,6 +193,9 @@ class IncomingImage:
 
     def _join_writeback(self) -> None:
         if self._writeback is not None:
+            # No deadline, as for the os.fsync that follows every call: the thread does one
+            # fdatasync, and durability cannot be given up on half-way; a disk that never
+            # answers stalls the fsync after it alike.
             self._writeback.join()
 
     def commit(self, device_state: bytes) -> None:
