@@ -261,12 +261,15 @@ class DestinationJob:
         else:
             main.send(HelloAck(handshake_mac(key, b"hello-ack", greeting.payload(),
                                              hello.payload())))
-            self._session = SessionKeys(key, hello.nonce, greeting.nonce, hello.uuid)
+            self._session = SessionKeys(key, hello.nonce, greeting.nonce, hello.uuid,
+                                        hello.cipher)
             main.secure(self._session.sealer(Direction.DESTINATION_TO_SOURCE, None),
                         self._session.opener(Direction.SOURCE_TO_DESTINATION, None))
         self.status(f"migration {uuid[:8]}: {ctx.image_size >> 20} MiB, {ctx.channels} channels")
         self.log.info("hello", channels=ctx.channels, image_size=ctx.image_size,
-                      page_size=ctx.page_size, zero_copy=hello.zero_copy)
+                      page_size=ctx.page_size, zero_copy=hello.zero_copy,
+                      cipher=hello.cipher if key is not None else None,
+                      encryption=key is not None and hello.encryption)
 
         session = self._session
         channels = admit_data_channels(
@@ -563,7 +566,8 @@ class DestinationJob:
                     main.send(HelloAck(handshake_mac(key, b"hello-ack", greeting.payload(),
                                                      hello.payload())))
                     # A new session (new nonces both ways), same migration.
-                    session = SessionKeys(key, hello.nonce, greeting.nonce, hello.uuid)
+                    session = SessionKeys(key, hello.nonce, greeting.nonce, hello.uuid,
+                                          hello.cipher)
                     main.secure(session.sealer(Direction.DESTINATION_TO_SOURCE, None),
                                 session.opener(Direction.SOURCE_TO_DESTINATION, None))
                 self._session = session

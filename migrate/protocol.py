@@ -16,10 +16,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
+from zcmigrate.channel.aead import CIPHERS, DEFAULT_CIPHER
 from zcmigrate.multifd.wire import LocalProtocolError, RemoteProtocolError, WireContext
 
 MAIN_MAGIC = 0x5A434D47  # "ZCMG": a data channel (0x11223344) is never mistaken for it
-MAIN_VERSION = 4  # 4: a sealed data packet is two messages (offsets, then pages), two tags
+# 4: a sealed data packet is two messages (offsets, then pages), two tags; 5: HELLO names the
+# session's cipher, and the session keys are bound to it.
+MAIN_VERSION = 5
 RECORD_HEADER = struct.Struct(">IHHI")
 RECORD_HEADER_SIZE = RECORD_HEADER.size
 NONCE_SIZE = 32
@@ -241,6 +244,9 @@ class Hello(Record):
     zero_page_detection: bool
     nonce: bytes = bytes(NONCE_SIZE)  # the source's fresh contribution to the session
     encryption: bool = False  # seal every data packet (with a key only)
+    # The AEAD of the session's keys (channel/aead.py CIPHERS): the source's choice, under
+    # the MAC like every field, so no one on the path can swap it.
+    cipher: str = DEFAULT_CIPHER
     # A new session of a post-copy that broke (`send --resume`): `uuid` is that
     # migration's, and the destination answers with the pages it still lacks.
     resume: bool = False
@@ -273,6 +279,7 @@ class Hello(Record):
             "zero-page-detection": self.zero_page_detection,
             "nonce": self.nonce.hex(),
             "encryption": self.encryption,
+            "cipher": self.cipher,
             "resume": self.resume,
         }
 
@@ -303,9 +310,14 @@ class Hello(Record):
             zero_page_detection=f("zero-page-detection", bool),
             nonce=_hex("HELLO: nonce", f("nonce", str), NONCE_SIZE),
             encryption=f("encryption", bool),
+            cipher=f("cipher", str),
             resume=f("resume", bool),
             mac=_mac_field("HELLO", obj),
         )
+        if hello.cipher not in CIPHERS:
+            raise RemoteProtocolError(
+                f"HELLO: cipher {hello.cipher[:40]!r} is not one this receiver knows "
+                f"({', '.join(CIPHERS)})")
         hello.context()  # every parameter in range, or the peer hears why
         return hello
 

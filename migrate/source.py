@@ -25,7 +25,15 @@ from typing import TypeVar
 import structlog
 
 from zcmigrate import ZcmigrateError
-from zcmigrate.channel.aead import Direction, SessionKeys, fresh_nonce, handshake_mac, macs_equal
+from zcmigrate.channel.aead import (
+    CIPHERS,
+    DEFAULT_CIPHER,
+    Direction,
+    SessionKeys,
+    fresh_nonce,
+    handshake_mac,
+    macs_equal,
+)
 from zcmigrate.channel.probe import probe
 from zcmigrate.channel.zcsocket import Channel, connect
 from zcmigrate.migrate import faults
@@ -116,6 +124,7 @@ class SourceJob:
         static: bool = False,
         auth_key: bytes | None = None,
         encryption: bool = True,
+        cipher: str = DEFAULT_CIPHER,
         on_iteration: Callable[[MigrationStats], None] | None = None,
         resume: bool = False,
     ) -> None:
@@ -129,6 +138,9 @@ class SourceJob:
         self.static = static
         self.auth_key = auth_key  # the 32-byte shared key (migrate/keyfile.py), or None
         self.encryption = encryption  # with a key: seal every data packet too
+        if cipher not in CIPHERS:
+            raise ValueError(f"cipher {cipher!r}, expected one of {', '.join(CIPHERS)}")
+        self.cipher = cipher  # with a key: the session's AEAD (HELLO carries it)
         self._session: SessionKeys | None = None
         self._encrypted = False
         self.on_iteration = on_iteration
@@ -409,7 +421,8 @@ class SourceJob:
             )
         nonce = fresh_nonce()
         hello = dataclasses.replace(hello, nonce=nonce,
-                                    encryption=key is not None and self.encryption)
+                                    encryption=key is not None and self.encryption,
+                                    cipher=self.cipher)
         if key is not None:
             hello = dataclasses.replace(
                 hello, mac=handshake_mac(key, b"hello", greeting.payload(), hello.body()))
@@ -423,7 +436,7 @@ class SourceJob:
                 "the receiver did not prove that it holds our key (its HELLO_ACK does not "
                 "verify): refusing to send the guest to it"
             )
-        self._session = SessionKeys(key, nonce, greeting.nonce, self.uuid)
+        self._session = SessionKeys(key, nonce, greeting.nonce, self.uuid, hello.cipher)
         self._encrypted = hello.encryption
         main.secure(self._session.sealer(Direction.SOURCE_TO_DESTINATION, None),
                     self._session.opener(Direction.DESTINATION_TO_SOURCE, None))

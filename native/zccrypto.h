@@ -1,4 +1,5 @@
-/* The interface of zccrypto.c: AES-128-GCM and HKDF-SHA256 through OpenSSL's libcrypto.
+/* The interface of zccrypto.c: AES-128-OCB or AES-128-GCM, and HKDF-SHA256, through
+ * OpenSSL's libcrypto.
  * _build.py feeds this file (less its # lines) to cffi's cdef beside zcnative.h, so it
  * must stay plain declarations that cffi can parse: constants are enums, not #defines. */
 #include <stddef.h>
@@ -7,7 +8,8 @@
 enum {
     ZCC_KEY_LEN = 32,     /* the shared key, and the HKDF keys of the handshake's MACs */
     ZCC_AEAD_KEY_LEN = 16, /* AES-128: a session key, derived per stream with HKDF */
-    ZCC_NONCE_LEN = 12,   /* GCM's 96-bit IV (SP 800-38D 8.2.1: the deterministic form) */
+    ZCC_NONCE_LEN = 12,   /* 96-bit nonces: GCM's deterministic form (SP 800-38D 8.2.1),
+                             OCB's recommended length (RFC 7253 4.2) */
     ZCC_TAG_LEN = 16,     /* full-length tags only */
     ZCC_HKDF_MAX = 8160   /* RFC 5869 2.3: L <= 255 * HashLen */
 };
@@ -21,11 +23,18 @@ enum {
     ZCC_ECRYPTO = -24  /* libcrypto failed (out of memory...): see each function */
 };
 
-/* One AES-128-GCM key, its schedule computed once. A context serves one thread at a
- * time: a second concurrent call gets ZCC_EBUSY rather than corrupting the first. */
+/* The AEADs a session may use (channel/aead.py names them on the wire). */
+enum {
+    ZCC_AES_128_OCB = 1, /* RFC 7253, 128-bit tags */
+    ZCC_AES_128_GCM = 2  /* SP 800-38D, 128-bit tags */
+};
+
+/* One AES-128 key for one of the AEADs above, its schedules computed once: NULL for an
+ * unknown cipher id or a key of the wrong length. A context serves one thread at a time:
+ * a second concurrent call gets ZCC_EBUSY rather than corrupting the first. */
 struct zcc_aead;
 
-struct zcc_aead *zcc_aead_new(const uint8_t *key, size_t key_len);
+struct zcc_aead *zcc_aead_new(const uint8_t *key, size_t key_len, int cipher_id);
 void zcc_aead_free(struct zcc_aead *a);
 
 int zcc_seal(struct zcc_aead *a, const uint8_t *nonce, const uint8_t *aad, size_t aad_len,
@@ -40,6 +49,7 @@ int zcc_seal_pages(struct zcc_aead *a, const uint8_t *nonce, const uint8_t *aad,
 int zcc_open(struct zcc_aead *a, const uint8_t *nonce, const uint8_t *aad, size_t aad_len,
              const uint8_t *in, uint8_t *out, uint64_t len, const uint8_t *tag);
 /* The reverse of zcc_seal_pages without a lead: in_len = n * page_size bytes of ciphertext
+ * (page_size a multiple of the 16-byte block, else ZCC_EINVAL)
  * at `in`, decrypted straight into the mapping [base, base + image_size) at `offsets`,
  * then the tag checked. On ZCC_EAUTH (or ZCC_ECRYPTO) every one of those n pages of the
  * mapping has been zeroed; on any other error nothing was written. */

@@ -66,15 +66,35 @@ def test_every_direction_and_channel_gets_its_own_key() -> None:
 
 def test_the_derivation_is_hkdf_over_the_documented_layout() -> None:
     """Pinned, because both ends must derive the same bytes: salt = source nonce ||
-    destination nonce; info = label || UUID || direction || kind || channel (u16)."""
+    destination nonce; info = label || UUID || direction || kind || channel (u16) ||
+    cipher (1 for aes-128-ocb, 2 for aes-128-gcm)."""
     src, dst = os.urandom(32), os.urandom(32)
     keys = session(source_nonce=src, destination_nonce=dst)
-    info = b"zcmigrate session key v1\x00" + UUID.bytes + bytes([1, 1]) + (7).to_bytes(2, "big")
+    assert keys.cipher == "aes-128-ocb"  # the default
+    info = (b"zcmigrate session key v1\x00" + UUID.bytes + bytes([1, 1])
+            + (7).to_bytes(2, "big") + bytes([1]))
     assert keys.key(StreamId(D2S, 7)) == hkdf_sha256(SHARED, salt=src + dst, info=info,
                                                      length=16)
     main = b"zcmigrate session key v1\x00" + UUID.bytes + bytes([0, 0, 0, 0])
-    assert keys.key(StreamId(S2D, None)) == hkdf_sha256(SHARED, salt=src + dst, info=main,
-                                                        length=16)
+    assert keys.key(StreamId(S2D, None)) == hkdf_sha256(SHARED, salt=src + dst,
+                                                        info=main + bytes([1]), length=16)
+    gcm = session(source_nonce=src, destination_nonce=dst, cipher="aes-128-gcm")
+    assert gcm.key(StreamId(S2D, None)) == hkdf_sha256(SHARED, salt=src + dst,
+                                                       info=main + bytes([2]), length=16)
+
+
+def test_each_cipher_has_its_own_keys_and_an_unknown_one_is_refused() -> None:
+    """The same session under the two AEADs never shares a key; a sealer of one cannot
+    be opened by an opener of the other."""
+    ocb, gcm = session(), session(cipher="aes-128-gcm")
+    stream = StreamId(S2D, 0)
+    assert ocb.key(stream) != gcm.key(stream)
+    sealed = ocb.sealer(S2D, 0).seal(b"pages", aad=b"hdr")
+    assert ocb.opener(S2D, 0).open(0, sealed, aad=b"hdr") == b"pages"
+    with pytest.raises(AuthenticationFailed):
+        gcm.opener(S2D, 0).open(0, sealed, aad=b"hdr")
+    with pytest.raises(ValueError, match="aes-128-ocb, aes-128-gcm"):
+        session(cipher="aes-256-gcm")
 
 
 def test_the_same_inputs_give_the_same_keys_and_any_change_gives_others() -> None:
@@ -131,7 +151,7 @@ def test_the_nonce_is_the_stream_prefix_then_the_big_endian_counter() -> None:
     stream = StreamId(S2D, 3)
     s = Sealer(keys.key(stream), stream.prefix, first_counter=0x0102030405060708)
     sealed = s.seal(b"payload")
-    ctx = ffi.gc(lib.zcc_aead_new(keys.key(stream), 16), lib.zcc_aead_free)
+    ctx = ffi.gc(lib.zcc_aead_new(keys.key(stream), 16, lib.ZCC_AES_128_OCB), lib.zcc_aead_free)
     nonce = bytes([0, 1, 0, 3]) + bytes(range(1, 9))
     buf = bytearray(sealed[:-TAG_LEN])
     c = ffi.from_buffer("uint8_t[]", buf)

@@ -60,6 +60,17 @@ def test_a_bad_destination_is_a_usage_error() -> None:
     assert r.exit_code == 2 and "HOST:PORT" in r.output
 
 
+def test_a_cipher_without_a_key_or_unknown_is_a_usage_error() -> None:
+    """Without a key nothing is encrypted, so choosing a cipher is a mistake worth saying;
+    a cipher zcmigrate does not offer is refused with the ones it does."""
+    r = CliRunner().invoke(main, ["send", "/nonexistent.img", "--to", "127.0.0.1:1",
+                                  "--cipher", "aes-128-gcm"])
+    assert r.exit_code == 2 and "--cipher goes with --auth-key-file" in r.output
+    r = CliRunner().invoke(main, ["send", "/nonexistent.img", "--to", "127.0.0.1:1",
+                                  "--cipher", "rot13"])
+    assert r.exit_code == 2 and "aes-128-ocb" in r.output and "aes-128-gcm" in r.output
+
+
 def test_an_environment_variable_sets_an_option(tmp_path: object) -> None:
     r = CliRunner().invoke(main, ["send", "--help"],
                            env={"ZCMIGRATE_MULTIFD_CHANNELS": "7"}, terminal_width=120)

@@ -548,6 +548,9 @@ HELLO_BEYOND_BOUNDS: dict[str, tuple[dict[str, Any], str]] = {
     "an image of 2**64 bytes": ({"image_size": 1 << 64},
                                 "'image-size' is not an unsigned 64-bit number"),
     "an image of no page": ({"image_size": 0}, "image_size 0, expected a positive multiple"),
+    "a cipher the receiver does not know": (
+        {"cipher": "aes-256-xts"},
+        "cipher 'aes-256-xts' is not one this receiver knows (aes-128-ocb, aes-128-gcm)"),
 }
 
 
@@ -585,6 +588,27 @@ def test_a_hello_claiming_2_62_bytes_is_refused_without_allocating_them(
 
 
 # ------------------------------------------------------------------ keys
+
+
+def test_a_hello_whose_cipher_was_changed_after_its_mac_is_refused(
+    stage: Stage, keyed: Destination, source_image: Path
+) -> None:
+    """The cipher is the source's choice under the HELLO's MAC: someone on the path who
+    turns a GCM session into an OCB one (or back) fails the MAC, nothing is admitted."""
+    before, mark = keyed.clean(), keyed.mark()
+    assert keyed.key is not None
+    key = read_key(keyed.key)
+    main = socket.create_connection(("127.0.0.1", keyed.port), timeout=REFUSAL_BOUND)
+    greeting = recv_record(main)
+    assert isinstance(greeting, Greeting)
+    h = replace(hello(), cipher="aes-128-gcm")
+    signed = replace(h, mac=handshake_mac(key, b"hello", greeting.payload(), h.body()))
+    main.sendall(replace(signed, cipher="aes-128-ocb").encode())
+    error_says(recv_record(main), "authentication failed")
+    main.close()
+    keyed.logged(REFUSED, "authentication failed", since=mark)
+    assert not keyed.events("hello", mark)
+    keyed.survived(stage, before, source_image)
 
 
 def test_a_wrong_key_is_refused(stage: Stage, keyed: Destination, source_image: Path) -> None:

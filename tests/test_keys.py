@@ -154,19 +154,20 @@ def _wire_bytes(stats: dict[str, Any]) -> tuple[int, int, int]:
 @pytest.mark.parametrize("zero_copy", ["on", "off"])
 def test_a_sealed_migration_arrives_identical_and_each_packet_carries_a_tag(
         tmp_path: Path, zero_copy: str) -> None:
-    """The same image with a key, encrypted and then with --no-encryption: identical both
-    times, and the sealed run's data channels carried exactly two 16-byte GCM tags more
-    per data packet (its offsets', its pages') and one per SYNC: every packet was sealed,
-    none went clear."""
+    """The same image with a key, encrypted under each cipher (the default, OCB, then
+    --cipher aes-128-gcm) and then with --no-encryption: identical every time, and each
+    sealed run's data channels carried exactly two 16-byte tags more per data packet (its
+    offsets', its pages') and one per SYNC: every packet was sealed, none went clear."""
     key = tmp_path / "k"
     keygen(key)
     src = tmp_path / "src.img"
     data = _image_with_zero_pages(src)
     wire: dict[str, tuple[int, int]] = {}
-    for mode in ("sealed", "clear"):
+    for mode in ("sealed", "gcm", "clear"):
         dst = tmp_path / f"{mode}.img"
         recv = Receiver.start(dst, "--auth-key-file", str(key))
-        extra = ["--no-encryption"] if mode == "clear" else []
+        extra = {"sealed": [], "gcm": ["--cipher", "aes-128-gcm"],
+                 "clear": ["--no-encryption"]}[mode]
         code, stats, err = finish(send(src, recv.port, "--auth-key-file", str(key),
                                        "--multifd-zerocopy", zero_copy, *extra))
         assert code == 0, err
@@ -176,6 +177,7 @@ def test_a_sealed_migration_arrives_identical_and_each_packet_carries_a_tag(
     (sealed, packets, syncs), (clear, *clear_counts) = wire["sealed"], wire["clear"]
     assert [packets, syncs] == clear_counts
     assert sealed - clear == TAG_LEN * (2 * packets + syncs)
+    assert wire["gcm"] == wire["sealed"]
 
 
 FLIPS = [

@@ -1,8 +1,10 @@
-"""native/zccrypto.c: AES-128-GCM and HKDF-SHA256 through OpenSSL, called directly.
+"""native/zccrypto.c: AES-128-OCB, AES-128-GCM and HKDF-SHA256 through OpenSSL, called
+directly.
 
-Known answers from the GCM specification (McGrew and Viega, test cases 1-4, also NIST
-SP 800-38D's) and RFC 5869 appendix A; tampering; the bounds of the fused gather-and-seal
-and of its inverse, the open that scatters pages into a mapping.
+Known answers from RFC 7253 appendix A (OCB), the GCM specification (McGrew and Viega, test
+cases 1-4, also NIST SP 800-38D's) and RFC 5869 appendix A; tampering; the bounds of the
+fused gather-and-seal and of its inverse, the open that scatters pages into a mapping, with
+either cipher.
 """
 
 from __future__ import annotations
@@ -49,8 +51,30 @@ GCM_VECTORS = {
 }
 
 
-def aead(key: bytes) -> Any:
-    ctx = lib.zcc_aead_new(key, len(key))
+# RFC 7253 appendix A, AES-128, 128-bit tags: (nonce, aad, plaintext, ciphertext || tag).
+OCB_KEY = bytes(range(16))
+OCB_VECTORS = [
+    ("bbaa99887766554433221100", "", "", "785407bfffc8ad9edcc5520ac9111ee6"),
+    ("bbaa99887766554433221101", "0001020304050607", "0001020304050607",
+     "6820b3657b6f615a5725bda0d3b4eb3a257c9af1f8f03009"),
+    ("bbaa99887766554433221102", "0001020304050607", "", "81017f8203f081277152fade694a0a00"),
+    ("bbaa99887766554433221103", "", "0001020304050607",
+     "45dd69f8f5aae72414054cd1f35d82760b2cd00d2f99bfa9"),
+    ("bbaa99887766554433221104", "000102030405060708090a0b0c0d0e0f",
+     "000102030405060708090a0b0c0d0e0f",
+     "571d535b60b277188be5147170a9a22c3ad7a4ff3835b8c5701c1ccec8fc3358"),
+]
+CIPHER_IDS = {"ocb": lib.ZCC_AES_128_OCB, "gcm": lib.ZCC_AES_128_GCM}
+
+
+@pytest.fixture(params=list(CIPHER_IDS))
+def cipher(request: pytest.FixtureRequest) -> int:
+    """Either AEAD, for the tests that hold for both."""
+    return int(CIPHER_IDS[request.param])
+
+
+def aead(key: bytes, cipher: int = lib.ZCC_AES_128_GCM) -> Any:
+    ctx = lib.zcc_aead_new(key, len(key), cipher)
     assert ctx != ffi.NULL
     return ffi.gc(ctx, lib.zcc_aead_free)
 
@@ -80,6 +104,52 @@ def test_gcm_spec_vectors_seal_and_open(name: str) -> None:
     ctx = aead(key)
     assert seal(ctx, iv, aad, pt) == (0, ct, tag)
     assert open_(ctx, iv, aad, ct, tag) == (0, pt)
+
+
+@pytest.mark.parametrize("vector", OCB_VECTORS, ids=[v[0][-2:] for v in OCB_VECTORS])
+def test_rfc7253_vectors_seal_and_open(vector: tuple[str, str, str, str]) -> None:
+    nonce, aad, pt, sealed = (bytes.fromhex(x) for x in vector)
+    ctx = aead(OCB_KEY, lib.ZCC_AES_128_OCB)
+    ct, tag = sealed[:-16], sealed[-16:]
+    assert seal(ctx, nonce, aad, pt) == (0, ct, tag)
+    assert open_(ctx, nonce, aad, ct, tag) == (0, pt)
+
+
+def test_one_ocb_context_seals_and_opens_in_turn_with_its_keys_set_once() -> None:
+    """OCB decrypts with AES's inverse cipher: a context keyed once must still open after
+    sealing, and seal after opening, every vector in both orders."""
+    ctx = aead(OCB_KEY, lib.ZCC_AES_128_OCB)
+    for _ in range(2):
+        for vector in OCB_VECTORS + OCB_VECTORS[::-1]:
+            nonce, aad, pt, sealed = (bytes.fromhex(x) for x in vector)
+            assert seal(ctx, nonce, aad, pt) == (0, sealed[:-16], sealed[-16:])
+            assert open_(ctx, nonce, aad, sealed[:-16], sealed[-16:]) == (0, pt)
+
+
+@pytest.mark.parametrize("n", [*range(0, 49), 4095, 4096, 4097])
+def test_every_length_round_trips_in_place_with_the_tag_after_it(cipher: int, n: int) -> None:
+    """OCB holds back a partial last block until its Final: every length, block-aligned or
+    not, comes back whole, sealed and opened in place as the main channel's records are."""
+    ctx = aead(K16, cipher)
+    data = os.urandom(n)
+    buf = bytearray(data + bytes(16))
+    c = ffi.from_buffer("uint8_t[]", buf)
+    assert lib.zcc_seal(ctx, IV16, A16, len(A16), c, c, n, c + n) == 0
+    assert n == 0 or bytes(buf[:n]) != data
+    assert lib.zcc_open(ctx, IV16, A16, len(A16), c, c, n, c + n) == 0
+    assert bytes(buf[:n]) == data
+
+
+def test_the_two_ciphers_differ_and_an_unknown_one_gives_no_context() -> None:
+    ocb, gcm = aead(K16, lib.ZCC_AES_128_OCB), aead(K16, lib.ZCC_AES_128_GCM)
+    rc1, ct1, tag1 = seal(ocb, IV16, A16, P16)
+    rc2, ct2, tag2 = seal(gcm, IV16, A16, P16)
+    assert rc1 == rc2 == 0 and ct1 != ct2 and tag1 != tag2
+    # A message sealed under one cipher never opens under the other, even with one key.
+    assert open_(gcm, IV16, A16, ct1, tag1)[0] == lib.ZCC_EAUTH
+    assert open_(ocb, IV16, A16, ct2, tag2)[0] == lib.ZCC_EAUTH
+    for bad in (0, 3, -1):
+        assert lib.zcc_aead_new(K16, 16, bad) == ffi.NULL
 
 
 def test_one_context_seals_many_messages_with_the_key_set_once() -> None:
@@ -123,9 +193,12 @@ def _flip(b: bytes, bit: int) -> bytes:
 
 @pytest.mark.parametrize("where", ["ciphertext", "tag", "aad", "nonce"])
 @pytest.mark.parametrize("bit", [0, 77, -1])
-def test_one_flipped_bit_fails_authentication_and_leaves_zeros(where: str, bit: int) -> None:
-    ctx = aead(K16)
-    ct, tag, aad, nonce = C16, T16, A16, IV16
+def test_one_flipped_bit_fails_authentication_and_leaves_zeros(cipher: int, where: str,
+                                                               bit: int) -> None:
+    ctx = aead(K16, cipher)
+    rc, good_ct, good_tag = seal(ctx, IV16, A16, P16)
+    assert rc == 0
+    ct, tag, aad, nonce = good_ct, good_tag, A16, IV16
     n = {"ciphertext": len(ct), "tag": 16, "aad": len(aad), "nonce": 12}[where] * 8
     b = bit % n
     if where == "ciphertext":
@@ -141,7 +214,7 @@ def test_one_flipped_bit_fails_authentication_and_leaves_zeros(where: str, bit: 
     # No unverified plaintext survives: the buffer is all zeros.
     assert left == bytes(len(ct))
     # The context is still good for the next, genuine message.
-    assert open_(ctx, IV16, A16, C16, T16) == (0, P16)
+    assert open_(ctx, IV16, A16, good_ct, good_tag) == (0, P16)
 
 
 def test_missing_or_extra_aad_and_a_wrong_key_fail_authentication() -> None:
@@ -167,7 +240,8 @@ def test_a_failed_open_into_a_separate_buffer_zeroes_that_buffer_only() -> None:
 def test_a_key_of_the_wrong_length_gives_no_context() -> None:
     """AES-128 session keys only: not a shared key's 32 bytes (AES-256), nor 15 or 17."""
     for n in (15, 17, 32):
-        assert lib.zcc_aead_new(bytes(n), n) == ffi.NULL
+        for c in CIPHER_IDS.values():
+            assert lib.zcc_aead_new(bytes(n), n, c) == ffi.NULL
 
 
 def test_shifted_overlap_of_input_and_output_is_refused() -> None:
@@ -253,11 +327,11 @@ def seal_pages(ctx: Any, img: Image, offsets: list[int], capacity: int, *,
     return rc, bytes(out[:capacity]), bytes(tag), bytes(out[capacity:])
 
 
-def test_sealed_pages_equal_a_seal_of_the_same_pages_laid_end_to_end() -> None:
+def test_sealed_pages_equal_a_seal_of_the_same_pages_laid_end_to_end(cipher: int) -> None:
     """The fused gather-and-seal is the plain seal of the gathered bytes: adjacent runs,
     single pages, out of order and repeated pages alike."""
     img = Image()
-    ctx = aead(K16)
+    ctx = aead(K16, cipher)
     offsets = [3 * PAGE, 4 * PAGE, 5 * PAGE, 0, 9 * PAGE, 11 * PAGE, 10 * PAGE, 0]
     try:
         rc, out, tag, guard = seal_pages(ctx, img, offsets, len(offsets) * PAGE, aad=A16)
@@ -269,11 +343,12 @@ def test_sealed_pages_equal_a_seal_of_the_same_pages_laid_end_to_end() -> None:
         img.close()
 
 
-def test_a_lead_and_pages_seal_as_one_message() -> None:
-    """A packet's offsets (the lead) and its gathered pages are one GCM message: the plain
-    seal of lead || pages, opened under one tag."""
+def test_a_lead_and_pages_seal_as_one_message(cipher: int) -> None:
+    """A packet's offsets (the lead) and its gathered pages are one AEAD message: the plain
+    seal of lead || pages, opened under one tag. 24 bytes of lead end mid-block, so OCB
+    carries 8 of them into the first run of pages."""
     img = Image()
-    ctx = aead(K16)
+    ctx = aead(K16, cipher)
     lead = os.urandom(24)
     offsets = [2 * PAGE, 3 * PAGE, 7 * PAGE]
     try:
@@ -381,11 +456,11 @@ def open_pages(ctx: Any, img: Image, offsets: list[int], sealed: bytes, tag: byt
                                   PAGE, tag))
 
 
-def test_pages_open_straight_into_their_places_in_the_mapping() -> None:
+def test_pages_open_straight_into_their_places_in_the_mapping(cipher: int) -> None:
     """zcc_open_pages is the inverse of zcc_seal_pages: each page lands at its offset (runs,
     single pages, out of order), the pages between them and past the image keep theirs."""
     src, dst = Image(), Image()
-    ctx = aead(K16)
+    ctx = aead(K16, cipher)
     offsets = [3 * PAGE, 4 * PAGE, 0, 9 * PAGE, 11 * PAGE]
     try:
         rc, sealed, tag, _ = seal_pages(ctx, src, offsets, len(offsets) * PAGE, aad=A16)
@@ -401,9 +476,10 @@ def test_pages_open_straight_into_their_places_in_the_mapping() -> None:
 
 
 @pytest.mark.parametrize("what", ["ciphertext", "tag", "aad"])
-def test_pages_that_fail_their_tag_are_zeroed_in_the_mapping_and_only_they(what: str) -> None:
+def test_pages_that_fail_their_tag_are_zeroed_in_the_mapping_and_only_they(cipher: int,
+                                                                          what: str) -> None:
     src, dst = Image(), Image()
-    ctx = aead(K16)
+    ctx = aead(K16, cipher)
     offsets = [PAGE, 2 * PAGE, 7 * PAGE]
     try:
         rc, sealed, tag, _ = seal_pages(ctx, src, offsets, 3 * PAGE, aad=A16)
@@ -422,6 +498,22 @@ def test_pages_that_fail_their_tag_are_zeroed_in_the_mapping_and_only_they(what:
             assert dst.page(i * PAGE) == want, f"page {i}"
     finally:
         src.close()
+        dst.close()
+
+
+def test_pages_that_are_not_whole_cipher_blocks_are_refused_before_anything_is_written(
+        cipher: int) -> None:
+    """A page of 8 bytes would make OCB give back a run longer or shorter than the run:
+    the scatter refuses such a page size before it decrypts a byte."""
+    dst = Image()
+    try:
+        before = bytes(dst.mm)
+        offs = array("Q", [0, 8])
+        rc = lib.zcc_open_pages(aead(K16, cipher), IV16, b"", 0, bytes(16), 16, dst.base,
+                                dst.size, ffi.from_buffer("uint64_t[]", offs), 2, 8,
+                                bytes(16))
+        assert rc == lib.ZCC_EINVAL and bytes(dst.mm) == before
+    finally:
         dst.close()
 
 

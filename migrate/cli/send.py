@@ -16,6 +16,7 @@ from typing import Any
 
 import click
 
+from zcmigrate.channel.aead import CIPHERS, DEFAULT_CIPHER
 from zcmigrate.migrate.cli import logs
 from zcmigrate.migrate.cli.options import (
     AUTH_KEY,
@@ -55,6 +56,11 @@ from zcmigrate.migrate.stats import MigrationStats
               show_envvar=True,
               help="With a key, leave page data in clear (the handshake stays mutual and the "
               "main channel sealed): only on a link no one else can read or write.")
+@click.option("--cipher", type=click.Choice(list(CIPHERS)), default=DEFAULT_CIPHER,
+              show_default=True, envvar="ZCMIGRATE_CIPHER", show_envvar=True,
+              help="With a key, the AEAD of the session: aes-128-ocb, twice as fast as GCM "
+              "where the CPU has AES-NI, or aes-128-gcm where policy asks for an algorithm "
+              "NIST approves. The receiver takes either.")
 @click.option("--control-socket", type=click.Path(path_type=Path), default=None,
               envvar="ZCMIGRATE_CONTROL_SOCKET", show_envvar=True,
               help="Unix socket for `zcmigrate status|cancel|set` [default: one named after "
@@ -62,7 +68,8 @@ from zcmigrate.migrate.stats import MigrationStats
 @json_option("Print the final statistics as JSON.")
 @LOG_FORMAT
 def send_command(image: Path, to: str, static: bool, page_size: int, resume: bool,
-                 auth_key_file: Path | None, no_encryption: bool, control_socket: Path | None,
+                 auth_key_file: Path | None, no_encryption: bool, cipher: str,
+                 control_socket: Path | None,
                  as_json: bool, log_format: str, **kw: Any) -> None:
     """Migrate IMAGE (and the guest running on it, if any) to a receiver.
 
@@ -76,11 +83,15 @@ def send_command(image: Path, to: str, static: bool, page_size: int, resume: boo
     if no_encryption and key is None:
         raise click.UsageError("--no-encryption goes with --auth-key-file: without a key "
                                "nothing is encrypted anyway")
+    if cipher != DEFAULT_CIPHER and key is None:
+        raise click.UsageError("--cipher goes with --auth-key-file: without a key nothing is "
+                               "encrypted")
     if resume and static:
         raise click.UsageError("--resume finishes an interrupted post-copy of a running "
                                "guest: --static does not go with it")
     job = SourceJob(image, Destination(host, port), params_from(kw), page_size=page_size,
-                    static=static, auth_key=key, encryption=not no_encryption, resume=resume)
+                    static=static, auth_key=key, encryption=not no_encryption, cipher=cipher,
+                    resume=resume)
     try:
         server = ControlServer(control_socket or default_socket(image), job)
     except (ControlError, OSError) as e:
