@@ -8,7 +8,9 @@ on wall time from the send process's start (the target's measure) and on the mig
 total-time. The target (issue 11): encryption keeps at least 60% of the clear throughput.
 
     python bench/crypto.py --size 1G --runs 3 --channels 2 --zero-copy on,off \
-        --locations hugetmpfs
+        --locations hugetmpfs [--cipher aes-128-gcm]
+
+--cipher passes `send --cipher`; without it the encrypted runs use send's default.
 
 It drives the product as a user does (bench/run.py's migrate_once); it imports nothing of it.
 """
@@ -40,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--locations", type=base.location_names, default=["hugetmpfs"])
     ap.add_argument("--disk-backing", type=Path, default=Path("/var/tmp"))
     ap.add_argument("--no-verify", action="store_true")
+    ap.add_argument("--cipher", default=None,
+                    help="send --cipher for the encrypted runs (default: send's own default)")
     ap.add_argument("--out", type=Path, default=base.ROOT / "bench" / "results")
     args = ap.parse_args(argv)
     zcs = [z.strip() == "on" for z in args.zero_copy.split(",") if z.strip()]
@@ -50,11 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     subprocess.run(base.cli("keygen", str(key)), check=True, cwd=base.ROOT,
                    capture_output=True)
     keyed = ("--auth-key-file", str(key))
+    send_keyed = keyed + (("--cipher", args.cipher) if args.cipher else ())
     # Source, destination and the image (plus the warm-up file) at once in each location.
     locations = [base.Location(n, 3 * args.size + (512 << 20), args.disk_backing)
                  for n in args.locations]
     try:
-        return run_all(args, argv, locations, zcs, keyed, log)
+        return run_all(args, argv, locations, zcs, keyed, send_keyed, log)
     finally:
         for loc in locations:
             loc.teardown()
@@ -81,7 +86,7 @@ def undisturbed_ratio(runs: list[dict[str, Any]], location: str,
 
 def run_all(args: argparse.Namespace, argv: list[str] | None,
             locations: list[base.Location], zcs: list[bool], keyed: tuple[str, ...],
-            log: Path) -> int:
+            send_keyed: tuple[str, ...], log: Path) -> int:
     images: dict[str, Path] = {}
     for loc in locations:
         loc.setup()
@@ -100,7 +105,7 @@ def run_all(args: argparse.Namespace, argv: list[str] | None,
             work = images[name].parent
             warm = base.warm_up(args.size, work)
             r = base.migrate_once(images[name], args.size, args.channels, zc, log,
-                                  not args.no_verify, send_args=keyed if enc else (),
+                                  not args.no_verify, send_args=send_keyed if enc else (),
                                   recv_args=keyed if enc else ())
             r.update(location=name, zero_copy=zc, encryption=enc, round=rnd,
                      warm_up_s=round(warm, 3), loadavg_1m=os.getloadavg()[0])
@@ -158,6 +163,7 @@ def run_all(args: argparse.Namespace, argv: list[str] | None,
         "cores_usable": len(os.sched_getaffinity(0)),
         "kernel": os.uname().release,
         "image": "random",
+        "cipher": args.cipher or "send's default",
         "image_bytes": args.size,
         "channels": args.channels,
         "locations": {loc.name: {"dir": str(loc.root), "mount": base.mount_options(loc.work)}
