@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, TypeVar
 import structlog
 
 from zcmigrate import ZcmigrateError
-from zcmigrate.channel.aead import Direction, SessionKeys, handshake_mac, macs_equal
+from zcmigrate.channel.aead import CIPHERS, Direction, SessionKeys, handshake_mac, macs_equal
 from zcmigrate.channel.errors import ChannelError
 from zcmigrate.channel.zcsocket import DEFAULT_PEER_TIMEOUT, Channel, Listener
 from zcmigrate.migrate import faults
@@ -144,7 +144,10 @@ class DestinationJob:
         guest_args: list[str] | None = None,
         postcopy_recover_timeout: float | None = None,
         take_over: bool = False,
+        require_cipher: str | None = None,
     ) -> None:
+        if require_cipher is not None and require_cipher not in CIPHERS:
+            raise ValueError(f"cipher {require_cipher!r}, expected one of {', '.join(CIPHERS)}")
         self.image = Path(image).absolute()
         self.listener = listener
         self.auth_key = auth_key
@@ -154,6 +157,9 @@ class DestinationJob:
         self.replace = replace
         self.max_image_size = max_image_size  # None: what the directory can hold
         self.max_device_state = max_device_state
+        # None: either cipher the source chooses; else only that one (a policy that asks
+        # for an algorithm NIST approves sets aes-128-gcm).
+        self.require_cipher = require_cipher
         self.exiting = Exiting()
         self._main: MainChannel | None = None
         self._pool: ReceiverPool | None = None
@@ -403,6 +409,11 @@ class DestinationJob:
         if not macs_equal(hello.mac, want):
             raise RemoteProtocolError("authentication failed: the source does not hold this "
                                       "receiver's key")
+        if self.require_cipher is not None and hello.cipher != self.require_cipher:
+            raise RemoteProtocolError(
+                f"the source chose the cipher {hello.cipher}; this receiver requires "
+                f"{self.require_cipher} (--require-cipher): send with --cipher "
+                f"{self.require_cipher}")
 
     def _authenticate_new(self, greeting: Greeting, hello: Hello) -> None:
         self._authenticate(greeting, hello)

@@ -69,6 +69,9 @@ def test_a_cipher_without_a_key_or_unknown_is_a_usage_error() -> None:
     r = CliRunner().invoke(main, ["send", "/nonexistent.img", "--to", "127.0.0.1:1",
                                   "--cipher", "rot13"])
     assert r.exit_code == 2 and "aes-128-ocb" in r.output and "aes-128-gcm" in r.output
+    r = CliRunner().invoke(main, ["receive", "/nonexistent/dst.img", "--require-cipher",
+                                  "aes-128-gcm"])
+    assert r.exit_code == 2 and "--require-cipher goes with --auth-key-file" in r.output
 
 
 def test_an_environment_variable_sets_an_option(tmp_path: object) -> None:

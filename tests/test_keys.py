@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from tests.dropping_proxy import DroppingProxy
-from tests.migration_procs import Receiver, finish, send, spawn, stop
+from tests.migration_procs import Receiver, finish, log_events, send, spawn, stop
 from zcmigrate.channel.aead import TAG_LEN, handshake_mac
 from zcmigrate.migrate.imagefiles import state_path
 from zcmigrate.migrate.keyfile import KeyFileError, keygen, read_key
@@ -178,6 +178,32 @@ def test_a_sealed_migration_arrives_identical_and_each_packet_carries_a_tag(
     assert [packets, syncs] == clear_counts
     assert sealed - clear == TAG_LEN * (2 * packets + syncs)
     assert wire["gcm"] == wire["sealed"]
+
+
+def test_a_receiver_that_requires_gcm_refuses_an_ocb_source_and_takes_the_next(
+        tmp_path: Path) -> None:
+    """receive --require-cipher aes-128-gcm: a source on the default cipher (OCB) is
+    refused, told what to do, and nothing is written; the receiver keeps listening, and
+    the same source with --cipher aes-128-gcm then migrates the image."""
+    key = tmp_path / "k"
+    keygen(key)
+    src, dst = tmp_path / "src.img", tmp_path / "dst.img"
+    data = _image_with_zero_pages(src)
+    recv = Receiver.start(dst, "--auth-key-file", str(key),
+                          "--require-cipher", "aes-128-gcm")
+    code, _, err = finish(send(src, recv.port, "--auth-key-file", str(key)))
+    assert code == 1, err
+    assert "this receiver requires aes-128-gcm" in err, err
+    assert "--cipher aes-128-gcm" in err, err
+    assert not dst.exists() and not state_path(dst).exists()
+    code, _, err = finish(send(src, recv.port, "--auth-key-file", str(key),
+                               "--cipher", "aes-128-gcm"))
+    assert code == 0, err
+    rcode, _, rerr = recv.result()
+    assert rcode == 0, rerr
+    assert dst.read_bytes() == data
+    hello = [e for e in log_events(rerr) if e.get("event") == "hello"]
+    assert [e.get("cipher") for e in hello] == ["aes-128-gcm"], hello
 
 
 FLIPS = [

@@ -17,6 +17,7 @@ import click
 
 from zcmigrate import ZcmigrateError
 from zcmigrate.channel import sdnotify
+from zcmigrate.channel.aead import CIPHERS
 from zcmigrate.channel.errors import ChannelError
 from zcmigrate.channel.zcsocket import Listener, format_hostport
 from zcmigrate.migrate.cli import logs
@@ -73,6 +74,11 @@ from zcmigrate.migrate.incoming import claim_destination
               "guest that waits on IMAGE for its pages, then wait for the source's `zcmigrate "
               "send SOURCE_IMAGE --resume` as after any break.")
 @AUTH_KEY
+@click.option("--require-cipher", type=click.Choice(list(CIPHERS)), default=None,
+              envvar="ZCMIGRATE_REQUIRE_CIPHER", show_envvar=True,
+              help="With a key, accept only sources that chose this cipher (send --cipher); "
+              "aes-128-gcm where policy asks for an algorithm NIST approves. [default: "
+              "either]")
 @click.option("--insecure", is_flag=True, envvar="ZCMIGRATE_INSECURE", show_envvar=True,
               help="Listen beyond loopback without a key: any host that reaches the port "
               "can then write IMAGE. Only on a network where every host is trusted.")
@@ -82,8 +88,8 @@ def receive_command(image: Path, listen: str, serve: bool, accept_timeout: float
                     replace: bool, peer_timeout: float, max_image_size: int | None,
                     max_device_state: int, guest_dirty_rate: int,
                     postcopy_recover_timeout: float, take_over: bool,
-                    auth_key_file: Path | None, insecure: bool,
-                    as_json: bool, log_format: str) -> None:
+                    auth_key_file: Path | None, require_cipher: str | None,
+                    insecure: bool, as_json: bool, log_format: str) -> None:
     """Receive a migration into IMAGE.
 
     Pages land in IMAGE.incoming; IMAGE and its device state IMAGE.state are replaced
@@ -102,6 +108,9 @@ def receive_command(image: Path, listen: str, serve: bool, accept_timeout: float
     host, port = parse_hostport(listen)
     key = read_key(auth_key_file)
     image = image.absolute()
+    if require_cipher is not None and key is None:
+        raise click.UsageError("--require-cipher goes with --auth-key-file: without a key "
+                               "nothing is encrypted")
     if take_over and (serve or replace):
         raise click.UsageError("--resume takes over one waiting post-copy guest: not with "
                                "--serve or --replace")
@@ -160,7 +169,7 @@ def receive_command(image: Path, listen: str, serve: bool, accept_timeout: float
                 max_image_size=max_image_size, max_device_state=max_device_state,
                 guest_args=["--dirty-rate", str(guest_dirty_rate)],
                 postcopy_recover_timeout=postcopy_recover_timeout or None,
-                take_over=take_over,
+                take_over=take_over, require_cipher=require_cipher,
             )
             current[:] = [job]
             try:
