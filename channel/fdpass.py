@@ -170,8 +170,7 @@ class FdListener:
         """The next connection within `timeout` seconds; ReadTimeout if none comes."""
         self._sock.settimeout(timeout)
         try:
-            # Bounded: with settimeout(timeout) above, accept raises TimeoutError at the deadline.
-            conn, _ = self._sock.accept()
+            conn, _ = self._sock.accept()  # bounded: settimeout(timeout) above, TimeoutError
         except TimeoutError:
             raise ReadTimeout(f"no connection on {self.path} within {timeout:g} s") from None
         except OSError as e:
