@@ -52,6 +52,13 @@ CIPHERS: dict[str, int] = {
 }
 DEFAULT_CIPHER = "aes-128-ocb"
 
+
+def cipher_id(name: str) -> int:
+    """The C id of a cipher named as in CIPHERS; ValueError for any other name."""
+    if name not in CIPHERS:
+        raise ValueError(f"cipher {name!r}, expected one of {', '.join(CIPHERS)}")
+    return CIPHERS[name]
+
 Buffer = Any  # bytes-like, or a cffi array/buffer (ffi.buffer(ptr, n) for a bare pointer)
 
 
@@ -140,8 +147,7 @@ class SessionKeys:
 
     def __init__(self, shared_key: bytes, source_nonce: bytes, destination_nonce: bytes,
                  migration_uuid: UUID | bytes, cipher: str = DEFAULT_CIPHER) -> None:
-        if cipher not in CIPHERS:
-            raise ValueError(f"cipher {cipher!r}, expected one of {', '.join(CIPHERS)}")
+        cipher_id(cipher)
         if len(shared_key) != KEY_LEN:
             raise ValueError(f"shared key of {len(shared_key)} bytes, expected {KEY_LEN}")
         for name, nonce in (("source", source_nonce), ("destination", destination_nonce)):
@@ -164,7 +170,7 @@ class SessionKeys:
     def key(self, stream: StreamId) -> bytes:
         """The 16-byte AES-128 key of one stream, for this session's cipher."""
         info = (_INFO_LABEL + self.migration_uuid + stream.prefix
-                + CIPHERS[self.cipher].to_bytes(1, "big"))
+                + cipher_id(self.cipher).to_bytes(1, "big"))
         return hkdf_sha256(self._shared, salt=self._salt, info=info, length=AEAD_KEY_LEN)
 
     def binding_mac(self, channel: int, challenge: bytes) -> bytes:
@@ -205,8 +211,7 @@ class _Aead:
 
     def __init__(self, key: bytes, prefix: bytes, name: str,
                  pages_prefix: bytes | None = None, cipher: str = DEFAULT_CIPHER) -> None:
-        if cipher not in CIPHERS:
-            raise ValueError(f"cipher {cipher!r}, expected one of {', '.join(CIPHERS)}")
+        cid = cipher_id(cipher)
         if len(key) != AEAD_KEY_LEN:
             raise ValueError(f"AES-128 key of {len(key)} bytes, expected {AEAD_KEY_LEN}")
         for p in (prefix, pages_prefix):
@@ -214,7 +219,7 @@ class _Aead:
                 raise ValueError(f"nonce prefix of {len(p)} bytes, expected {PREFIX_LEN}")
         if pages_prefix == prefix:
             raise ValueError("the page-data nonce prefix must differ from the stream's")
-        ctx = lib.zcc_aead_new(key, len(key), CIPHERS[cipher])
+        ctx = lib.zcc_aead_new(key, len(key), cid)
         if ctx == ffi.NULL:
             raise AeadError(f"OpenSSL could not set up an {cipher} context")
         self.cipher = cipher

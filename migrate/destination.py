@@ -21,7 +21,13 @@ from typing import TYPE_CHECKING, TypeVar
 import structlog
 
 from zcmigrate import ZcmigrateError
-from zcmigrate.channel.aead import CIPHERS, Direction, SessionKeys, handshake_mac, macs_equal
+from zcmigrate.channel.aead import (
+    Direction,
+    SessionKeys,
+    cipher_id,
+    handshake_mac,
+    macs_equal,
+)
 from zcmigrate.channel.errors import ChannelError
 from zcmigrate.channel.zcsocket import DEFAULT_PEER_TIMEOUT, Channel, Listener
 from zcmigrate.migrate import faults
@@ -146,8 +152,8 @@ class DestinationJob:
         take_over: bool = False,
         require_cipher: str | None = None,
     ) -> None:
-        if require_cipher is not None and require_cipher not in CIPHERS:
-            raise ValueError(f"cipher {require_cipher!r}, expected one of {', '.join(CIPHERS)}")
+        if require_cipher is not None:
+            cipher_id(require_cipher)
         self.image = Path(image).absolute()
         self.listener = listener
         self.auth_key = auth_key

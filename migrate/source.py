@@ -26,10 +26,10 @@ import structlog
 
 from zcmigrate import ZcmigrateError
 from zcmigrate.channel.aead import (
-    CIPHERS,
     DEFAULT_CIPHER,
     Direction,
     SessionKeys,
+    cipher_id,
     fresh_nonce,
     handshake_mac,
     macs_equal,
@@ -138,8 +138,7 @@ class SourceJob:
         self.static = static
         self.auth_key = auth_key  # the 32-byte shared key (migrate/keyfile.py), or None
         self.encryption = encryption  # with a key: seal every data packet too
-        if cipher not in CIPHERS:
-            raise ValueError(f"cipher {cipher!r}, expected one of {', '.join(CIPHERS)}")
+        cipher_id(cipher)  # a name zcmigrate offers, checked before anything connects
         self.cipher = cipher  # with a key: the session's AEAD (HELLO carries it)
         self._session: SessionKeys | None = None
         self._encrypted = False
