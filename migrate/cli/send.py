@@ -60,7 +60,8 @@ from zcmigrate.migrate.stats import MigrationStats
               show_default=True, envvar="ZCMIGRATE_CIPHER", show_envvar=True,
               help="With a key, the AEAD of the session: aes-128-ocb, twice as fast as GCM "
               "where the CPU has AES-NI, or aes-128-gcm where policy asks for an algorithm "
-              "NIST approves. The receiver takes either.")
+              "NIST approves. The receiver takes either unless it requires one (receive "
+              "--require-cipher).")
 @click.option("--control-socket", type=click.Path(path_type=Path), default=None,
               envvar="ZCMIGRATE_CONTROL_SOCKET", show_envvar=True,
               help="Unix socket for `zcmigrate status|cancel|set` [default: one named after "
